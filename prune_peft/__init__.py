@@ -1,0 +1,22 @@
+"""prune_peft: pruning-aware fine-tuning as a one-line addition to transformers / peft / trl.
+
+Importing the package registers its PEFT adapter types with peft, so ``PeftModel.from_pretrained`` can load
+prune_peft adapters after ``import prune_peft``.
+"""
+
+from .evaluation import perplexity, sparsity_report
+from .models import load_model, load_model_and_tokenizer, load_tokenizer
+from .pruning.oneshot import PruneReport, prune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PruneReport",
+    "__version__",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "perplexity",
+    "prune",
+    "sparsity_report",
+]

