@@ -79,8 +79,14 @@ def texts_from(data, text_column: str = "text") -> list[str]:
     return texts
 
 
-def calibration_tokens(data: Sequence[str] | torch.Tensor, tokenizer=None, nsamples: int = 128, seqlen: int = 512,
-                       seed: int = 0, text_column: str = "text") -> torch.Tensor:
+def calibration_tokens(
+    data: Sequence[str] | torch.Tensor,
+    tokenizer=None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    text_column: str = "text",
+) -> torch.Tensor:
     """``nsamples`` token windows of length ``seqlen`` (LongTensor [nsamples, seqlen]).
 
     Texts are shuffled with ``seed``, tokenized until there are enough tokens, joined into one stream and cut

@@ -25,8 +25,17 @@ def tokenize_stream(texts, tokenizer, max_tokens: int | None = None, text_column
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer=None, texts=None, *, tokens: torch.Tensor | None = None, seqlen: int = 512,
-               stride: int | None = None, max_windows: int | None = None, batch_size: int = 4) -> float:
+def perplexity(
+    model: nn.Module,
+    tokenizer=None,
+    texts=None,
+    *,
+    tokens: torch.Tensor | None = None,
+    seqlen: int = 512,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+) -> float:
     """Perplexity with strided windows over one token stream.
 
     Each window has ``seqlen`` tokens; consecutive windows start ``stride`` apart (default ``seqlen``: disjoint
@@ -78,8 +87,9 @@ def perplexity(model: nn.Module, tokenizer=None, texts=None, *, tokens: torch.Te
     return math.exp(nll / count)
 
 
-def sparsity_report(model: nn.Module, patterns: tuple[str, ...] = ("2:4",), modules: list[str] | None = None,
-                    linear_only: bool = True) -> dict:
+def sparsity_report(
+    model: nn.Module, patterns: tuple[str, ...] = ("2:4",), modules: list[str] | None = None, linear_only: bool = True
+) -> dict:
     """Exact zeros per module (weights of linear layers by default) and N:M validity for each pattern."""
     parsed = [parse_pattern(p) for p in patterns]
     per_module: dict[str, dict] = {}

@@ -17,8 +17,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMBEDDED_MODELS", "cache_dir", "embedded_checkpoint", "load_model", "load_model_and_tokenizer",
-           "load_tokenizer", "resolve"]
+__all__ = [
+    "EMBEDDED_MODELS",
+    "cache_dir",
+    "embedded_checkpoint",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "resolve",
+]
 
 # alias -> (package holding the GGUF, file name, pip spec to install it)
 EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
@@ -95,8 +102,13 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device | None = None, **kwargs):
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    **kwargs,
+):
     """``AutoModelForCausalLM.from_pretrained`` on a Hub id, a local path or an embedded alias."""
     from transformers import AutoModelForCausalLM
 

@@ -40,8 +40,7 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
         work = f"There are {a} boxes with {b} {item} each, so {a} * {b} = {ans}."
     else:
         c = rng.randint(2, 20)
-        q = (f"{name} has {a} {item}, finds {b} more and then loses {c}. "
-             f"How many {item} does {name} have at the end?")
+        q = f"{name} has {a} {item}, finds {b} more and then loses {c}. How many {item} does {name} have at the end?"
         ans = a + b - c
         work = f"{name} has {a} + {b} = {a + b} {item}, then {a + b} - {c} = {ans}."
     return q, f"{work}\n#### {ans}", ans
@@ -55,11 +54,13 @@ def arithmetic_problems(n: int = 1000, seed: int = 0):
         raise ValueError(f"n must be a positive integer, got {n}")
     rng = random.Random(seed)
     rows = [_problem(rng) for _ in range(n)]
-    return Dataset.from_dict({
-        "prompt": [r[0] for r in rows],
-        "completion": [r[1] for r in rows],
-        "answer": [r[2] for r in rows],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [r[0] for r in rows],
+            "completion": [r[1] for r in rows],
+            "answer": [r[2] for r in rows],
+        }
+    )
 
 
 _ANSWER_RE = re.compile(r"####\s*(-?\d[\d,]*)")
@@ -78,8 +79,9 @@ def extract_final_answer(text: str) -> int | None:
         return None
 
 
-def shakespeare_continuations(split: str = "train", n: int | None = None, prompt_chars: int = 300,
-                              completion_chars: int = 200, seed: int = 0):
+def shakespeare_continuations(
+    split: str = "train", n: int | None = None, prompt_chars: int = 300, completion_chars: int = 200, seed: int = 0
+):
     """Passages of the Shakespeare text cut into (prompt, completion) pairs; columns ``prompt``, ``completion``."""
     from datasets import Dataset
 

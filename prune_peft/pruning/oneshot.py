@@ -85,8 +85,12 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def target_linears(model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None,
-                   inside_blocks_only: bool = True) -> dict[str, nn.Linear]:
+def target_linears(
+    model: nn.Module,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    inside_blocks_only: bool = True,
+) -> dict[str, nn.Linear]:
     """Linear layers to prune. Default: every ``nn.Linear`` inside the decoder blocks (so embeddings and
     ``lm_head`` are skipped). ``include`` / ``exclude`` are fnmatch globs on module names; each must match."""
     blocks_name, _ = find_decoder_blocks(model)
@@ -115,8 +119,10 @@ def target_linears(model: nn.Module, include: list[str] | None = None, exclude: 
             "bitsandbytes"
         )
         if quantized or not mod.weight.dtype.is_floating_point:
-            raise ValueError(f"module {name!r} is quantized ({type(mod).__name__}, {mod.weight.dtype}); "
-                             "prune the float model, then quantize")
+            raise ValueError(
+                f"module {name!r} is quantized ({type(mod).__name__}, {mod.weight.dtype}); "
+                "prune the float model, then quantize"
+            )
     return chosen
 
 
@@ -152,8 +158,16 @@ def _run_block(block, args, kwargs) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _prune_weight(method: str, weight: torch.Tensor, stats: InputStats | None, sparsity: float,
-                  pattern: NMPattern | None, scope: str, blocksize: int, percdamp: float):
+def _prune_weight(
+    method: str,
+    weight: torch.Tensor,
+    stats: InputStats | None,
+    sparsity: float,
+    pattern: NMPattern | None,
+    scope: str,
+    blocksize: int,
+    percdamp: float,
+):
     if method == "sparsegpt":
         return sparsegpt_prune(weight, stats.H, sparsity, pattern, blocksize=blocksize, percdamp=percdamp)
     scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, stats.sq_mean)
@@ -170,11 +184,26 @@ def _module_stats(weight: torch.Tensor, pattern: NMPattern | None) -> dict:
 
 
 @torch.no_grad()
-def prune(model: nn.Module, method: str = "wanda", sparsity: float | None = None, pattern: str | None = None,
-          calibration=None, tokenizer=None, *, nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
-          include: list[str] | None = None, exclude: list[str] | None = None, scope: str | None = None,
-          blocksize: int = 128, percdamp: float = 0.01, seed: int = 0, text_column: str = "text",
-          progress: bool = True) -> PruneReport:
+def prune(
+    model: nn.Module,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    calibration=None,
+    tokenizer=None,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    batch_size: int = 8,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    scope: str | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    seed: int = 0,
+    text_column: str = "text",
+    progress: bool = True,
+) -> PruneReport:
     """Prune ``model`` in place and return a :class:`PruneReport`.
 
     Args:
@@ -199,8 +228,10 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float | None = None
     nm = parse_pattern(pattern)
     if nm is not None:
         if sparsity is not None and abs(validate_sparsity(sparsity) - nm.sparsity) > 1e-9:
-            raise ValueError(f"sparsity={sparsity} contradicts pattern='{nm}' (which implies {nm.sparsity:g}); "
-                             "pass one of them or make them agree")
+            raise ValueError(
+                f"sparsity={sparsity} contradicts pattern='{nm}' (which implies {nm.sparsity:g}); "
+                "pass one of them or make them agree"
+            )
         sparsity = nm.sparsity
     elif sparsity is None:
         raise ValueError("sparsity is required for unstructured pruning (a fraction in [0, 1))")
@@ -219,8 +250,10 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float | None = None
         bad = {n: m.in_features for n, m in targets.items() if m.in_features % nm.m}
         if bad:
             name, width = next(iter(bad.items()))
-            raise ValueError(f"pattern='{nm}' needs in_features divisible by {nm.m}; {len(bad)} module(s) are not, "
-                             f"e.g. {name!r} with in_features={width}")
+            raise ValueError(
+                f"pattern='{nm}' needs in_features divisible by {nm.m}; {len(bad)} module(s) are not, "
+                f"e.g. {name!r} with in_features={width}"
+            )
     tokens = None
     if method != "magnitude":
         if calibration is None:
@@ -233,8 +266,9 @@ def prune(model: nn.Module, method: str = "wanda", sparsity: float | None = None
         _prune_magnitude(targets, sparsity, nm, scope, report, progress)
     else:
         report.calibration_samples, report.calibration_seqlen = tokens.shape
-        _prune_calibrated(model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp,
-                          report, progress)
+        _prune_calibrated(
+            model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp, report, progress
+        )
     report.seconds = time.perf_counter() - start
     return report
 
@@ -254,8 +288,9 @@ def _prune_magnitude(targets, sparsity, nm, scope, report, progress):
         report.modules[name] = _module_stats(mod.weight, nm)
 
 
-def _prune_calibrated(model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp, report,
-                      progress):
+def _prune_calibrated(
+    model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp, report, progress
+):
     from tqdm.auto import tqdm
 
     blocks_name, blocks = find_decoder_blocks(model)
@@ -279,10 +314,14 @@ def _prune_calibrated(model, method, targets, tokens, sparsity, nm, scope, batch
             prefix = f"{blocks_name}.{b}."
             layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
             if layer_targets:
-                stats = {n: InputStats(m.in_features, hessian=method == "sparsegpt", device=m.weight.device)
-                         for n, m in layer_targets.items()}
-                handles = [m.register_forward_hook(lambda _m, inp, _o, s=stats[n]: s.add(inp[0]))
-                           for n, m in layer_targets.items()]
+                stats = {
+                    n: InputStats(m.in_features, hessian=method == "sparsegpt", device=m.weight.device)
+                    for n, m in layer_targets.items()
+                }
+                handles = [
+                    m.register_forward_hook(lambda _m, inp, _o, s=stats[n]: s.add(inp[0]))
+                    for n, m in layer_targets.items()
+                ]
                 try:
                     for h, (args, kwargs) in zip(hidden, captured):
                         _run_block(block, *_with_hidden(args, kwargs, h))
@@ -290,8 +329,7 @@ def _prune_calibrated(model, method, targets, tokens, sparsity, nm, scope, batch
                     for handle in handles:
                         handle.remove()
                 for name, mod in layer_targets.items():
-                    new_w, _ = _prune_weight(method, mod.weight, stats[name], sparsity, nm, scope, blocksize,
-                                             percdamp)
+                    new_w, _ = _prune_weight(method, mod.weight, stats[name], sparsity, nm, scope, blocksize, percdamp)
                     mod.weight.copy_(new_w)
                     report.modules[name] = _module_stats(mod.weight, nm)
                 del stats

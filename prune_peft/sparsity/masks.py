@@ -59,7 +59,9 @@ def parse_pattern(pattern: str | NMPattern | None, *, arg: str = "pattern") -> N
         return None
     match = _NM_RE.match(pattern)
     if not match:
-        raise ValueError(f"{arg} must be 'unstructured' or 'N:M' with integers 0 < N < M (e.g. '2:4'), got {pattern!r}")
+        raise ValueError(
+            f"{arg} must be 'unstructured' or 'N:M' with integers 0 < N < M (e.g. '2:4'), got {pattern!r}"
+        )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise ValueError(

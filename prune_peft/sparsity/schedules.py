@@ -29,20 +29,23 @@ def _progress(step: int, total_steps: int, warmup: float, cooldown: float) -> fl
     return min(1.0, (step - start) / (end - start))
 
 
-def cubic_schedule(step: int, total_steps: int, final: float, initial: float = 0.0, warmup: float = 0.1,
-                   cooldown: float = 0.1) -> float:
+def cubic_schedule(
+    step: int, total_steps: int, final: float, initial: float = 0.0, warmup: float = 0.1, cooldown: float = 0.1
+) -> float:
     frac = _progress(step, total_steps, warmup, cooldown)
     return final + (initial - final) * (1.0 - frac) ** 3
 
 
-def linear_schedule(step: int, total_steps: int, final: float, initial: float = 0.0, warmup: float = 0.1,
-                    cooldown: float = 0.1) -> float:
+def linear_schedule(
+    step: int, total_steps: int, final: float, initial: float = 0.0, warmup: float = 0.1, cooldown: float = 0.1
+) -> float:
     frac = _progress(step, total_steps, warmup, cooldown)
     return initial + (final - initial) * frac
 
 
-def constant_schedule(step: int, total_steps: int, final: float, initial: float = 0.0, warmup: float = 0.1,
-                      cooldown: float = 0.1) -> float:
+def constant_schedule(
+    step: int, total_steps: int, final: float, initial: float = 0.0, warmup: float = 0.1, cooldown: float = 0.1
+) -> float:
     _check(total_steps, warmup, cooldown)
     return final
 

@@ -1,0 +1,176 @@
+"""``prune-peft`` command line: prune | eval | demo (more subcommands register themselves below).
+
+Each subcommand is a ``_register_<name>(subparsers)`` function that adds its parser and sets ``func``;
+``REGISTRARS`` lists them. Heavy imports happen inside the handlers so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["main", "write_json"]
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (temp file + rename): an interrupted run never leaves a truncated report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _calibration_texts(spec: str):
+    """'shakespeare' → the training split; a .txt file → its paragraphs; otherwise a datasets path on disk."""
+    from .data import shakespeare_texts
+
+    if spec == "shakespeare":
+        return shakespeare_texts("train")
+    if spec.endswith(".txt") and os.path.isfile(spec):
+        text = Path(spec).read_text()
+        return [p for p in text.split("\n\n") if p.strip()]
+    from datasets import load_from_disk
+
+    return load_from_disk(spec)
+
+
+def _cmd_prune(args) -> int:
+    from .data import shakespeare_texts
+    from .evaluation import perplexity
+    from .models import load_model_and_tokenizer
+    from .pruning.oneshot import prune
+
+    model, tok = load_model_and_tokenizer(args.model)
+    calibration = None if args.method == "magnitude" else _calibration_texts(args.calibration)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    result = {"model": args.model}
+    heldout = shakespeare_texts("heldout")
+    if args.eval_windows:
+        result["ppl_dense"] = perplexity(model, tok, heldout, seqlen=args.seqlen, max_windows=args.eval_windows)
+    report = prune(
+        model,
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        calibration=calibration,
+        tokenizer=tok,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        include=args.include,
+        exclude=args.exclude,
+    )
+    if args.eval_windows:
+        result["ppl_pruned"] = perplexity(model, tok, heldout, seqlen=args.seqlen, max_windows=args.eval_windows)
+    result["prune"] = report.to_dict()
+    # save into a temp sibling, then swap in: the output folder is either the old one or complete
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    write_json(tmp / "prune_report.json", result)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    summary = {k: v for k, v in result.items() if k != "prune"}
+    summary.update(sparsity=report.sparsity, nm_valid=report.nm_valid, seconds=round(report.seconds, 1))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _register_prune(sub) -> None:
+    p = sub.add_parser("prune", help="one-shot prune a model (magnitude, Wanda, SparseGPT) and save it")
+    p.add_argument("--model", default="smollm2-135m", help="Hub id, local path, or embedded alias (smollm2-135m)")
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--sparsity", type=float, default=None, help="fraction removed in [0,1); implied by --pattern N:M")
+    p.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M' (N kept of every M)")
+    p.add_argument("--calibration", default="shakespeare", help="'shakespeare', a .txt file, or a saved dataset")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--include", nargs="*", default=None, help="glob patterns of module names to prune")
+    p.add_argument("--exclude", nargs="*", default=None, help="glob patterns of module names to keep dense")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows for perplexity (0 = skip)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_prune)
+
+
+def _cmd_eval(args) -> int:
+    from .data import shakespeare_texts
+    from .evaluation import perplexity, sparsity_report
+    from .models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(args.model)
+    rep = sparsity_report(model)
+    result = {
+        "model": args.model,
+        "perplexity": perplexity(
+            model, tok, shakespeare_texts("heldout"), seqlen=args.seqlen, max_windows=args.windows
+        ),
+        "sparsity": rep["sparsity"],
+        "2:4_valid_modules": rep["2:4_valid_modules"],
+        "modules": len(rep["modules"]),
+    }
+    if args.json:
+        write_json(args.json, {**result, "sparsity_report": rep})
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _register_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out perplexity and sparsity report of a model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--json", default=None, help="also write the full report here")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def _register_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the end-to-end demo on the embedded model (what `make demo` runs)")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="smaller settings (for smoke tests)")
+    p.set_defaults(func=_cmd_demo)
+
+
+REGISTRARS = [_register_prune, _register_eval, _register_demo]
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="prune-peft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in REGISTRARS:
+        register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"prune-peft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
