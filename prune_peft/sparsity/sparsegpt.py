@@ -38,7 +38,7 @@ def sparsegpt_prune(
         raise ValueError(f"blocksize must be a positive integer, got {blocksize}")
     if not 0 <= percdamp:
         raise ValueError(f"percdamp must be >= 0, got {percdamp}")
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     if H.shape != (cols, cols):
         raise ValueError(f"H must have shape ({cols}, {cols}), got {tuple(H.shape)}")
     if pattern is not None:
