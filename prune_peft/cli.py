@@ -50,13 +50,14 @@ def _cmd_prune(args) -> int:
     from .data import shakespeare_texts
     from .evaluation import perplexity
     from .models import load_model_and_tokenizer
-    from .pruning.oneshot import prune
+    from .pruning.oneshot import check_prune_args, prune
 
-    model, tok = load_model_and_tokenizer(args.model)
-    calibration = None if args.method == "magnitude" else _calibration_texts(args.calibration)
+    check_prune_args(args.method, args.sparsity, args.pattern)  # bad input fails before the model loads
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    model, tok = load_model_and_tokenizer(args.model)
+    calibration = None if args.method == "magnitude" else _calibration_texts(args.calibration)
     result = {"model": args.model}
     heldout = shakespeare_texts("heldout")
     if args.eval_windows:

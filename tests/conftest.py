@@ -5,10 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from prune_peft.testing import byte_tokenizer, tiny_causal_lm  # noqa: E402
+from prune_peft.testing import byte_tokenizer, tiny_causal_lm
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -31,7 +31,7 @@ from ..sparsity import (
     wanda_scores,
 )
 
-__all__ = ["METHODS", "PruneReport", "find_decoder_blocks", "prune", "target_linears"]
+__all__ = ["METHODS", "PruneReport", "check_prune_args", "find_decoder_blocks", "prune", "target_linears"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = {"magnitude": ("layer", "row", "global"), "wanda": ("row", "layer"), "sparsegpt": ("block",)}
@@ -183,6 +183,28 @@ def _module_stats(weight: torch.Tensor, pattern: NMPattern | None) -> dict:
     return d
 
 
+def check_prune_args(method: str, sparsity: float | None, pattern: str | None, scope: str | None = None):
+    """Validate the method/sparsity/pattern/scope combination; returns ``(sparsity, NMPattern | None, scope)``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        if sparsity is not None and abs(validate_sparsity(sparsity) - nm.sparsity) > 1e-9:
+            raise ValueError(
+                f"sparsity={sparsity} contradicts pattern='{nm}' (which implies {nm.sparsity:g}); "
+                "pass one of them or make them agree"
+            )
+        sparsity = nm.sparsity
+    elif sparsity is None:
+        raise ValueError("sparsity is required for unstructured pruning (a fraction in [0, 1))")
+    else:
+        sparsity = validate_sparsity(sparsity)
+    scope = scope or DEFAULT_SCOPE[method]
+    if scope not in SCOPES[method]:
+        raise ValueError(f"scope for method={method!r} must be one of {list(SCOPES[method])}, got {scope!r}")
+    return sparsity, nm, scope
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -223,25 +245,7 @@ def prune(
         report = prune(model, method="wanda", sparsity=0.5, pattern="2:4", calibration=texts, tokenizer=tok)
     """
     # ---- validate everything before a single weight changes ----
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    nm = parse_pattern(pattern)
-    if nm is not None:
-        if sparsity is not None and abs(validate_sparsity(sparsity) - nm.sparsity) > 1e-9:
-            raise ValueError(
-                f"sparsity={sparsity} contradicts pattern='{nm}' (which implies {nm.sparsity:g}); "
-                "pass one of them or make them agree"
-            )
-        sparsity = nm.sparsity
-    elif sparsity is None:
-        raise ValueError("sparsity is required for unstructured pruning (a fraction in [0, 1))")
-    else:
-        sparsity = validate_sparsity(sparsity)
-    scope = scope or DEFAULT_SCOPE[method]
-    if scope not in SCOPES[method]:
-        raise ValueError(f"scope for method={method!r} must be one of {list(SCOPES[method])}, got {scope!r}")
-    if nm is not None and scope == "global":
-        raise ValueError("scope='global' applies to unstructured pruning only")
+    sparsity, nm, scope = check_prune_args(method, sparsity, pattern, scope)
     for arg, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")

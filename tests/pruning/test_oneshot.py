@@ -1,0 +1,175 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prune_peft import prune
+from prune_peft.pruning.oneshot import find_decoder_blocks
+from prune_peft.sparsity import InputStats, is_nm_sparse, nm_mask, sparsegpt_prune, unstructured_mask, wanda_scores
+
+CALIB = torch.randint(3, 260, (6, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _reference_layerwise(model, method, sparsity=None, pattern=None):
+    """Oracle: prune block by block, collecting each block's input statistics with a *full-model* forward
+    (earlier blocks already pruned) — what the block-by-block driver must reproduce."""
+    _, blocks = find_decoder_blocks(model)
+    for block in blocks:
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        stats = {n: InputStats(m.in_features, hessian=True) for n, m in linears.items()}
+        hs = [m.register_forward_hook(lambda _m, i, _o, s=stats[n]: s.add(i[0])) for n, m in linears.items()]
+        with torch.no_grad():
+            for i in range(0, CALIB.shape[0], 4):
+                model(input_ids=CALIB[i : i + 4], use_cache=False)
+        for h in hs:
+            h.remove()
+        with torch.no_grad():
+            for n, m in linears.items():
+                if method == "wanda":
+                    s = wanda_scores(m.weight, stats[n].sq_mean)
+                    keep = nm_mask(s, 2, 4) if pattern else unstructured_mask(s, sparsity, "row")
+                    m.weight.mul_(keep)
+                else:
+                    from prune_peft.sparsity import parse_pattern
+
+                    w, _ = sparsegpt_prune(m.weight, stats[n].H, sparsity, parse_pattern(pattern))
+                    m.weight.copy_(w)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_wanda_24_matches_layerwise_oracle(tiny_model, arch):
+    model = tiny_model(arch)
+    ref = copy.deepcopy(model)
+    report = prune(model, "wanda", pattern="2:4", calibration=CALIB, batch_size=4, progress=False)
+    _reference_layerwise(ref, "wanda", pattern="2:4")
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+    assert report.nm_valid and report.sparsity == pytest.approx(0.5)
+    assert len(report.modules) == 4 * 7
+    for name in report.modules:
+        assert is_nm_sparse(model.get_submodule(name).weight, 2, 4)
+
+
+def test_sparsegpt_matches_layerwise_oracle(tiny_model):
+    model = tiny_model("qwen2")
+    ref = copy.deepcopy(model)
+    prune(model, "sparsegpt", sparsity=0.5, calibration=CALIB, batch_size=4, progress=False)
+    _reference_layerwise(ref, "sparsegpt", sparsity=0.5)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_embeddings_and_lm_head_untouched(tiny_model):
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.named_parameters() if "layers." not in n}
+    prune(model, "wanda", sparsity=0.6, calibration=CALIB, progress=False)
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
+
+
+def test_unstructured_wanda_row_counts_and_include_exclude(tiny_model):
+    model = tiny_model("mistral")
+    report = prune(
+        model, "wanda", sparsity=0.25, calibration=CALIB, include=["*.mlp.*"], exclude=["*.down_proj"], progress=False
+    )
+    assert set(report.modules) == {f"model.layers.{i}.mlp.{p}" for i in range(4) for p in ("gate_proj", "up_proj")}
+    for name in report.modules:
+        w = model.get_submodule(name).weight
+        assert ((w == 0).sum(1) >= int(0.25 * w.shape[1])).all()
+    assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
+
+
+def test_magnitude_scopes(tiny_model):
+    model = tiny_model("llama")
+    r = prune(model, "magnitude", sparsity=0.5, scope="global")
+    total = sum(m["numel"] for m in r.modules.values())
+    assert sum(m["zeros"] for m in r.modules.values()) == total // 2
+    model = tiny_model("llama")
+    r = prune(model, "magnitude", sparsity=0.3)
+    for name, m in r.modules.items():
+        assert m["zeros"] == int(0.3 * m["numel"]), name
+
+
+def test_calibration_from_texts_and_dataset(tiny_model, tokenizer):
+    from datasets import Dataset
+
+    texts = ["To be, or not to be, that is the question. " * 4, "Whether 'tis nobler in the mind to suffer. " * 4]
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ra = prune(a, "wanda", sparsity=0.5, calibration=texts, tokenizer=tokenizer, nsamples=4, seqlen=16, progress=False)
+    prune(
+        b,
+        "wanda",
+        sparsity=0.5,
+        calibration=Dataset.from_dict({"text": texts}),
+        tokenizer=tokenizer,
+        nsamples=4,
+        seqlen=16,
+        progress=False,
+    )
+    assert ra.calibration_samples == 4 and ra.calibration_seqlen == 16
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method="obs", sparsity=0.5), "method must be one of"),
+        (dict(method="wanda", sparsity=1.0), "sparsity must be in"),
+        (dict(method="wanda", sparsity=-0.1), "sparsity must be in"),
+        (dict(method="wanda"), "sparsity is required"),
+        (dict(method="wanda", pattern="3:2"), "impossible"),
+        (dict(method="wanda", pattern="2:3"), "divisible by 3"),
+        (dict(method="wanda", pattern="2:4", sparsity=0.3), "contradicts"),
+        (dict(method="wanda", sparsity=0.5, calibration=[]), "empty"),
+        (dict(method="wanda", sparsity=0.5, calibration=None), "needs calibration"),
+        (dict(method="wanda", sparsity=0.5, include=["*.nothing"]), "matches no"),
+        (dict(method="wanda", sparsity=0.5, exclude=["*.nothing"]), "matches none"),
+        (dict(method="wanda", sparsity=0.5, scope="global"), "scope"),
+        (dict(method="sparsegpt", sparsity=0.5, nsamples=0), "nsamples"),
+    ],
+)
+def test_bad_input_raises_before_touching_weights(tiny_model, kwargs, match):
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    kwargs.setdefault("calibration", CALIB)
+    with pytest.raises(ValueError, match=match):
+        prune(model, progress=False, **kwargs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_no_decoder_blocks_is_a_clear_error():
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"num_hidden_layers": 2})()
+            self.fc = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="no recognizable decoder blocks"):
+        prune(Plain(), "magnitude", sparsity=0.5)
+
+
+def test_quantized_module_rejected(tiny_model):
+    import bitsandbytes as bnb
+
+    model = tiny_model("llama")
+    dense = model.model.layers[0].mlp.down_proj
+    q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, quant_type="nf4")
+    q.load_state_dict(dense.state_dict())
+    model.model.layers[0].mlp.down_proj = q.to("cpu")
+    with pytest.raises(ValueError, match="quantized"):
+        prune(model, "magnitude", sparsity=0.5)
+
+
+def test_pruned_outputs_feed_next_block(tiny_model):
+    """Block 1's statistics come from block 0's *pruned* outputs: pruning only block 1 (dense block 0 upstream)
+    gives a different block-1 mask than pruning every block."""
+    only1 = tiny_model("llama")
+    full = copy.deepcopy(only1)
+    prune(only1, "wanda", sparsity=0.5, calibration=CALIB, batch_size=4, include=["model.layers.1.*"], progress=False)
+    prune(full, "wanda", sparsity=0.5, calibration=CALIB, batch_size=4, progress=False)
+    assert (only1.model.layers[0].mlp.up_proj.weight != 0).all()
+    assert not torch.equal(only1.model.layers[1].mlp.up_proj.weight == 0, full.model.layers[1].mlp.up_proj.weight == 0)
