@@ -7,11 +7,14 @@ prune_peft adapters after ``import prune_peft``.
 from .evaluation import perplexity, sparsity_report
 from .models import load_model, load_model_and_tokenizer, load_tokenizer
 from .pruning.oneshot import PruneReport, prune
+from .tuners import SparseLoraConfig, SPPConfig  # registers SPARSE_LORA and SPP with peft
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PruneReport",
+    "SPPConfig",
+    "SparseLoraConfig",
     "__version__",
     "load_model",
     "load_model_and_tokenizer",

@@ -1,0 +1,694 @@
+"""Machinery shared by the sparsity-preserving adapter types (SparseLoRA, SPP).
+
+Layers subclass peft's own LoRA layers (``lora.Linear``, ``lora.bnb.Linear4bit``, ``lora.bnb.Linear8bitLt``) with
+:class:`SparseAdapterLayer` mixed in first. The adapter math plugs in through peft's ``LoraVariant`` hooks
+(forward / merge_safe / merge_unsafe / unmerge, dispatched by every peft version from 0.17 on), and a fused
+fast path replaces the whole layer forward when a single adapter is active.
+
+Each adapter keeps, next to its factors, the base's mask M (bit-packed, ``lora_sparse_mask``) and the number of
+non-zeros of the base when M was fixed (``lora_sparse_nnz``). Both are saved with the adapter. Before a merge, and
+when an adapter is loaded, the base is checked against them, so an adapter never lands on a base whose zeros moved.
+
+The tuner mixin (:class:`SparseTunerMixin`) makes injection all-or-nothing (a failing layer rolls back the layers
+already replaced), checks every layer before a merge touches any, validates masks before a checkpoint is loaded,
+and unloads quantized bases to dequantized sparse ``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..sparsity import nm_violations
+from ._masks import AdapterBuffers, PackedMasks, mask_mismatch
+from ._registry import current_injection, injecting, layer_takes_config
+
+__all__ = ["SparseAdapterLayer", "SparseTunerMixin", "dense_weight", "set_sparse_masks", "sparse_layers"]
+
+VARIANT_KWARG_KEYS = ("alora_offsets",)
+# init_lora_weights values that rewrite the *base* weight (PiSSA, OLoRA, CorDA, LoftQ) would destroy its zeros
+SAFE_INITS = (True, False, "gaussian", "orthogonal")
+
+
+def _is_bnb_param(weight: torch.Tensor) -> str | None:
+    name = type(weight).__name__
+    return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(name)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (dequantized) weight of a linear layer as a plain tensor, without touching the module."""
+    weight = module.weight
+    kind = _is_bnb_param(weight)
+    if kind is None:
+        return weight.detach()
+    import bitsandbytes.functional as bnbF
+
+    if kind == "4bit":
+        return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = module.state.SCB
+    if hasattr(bnbF, "int8_vectorwise_dequant"):
+        return bnbF.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+    return weight.data.float() * scb.to(weight.device).view(-1, 1) * (1.0 / 127.0)
+
+
+def check_base_layer(base_layer: nn.Module, method: str, name: str | None) -> None:
+    """Only float ``nn.Linear`` weights and bitsandbytes 4/8-bit weights are understood; anything else is refused."""
+    weight = getattr(base_layer, "weight", None)
+    where = f" ({name})" if name else ""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{method}: cannot adapt {type(base_layer).__name__}{where}: it has no weight tensor")
+    if _is_bnb_param(weight) is None and (not weight.dtype.is_floating_point or type(weight) not in _PLAIN):
+        raise ValueError(
+            f"{method}: cannot adapt {type(base_layer).__name__}{where} with weight type {type(weight).__name__} "
+            f"({weight.dtype}): supported bases are torch.nn.Linear with float weights and bitsandbytes "
+            "Linear4bit (nf4/fp4) / Linear8bitLt"
+        )
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+class _SparseVariant(LoraVariant):
+    """Routes peft's variant hooks to the layer's own sparsity-preserving math."""
+
+    def supports_lora_conversion(self) -> bool:
+        return False  # the update is not B A: converting to plain LoRA would change the model
+
+    @staticmethod
+    def init(module, adapter_name, **kwargs) -> None:
+        pass
+
+    @staticmethod
+    def merge_safe(module, active_adapter, orig_weight):
+        return module._pp_merged_weight(active_adapter, orig_weight)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter, orig_weight) -> None:
+        orig_weight.data = module._pp_merged_weight(active_adapter, orig_weight.data)
+
+    @staticmethod
+    def unmerge(module, active_adapter, orig_weight):
+        return module._pp_unmerged_weight(active_adapter, orig_weight.data)
+
+    @staticmethod
+    def forward(module, active_adapter, x, result, **kwargs):
+        x = module.lora_dropout[active_adapter](x)
+        return result + module._pp_branch(x, active_adapter).to(result.dtype)
+
+
+class SparseAdapterLayer:
+    """Mixin placed *before* a peft LoRA layer class: ``class L(SparseAdapterLayer, peft.tuners.lora.Linear)``.
+
+    Subclasses implement ``_pp_setup``, ``_pp_delta``, ``_pp_branch``, ``_pp_fused_forward``,
+    ``_pp_merged_weight`` and ``_pp_unmerged_weight``.
+    """
+
+    method: ClassVar[str] = "sparse adapter"
+    quantized: ClassVar[bool] = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, **kwargs) -> None:
+        ctx_config, name = current_injection()
+        config = config if config is not None else ctx_config
+        if config is None:
+            raise RuntimeError(f"{type(self).__name__} is created by get_peft_model / PeftModel.from_pretrained")
+        check_base_layer(
+            base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer, self.method, name
+        )
+        if layer_takes_config():
+            super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        else:
+            super().__init__(base_layer, adapter_name, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ construction
+
+    def update_layer(self, adapter_name: str, r: int, *args, **kwargs) -> None:
+        ctx_config, name = current_injection()
+        config = kwargs.get("config") or ctx_config
+        base = self.get_base_layer()
+        weight = None if base.weight.device.type == "meta" else dense_weight(base)
+        self._pp_validate(adapter_name, config, weight, name)
+        super().update_layer(adapter_name, r, *args, **kwargs)
+        if not hasattr(self, "lora_sparse_mask"):
+            self.lora_sparse_mask = PackedMasks()
+            self.lora_sparse_nnz = AdapterBuffers()
+            self._pp_opts: dict[str, dict[str, Any]] = {}
+            self._pp_name = name
+        if weight is None:  # meta base (deferred init): real values arrive with load_state_dict
+            self.lora_sparse_mask.set(adapter_name, torch.ones(self.out_features, self.in_features, dtype=torch.bool))
+            self.lora_sparse_nnz.set(adapter_name, torch.tensor(-1, dtype=torch.int64))
+        else:
+            mask = weight != 0
+            self.lora_sparse_mask.set(adapter_name, mask)
+            self.lora_sparse_nnz.set(adapter_name, mask.sum().to(torch.int64).cpu())
+        self.lora_sparse_mask.to(base.weight.device if weight is not None else "cpu")
+        self.lora_sparse_nnz.to(base.weight.device if weight is not None else "cpu")
+        self._pp_opts[adapter_name] = {}
+        self._pp_setup(adapter_name, config, weight)
+        self.lora_variant[adapter_name] = _SparseVariant()
+
+    def _pp_validate(self, adapter_name: str, config, weight: torch.Tensor | None, name: str | None) -> None:
+        if weight is not None and getattr(config, "require_sparsity", False) and not bool((weight == 0).any()):
+            raise ValueError(
+                f"{self.method}: target module {name or type(self).__name__} has no zero weights, but the adapter "
+                "preserves the base's sparsity and require_sparsity=True: prune the model first "
+                "(prune_peft.prune), leave the module out (exclude_modules=[...]) or pass require_sparsity=False"
+            )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for store in (self.lora_sparse_mask, self.lora_sparse_nnz):
+            store.pop(adapter_name)
+        self._pp_opts.pop(adapter_name, None)
+
+    # ---------------------------------------------------------------------------------------------- base and mask
+
+    def _pp_weight(self) -> torch.Tensor:
+        """Base weight in the compute dtype (dequantized for bitsandbytes bases)."""
+        base = self.get_base_layer()
+        weight = dense_weight(base)
+        if self.quantized:
+            dtype = getattr(base, "compute_dtype", None) or torch.float32
+            weight = weight.to(dtype)
+        return weight
+
+    def sparse_mask(self, adapter_name: str = "default") -> torch.Tensor:
+        """The boolean mask M of an adapter (True = weight kept)."""
+        return self.lora_sparse_mask.get(adapter_name)
+
+    def _pp_problem(self, adapter_name: str, weight: torch.Tensor | None = None) -> str | None:
+        """Why the current base is not the one the adapter's mask was fixed on (None if it is)."""
+        nnz = int(self.lora_sparse_nnz.get(adapter_name).item())
+        if nnz < 0:
+            return None
+        weight = dense_weight(self.get_base_layer()) if weight is None else weight
+        return mask_mismatch(weight, self.sparse_mask(adapter_name), nnz)
+
+    def _pp_check_base(self, adapter_names: Iterable[str]) -> None:
+        if self.merged:  # the base already holds our own (sparsity-preserving) updates
+            return
+        weight = None
+        for adapter in adapter_names:
+            if adapter not in self.lora_sparse_mask:
+                continue
+            weight = dense_weight(self.get_base_layer()) if weight is None else weight
+            problem = self._pp_problem(adapter, weight)
+            if problem:
+                raise ValueError(
+                    f"{self.method}: cannot merge adapter {adapter!r} into {self._pp_name or 'this layer'}: {problem}. "
+                    "The base weights changed after the adapter was created; merging would not preserve the "
+                    "sparsity the adapter was trained for. Restore the original pruned base, or re-fix the mask "
+                    "with prune_peft.tuners.set_sparse_masks."
+                )
+
+    def _pp_incoming_problem(self, adapter_name: str, packed: torch.Tensor, nnz: torch.Tensor | None) -> str | None:
+        """Check a mask about to be loaded from a checkpoint against this layer's base."""
+        expected = (self.out_features, (self.in_features + 7) // 8)
+        if tuple(packed.shape) != expected or packed.dtype != torch.uint8:
+            return (
+                f"saved mask has shape {tuple(packed.shape)} ({packed.dtype}), this layer needs a packed uint8 "
+                f"mask of shape {expected} for weight {(self.out_features, self.in_features)}"
+            )
+        if self.merged or self.get_base_layer().weight.device.type == "meta":
+            return None
+        from ._masks import unpack_mask
+
+        mask = unpack_mask(packed.to(self.get_base_layer().weight.device), self.in_features)
+        return mask_mismatch(
+            dense_weight(self.get_base_layer()), mask, None if nnz is None else int(torch.as_tensor(nnz).item())
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # transformers' load_adapter goes straight to load_state_dict (no tuner): validate per layer here
+        for key in [k for k in state_dict if k.startswith(prefix + "lora_sparse_mask.")]:
+            adapter = key[len(prefix + "lora_sparse_mask.") :]
+            if "." in adapter or adapter not in self.lora_sparse_mask:
+                continue
+            problem = self._pp_incoming_problem(
+                adapter, state_dict[key], state_dict.get(f"{prefix}lora_sparse_nnz.{adapter}")
+            )
+            if problem:
+                raise ValueError(f"{self.method}: adapter {adapter!r} does not fit {prefix.rstrip('.')}: {problem}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # --------------------------------------------------------------------------------------------------- forward
+
+    def _pp_fusable(self, args: tuple, kwargs: dict) -> str | None:
+        """The single active adapter when the fused path applies, else None (peft's path with our variant)."""
+        if self.disable_adapters or self.merged or args:
+            return None
+        if any(kwargs.get(k) is not None for k in kwargs):
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1 or not self._pp_opts.get(active[0], {}).get("fuse", True):
+            return None
+        dropout = self.lora_dropout[active[0]]
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            return None
+        base = self.get_base_layer()
+        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+            return None
+        return active[0]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = self._pp_fusable(args, kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        return self._pp_fused_forward(x, adapter)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        # peft < 0.21 ignores variants here; one implementation for every version
+        for key in VARIANT_KWARG_KEYS:
+            kwargs.pop(key, None)
+        result = self.base_layer(x, *args, **kwargs).clone()
+        for adapter in sorted(set(adapter_names)):
+            if adapter == "__base__" or adapter not in self.lora_A:
+                continue
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter]
+            sub = self._cast_input_dtype(x[rows], self.lora_A[adapter].weight.dtype)
+            branch = self._pp_branch(self.lora_dropout[adapter](sub), adapter)
+            result[rows] = result[rows] + branch.to(result.dtype)
+        return result
+
+    # -------------------------------------------------------------------------------------------------- merging
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        self._pp_check_base([n for n in names if n in self.lora_A and n not in self.merged_adapters])
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW of an adapter in the base dtype (zero wherever the base weight is zero)."""
+        return self._pp_delta(adapter).to(self._pp_weight().dtype)
+
+    def _pp_merged_dense(self, adapter_names: list[str], safe_merge: bool) -> torch.Tensor:
+        """Merged weight, computed in fp32 on the dequantized base (quantized layers' unload)."""
+        weight = dense_weight(self.get_base_layer()).float()
+        for adapter in adapter_names:
+            weight = self._pp_merged_weight(adapter, weight)
+            self.merged_adapters.append(adapter)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_names} seems to be broken")
+        return weight
+
+
+class QuantizedUnloadMixin:
+    """For bitsandbytes layers: ``merge_and_unload`` gives a dequantized sparse ``nn.Linear`` (or re-quantizes)."""
+
+    quantized: ClassVar[bool] = True
+    _pp_requantize: bool = False
+    _pp_unload_dtype: torch.dtype | None = None
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None):
+        base = self.get_base_layer()
+        if not merge:
+            return base
+        if self._pp_requantize:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            return self.get_base_layer()
+        names = check_adapters_to_merge(self, adapter_names)
+        self._pp_check_base(names)
+        weight = self._pp_merged_dense(names, safe_merge)
+        dtype = self._pp_unload_dtype or getattr(base, "compute_dtype", None) or torch.float32
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=weight.device)
+        linear.to(dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if base.bias is not None:
+                linear.bias.copy_(base.bias)
+        return linear.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------------- tuner side
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseAdapterLayer]:
+    """``{module name: layer}`` of every prune_peft sparse adapter layer in a model."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseAdapterLayer)}
+
+
+def _sparsity_summary(layers: Iterable[SparseAdapterLayer], adapter: str) -> dict:
+    kept = numel = count = 0
+    valid = {"1:4": True, "2:4": True, "4:8": True}
+    for layer in layers:
+        if adapter not in layer.lora_sparse_mask:
+            continue
+        mask = layer.sparse_mask(adapter)
+        kept += int(mask.sum().item())
+        numel += mask.numel()
+        count += 1
+        for pattern in valid:
+            n, m = (int(v) for v in pattern.split(":"))
+            if valid[pattern] and (mask.shape[-1] % m or nm_violations(mask, n, m)):
+                valid[pattern] = False
+    pattern = next((p for p in ("1:4", "2:4", "4:8") if valid[p]), "unstructured") if count else "unstructured"
+    return {"sparsity": 1.0 - kept / max(numel, 1), "pattern": pattern, "modules": count, "weights": numel}
+
+
+class SparseTunerMixin:
+    """Mixin placed before ``LoraModel`` in the tuner classes of sparsity-preserving adapters."""
+
+    method: ClassVar[str] = "sparse adapter"
+
+    def __init__(self, model, peft_config, adapter_name, *args, **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, *args, **kwargs)
+        self._register_load_state_dict_pre_hook(self._pp_before_load)
+
+    # ---------------------------------------------------------------------------------------------- injection
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        with injecting(lora_config, current_key):
+            return super()._create_and_replace(
+                lora_config, adapter_name, target, target_name, parent, current_key, **kwargs
+            )
+
+    @staticmethod
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        from peft.tuners.lora import LoraModel
+
+        _, name = current_injection()
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise ValueError(
+                f"{lora_config.peft_type.value.lower()}: cannot adapt {type(base).__name__} ({name}): only "
+                "torch.nn.Linear and bitsandbytes Linear4bit/Linear8bitLt layers are supported; narrow "
+                "target_modules or add it to exclude_modules"
+            )
+        module = LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
+        if not isinstance(module, SparseAdapterLayer):  # e.g. a quantization backend we do not handle
+            raise ValueError(
+                f"{lora_config.peft_type.value.lower()}: cannot adapt {type(base).__name__} ({name}): "
+                f"peft dispatched it to {type(module).__name__}, which would not preserve sparsity"
+            )
+        return module
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        before = {id(m) for m in model.modules()}
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            _remove_adapter_layers(model, adapter_name, before)
+            raise
+        self._pp_refresh_card(adapter_name)
+
+    def _pp_refresh_card(self, adapter_name: str) -> None:
+        config = self.peft_config.get(adapter_name)
+        if config is not None:
+            summary = _sparsity_summary(sparse_layers(self.model).values(), adapter_name)
+            config._pp_card = {"method": self.method, **summary}
+
+    # -------------------------------------------------------------------------------------------------- loading
+
+    def _pp_before_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Validate every incoming mask before anything is loaded; on a mismatch undo the injection and raise."""
+        marker = ".lora_sparse_mask."
+        root = prefix + "model."
+        layers = None
+        problems, adapters = [], set()
+        for key, value in state_dict.items():
+            if not key.startswith(root) or marker not in key:
+                continue
+            module_name, adapter = key[len(root) :].rsplit(marker, 1)
+            if "." in adapter:
+                continue
+            layers = sparse_layers(self.model) if layers is None else layers
+            layer = layers.get(module_name)
+            if layer is None or adapter not in layer.lora_sparse_mask:
+                continue
+            nnz = state_dict.get(key.replace(marker, ".lora_sparse_nnz."))
+            problem = layer._pp_incoming_problem(adapter, value, nnz)
+            if problem:
+                problems.append(f"{module_name}: {problem}")
+                adapters.add(adapter)
+        if problems:
+            for adapter in adapters:
+                self._pp_discard(adapter)
+            shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(
+                f"{self.method}: the adapter's masks do not match this base model's zeros "
+                f"({len(problems)} layer(s)); load it onto the pruned base it was trained on:\n  {shown}"
+            )
+
+    def _pp_discard(self, adapter_name: str) -> None:
+        """Remove a just-injected adapter; the last one leaves the base model as it was before ``get_peft_model``."""
+        if set(self.peft_config) <= {adapter_name}:
+            _remove_adapter_layers(self.model, adapter_name, set(), everything=True)
+            if hasattr(self.model, "peft_config"):
+                del self.model.peft_config
+        else:
+            self.delete_adapter(adapter_name)
+
+    # -------------------------------------------------------------------------------------------------- merging
+
+    def _pp_check_all(self, adapter_names: list[str] | None) -> None:
+        for layer in sparse_layers(self.model).values():
+            names = adapter_names if adapter_names is not None else layer.active_adapters
+            layer._pp_check_base([n for n in names if n in layer.lora_A and n not in layer.merged_adapters])
+
+    def merge_adapter(self, *args, **kwargs) -> None:
+        adapter_names = kwargs.get("adapter_names", args[0] if args else None)
+        self._pp_check_all(adapter_names)
+        return super().merge_adapter(*args, **kwargs)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        *,
+        requantize: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> nn.Module:
+        """Merge the adapters and return the base model; every zero of the pruned base stays zero.
+
+        bitsandbytes bases come back *dequantized* (``dtype``, default the layer's compute dtype) so the merged
+        sparse weights are exact; ``requantize=True`` instead re-quantizes in place (nf4/fp4/int8 map 0 to 0, so the
+        zeros survive, the other weights take the usual rounding error).
+        """
+        self._pp_check_all(adapter_names)
+        layers = sparse_layers(self.model).values()
+        for layer in layers:
+            layer._pp_requantize, layer._pp_unload_dtype = requantize, dtype
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        if not requantize:
+            _drop_quantization_metadata(model)
+        return model
+
+
+def _remove_adapter_layers(model: nn.Module, adapter_name: str, keep: set[int], everything: bool = False) -> None:
+    """Undo an injection: layers created by it go back to their base layer, older ones lose the adapter."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, SparseAdapterLayer):
+            continue
+        if everything or id(module) not in keep:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+        elif adapter_name in module.lora_A:
+            module.delete_adapter(adapter_name)
+
+
+def _drop_quantization_metadata(model: nn.Module) -> None:
+    """After a dequantizing unload nothing is quantized any more: let transformers forget it ever was."""
+    if any(_is_bnb_param(p) for p in model.parameters()):
+        return  # untargeted layers are still quantized; keep the metadata that describes them
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, attr, False):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+
+# ---------------------------------------------------------------------------------------------------- given masks
+
+
+def set_sparse_masks(model: nn.Module, masks: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Replace the derived masks M of an adapter with given ones (before training).
+
+    ``masks`` maps module names (``model.layers.0.self_attn.q_proj``; a ``base_model.model.`` prefix is accepted)
+    to boolean tensors of the weight's shape. A mask must keep every non-zero of the base weight (the adapter may
+    update weights the mask keeps, never weights it drops). Everything is validated before anything is written.
+    """
+    layers = sparse_layers(model)
+    by_short = {}
+    for name, layer in layers.items():
+        short = name.removeprefix("base_model.model.")
+        by_short[short] = layer
+    staged = []
+    for name, mask in masks.items():
+        short = name.removeprefix("base_model.model.")
+        layer = by_short.get(short)
+        if layer is None:
+            raise ValueError(f"masks: no prune_peft adapter layer named {name!r}; known: {sorted(by_short)[:5]} ...")
+        if adapter_name not in layer.lora_sparse_mask:
+            raise ValueError(f"masks: layer {name!r} has no adapter {adapter_name!r}")
+        if layer.merged:
+            raise ValueError(f"masks: layer {name!r} has merged adapters; unmerge before changing masks")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (layer.out_features, layer.in_features):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"masks[{name!r}] has shape {shape}, the weight is {(layer.out_features, layer.in_features)}"
+            )
+        if mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"masks[{name!r}] must be boolean (or 0/1), got dtype {mask.dtype}")
+            mask = mask != 0
+        weight = dense_weight(layer.get_base_layer())
+        dropped = int(((weight != 0) & ~mask.to(weight.device)).sum().item())
+        if dropped:
+            raise ValueError(
+                f"masks[{name!r}] drops {dropped} non-zero weights of the base: a mask must keep every non-zero "
+                "(prune the base with the mask first)"
+            )
+        staged.append((layer, mask.to(weight.device), int((weight != 0).sum().item())))
+    for layer, mask, nnz in staged:
+        layer.lora_sparse_mask.set(adapter_name, mask)
+        layer.lora_sparse_nnz.set(adapter_name, torch.tensor(nnz, dtype=torch.int64))
+    tuner = getattr(model, "base_model", model)
+    if isinstance(tuner, SparseTunerMixin):
+        tuner._pp_refresh_card(adapter_name)
+
+
+def warn_once(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+
+
+def validate_lora_fields(config, method: str, inits: tuple = SAFE_INITS) -> None:
+    """Refuse LoraConfig options whose semantics a sparsity-preserving update cannot keep (ValueError, named)."""
+    import dataclasses
+
+    def refuse(field: str, value, allowed: str) -> None:
+        raise ValueError(f"{method}: {field}={value!r} is not supported (allowed: {allowed})")
+
+    if getattr(config, "use_dora", False):
+        refuse("use_dora", True, "False — DoRA rescales whole columns, which changes pruned weights")
+    if getattr(config, "lora_bias", False):
+        refuse("lora_bias", True, "False")
+    if getattr(config, "use_qalora", False):
+        refuse("use_qalora", True, "False")
+    if getattr(config, "fan_in_fan_out", False):
+        refuse("fan_in_fan_out", True, "False — only torch.nn.Linear layers are supported")
+    if getattr(config, "target_parameters", None):
+        refuse("target_parameters", config.target_parameters, "None — only nn.Linear modules can be targeted")
+    init = config.init_lora_weights
+    if not any(init is v or (isinstance(v, str) and init == v) for v in inits):
+        refuse(
+            "init_lora_weights",
+            init,
+            ", ".join(repr(v) for v in inits) + " — PiSSA/OLoRA/CorDA/LoftQ/EVA-style inits rewrite the base weights",
+        )
+    for f in dataclasses.fields(config):
+        if f.name != "use_dora" and f.metadata.get("is_lora_variant") and getattr(config, f.name, None):
+            refuse(f.name, getattr(config, f.name), "None/False — other LoRA variants cannot be combined")
+    if not isinstance(config.require_sparsity, bool):
+        refuse("require_sparsity", config.require_sparsity, "True, False")
+
+
+def layer_mapping(plain: type, make_4bit, make_8bit) -> dict:
+    """``_register_custom_module`` mapping; bitsandbytes classes first (they subclass ``nn.Linear``)."""
+    from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+    mapping: dict = {}
+    if is_bnb_4bit_available():
+        import bitsandbytes as bnb
+
+        mapping[bnb.nn.Linear4bit] = make_4bit()
+    if is_bnb_available():
+        import bitsandbytes as bnb
+
+        mapping[bnb.nn.Linear8bitLt] = make_8bit()
+    mapping[nn.Linear] = plain
+    return mapping
+
+
+def card_section(config) -> str | None:
+    """The model-card text describing a prune_peft adapter (None when no summary is known)."""
+    card = getattr(config, "_pp_card", None)
+    if not card:
+        return None
+    base = config.base_model_name_or_path or "<base model>"
+    name = {"sparse_lora": "SparseLoRA (SQFT SparsePEFT)", "spp": "SPP"}.get(card["method"], card["method"])
+    return (
+        "## Sparsity-preserving adapter (prune_peft)\n\n"
+        f"- method: {name} (`{config.peft_type.value}`)\n"
+        f"- base model: `{base}`\n"
+        f"- sparsity pattern: {card['pattern']}\n"
+        f"- sparsity ratio of the adapted weights: {card['sparsity']:.4f} "
+        f"({card['modules']} modules, {card['weights']} weights)\n"
+        "- merging (`merge_and_unload`) keeps every zero of the pruned base; the masks travel in "
+        "`adapter_model.safetensors` (`lora_sparse_mask`, bit-packed).\n\n"
+        "Load it (the adapter type is registered by `import prune_peft`):\n\n"
+        "```python\n"
+        "import prune_peft  # registers the adapter type with peft\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")  # the same pruned base\n'
+        'model = PeftModel.from_pretrained(base, "<this repo or folder>")\n'
+        "merged = model.merge_and_unload()  # sparse, same zeros as the base\n"
+        "```\n"
+    )
+
+
+_CARD_BEGIN = "<!-- prune_peft:begin -->"
+_CARD_END = "<!-- prune_peft:end -->"
+
+
+def write_card(directory: str, config) -> None:
+    """Add (or refresh) the prune_peft section and tags of ``README.md`` in ``directory``, atomically."""
+    import os
+    import tempfile
+
+    section = card_section(config)
+    if section is None:
+        return
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = os.path.join(directory, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    tags = set(card.data.tags or [])
+    tags |= {"prune_peft", "sparse", config._pp_card["method"].replace("_", "-"), "peft"}
+    if config._pp_card["pattern"] != "unstructured":
+        tags.add(f"sparsity-{config._pp_card['pattern'].replace(':', 'of')}")
+    card.data.tags = sorted(tags)
+    card.data.library_name = card.data.library_name or "peft"
+    if config.base_model_name_or_path and not card.data.base_model:
+        card.data.base_model = config.base_model_name_or_path
+    text = card.text
+    block = f"{_CARD_BEGIN}\n{section}{_CARD_END}"
+    if _CARD_BEGIN in text and _CARD_END in text:
+        head, _, rest = text.partition(_CARD_BEGIN)
+        _, _, tail = rest.partition(_CARD_END)
+        text = head + block + tail
+    else:
+        lines = text.split("\n")
+        title = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
+        if title is None:
+            text = block + "\n\n" + text
+        else:
+            lines.insert(title + 1, "\n" + block + "\n")
+            text = "\n".join(lines)
+    card.text = text
+    fd, tmp = tempfile.mkstemp(prefix=".README.", dir=directory)
+    os.close(fd)
+    try:
+        card.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,272 @@
+"""Custom autograd for sparsity-preserving adapters: the dense d_out×d_in update is never stored in the graph.
+
+Two weight updates, both zero wherever the base weight is zero, so ``W + ΔW`` keeps the base's sparsity:
+
+* SparsePEFT (SQFT, Muñoz et al., EMNLP Findings 2024, arXiv 2410.03750): ``ΔW = M ⊙ s·B A``.
+* SPP (Lu et al., ICML 2024, arXiv 2405.16057): ``ΔW = s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W``, where ``Rep`` repeats
+  row k of ``W_row ∈ R^{R×d_in}`` over the k-th block of output rows.
+
+Plain autograd through these formulas keeps the dense ``ΔW`` (and its intermediates) alive until backward — one
+d_out×d_in tensor per adapted layer, more than the whole LoRA graph. Following LoRS (Hu et al., arXiv 2501.08582),
+the functions below save only their inputs (activation, adapter factors, references to the frozen weight and the
+packed mask) and *recompute* the update in backward. Gradients are exact by default; SparseLoRA additionally offers
+LoRS's "graph rearrangement" (``grad_mode="lors"``): the adapter gradients are the plain-LoRA ones (mask dropped),
+which costs O(r·(d_in + d_out)) per token instead of one extra dense d_out×d_in product.
+
+When the base weight is a plain float tensor the update is fused into the base matmul (``y = x (W + ΔW)ᵀ + b``):
+one matmul in forward and one for the input gradient, exactly what the merged model computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._masks import unpack_mask
+
+__all__ = [
+    "masked_lora",
+    "masked_lora_delta",
+    "masked_lora_delta_forward",
+    "spp",
+    "spp_branch",
+    "spp_delta",
+    "spp_scale",
+]
+
+WeightFn = Callable[[], torch.Tensor]
+
+
+def masked_lora_delta(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``ΔW = M ⊙ s·(B A)`` as a dense tensor (used by merges and as the reference the fused forward reproduces)."""
+    return (B @ A).mul_(scaling).mul_(mask)
+
+
+def _effective_weight(weight: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """``W + ΔW`` in the base dtype (what a merge writes), or ``ΔW`` alone for the unfused branch."""
+    if weight is None:
+        return delta
+    return (weight.to(delta.dtype) + delta).to(weight.dtype)
+
+
+class _MaskedLora(torch.autograd.Function):
+    """``y = x (W + M ⊙ s·B A)ᵀ + b``; with ``weight_fn=None`` only the branch ``x (M ⊙ s·B A)ᵀ``."""
+
+    @staticmethod
+    def forward(ctx, x, bias, A, B, packed, weight_fn, width, scaling, exact):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            weight = weight_fn() if weight_fn is not None else None
+            delta = masked_lora_delta(A, B, unpack_mask(packed, width), scaling)
+            w_eff = _effective_weight(weight, delta)
+            y = F.linear(x.to(w_eff.dtype), w_eff, bias)
+        ctx.save_for_backward(x, A, B, packed)
+        ctx.weight_fn, ctx.width, ctx.scaling, ctx.exact = weight_fn, width, scaling, exact
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, packed = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
+        mask = unpack_mask(packed, ctx.width)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_bias = grad_A = grad_B = None
+        if need_x:
+            delta = masked_lora_delta(A, B, mask, s)  # recomputed, never stored
+            weight = ctx.weight_fn() if ctx.weight_fn is not None else None
+            w_eff = _effective_weight(weight, delta)
+            del delta
+            grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
+            del w_eff
+        if need_A or need_B:
+            g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
+            if ctx.exact:
+                # ∂L/∂ΔW = Gᵀ X, masked and scaled; then the chain rule through B A
+                d = (g2a.t() @ x2a).mul_(mask).mul_(s)
+                grad_B = d @ A.t() if need_B else None
+                grad_A = B.t() @ d if need_A else None
+                del d
+            else:
+                # LoRS rearrangement: plain-LoRA gradients, O(r·(d_in + d_out)) per token
+                grad_B = (g2a.t() @ (x2a @ A.t())).mul_(s) if need_B else None
+                grad_A = ((g2a @ B).t() @ x2a).mul_(s) if need_A else None
+        if need_bias:
+            grad_bias = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, grad_A, grad_B, None, None, None, None, None
+
+
+def masked_lora(
+    x: torch.Tensor,
+    weight_fn: WeightFn,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    packed_mask: torch.Tensor,
+    in_features: int,
+    scaling: float,
+    exact: bool = True,
+) -> torch.Tensor:
+    """Fused base + SparsePEFT update: ``x (W + M ⊙ s·B A)ᵀ + b``. ``weight_fn()`` returns the frozen base weight."""
+    return _MaskedLora.apply(x, bias, A, B, packed_mask, weight_fn, in_features, scaling, exact)
+
+
+def masked_lora_delta_forward(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    packed_mask: torch.Tensor,
+    in_features: int,
+    scaling: float,
+    exact: bool = True,
+) -> torch.Tensor:
+    """The SparsePEFT branch alone, ``x (M ⊙ s·B A)ᵀ`` (added to a base output computed elsewhere)."""
+    return _MaskedLora.apply(x, None, A, B, packed_mask, None, in_features, scaling, exact)
+
+
+# ---------------------------------------------------------------------------------------------------------------- SPP
+
+
+def spp_scale(W_row: torch.Tensor, w_col: torch.Tensor, row_block: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``S = s·Rep(W_row) ⊙ w_col 1ᵀ`` (d_out×d_in); ``row_block[i]`` is the block of output row i."""
+    return W_row.index_select(0, row_block).mul_(w_col.reshape(-1, 1) * scaling)
+
+
+def spp_delta(
+    weight: torch.Tensor, W_row: torch.Tensor, w_col: torch.Tensor, row_block: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``ΔW = s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W`` as a dense tensor in the adapter dtype."""
+    return spp_scale(W_row, w_col, row_block, scaling).mul_(weight.to(W_row.dtype))
+
+
+def _spp_grads(e, W_row, w_col, row_block, s, need_row, need_col):
+    """Adapter gradients from ``E = ∂L/∂S = (Gᵀ X) ⊙ W`` (d_out×d_in)."""
+    grad_row = grad_col = None
+    if need_row:
+        grad_row = torch.zeros_like(W_row).index_add_(0, row_block, e * w_col.reshape(-1, 1)).mul_(s)
+    if need_col:
+        grad_col = (e * W_row.index_select(0, row_block)).sum(1).mul_(s).reshape(w_col.shape)
+    return grad_row, grad_col
+
+
+class _SPPFused(torch.autograd.Function):
+    """``y = x (W + ΔW)ᵀ + b`` (``with_base``) or ``x ΔWᵀ``, building the d_out×d_in update transiently."""
+
+    @staticmethod
+    def forward(ctx, x, bias, W_row, w_col, weight_fn, row_block, scaling, with_base):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            weight = weight_fn()
+            delta = spp_delta(weight, W_row, w_col, row_block, scaling)
+            w_eff = _effective_weight(weight if with_base else None, delta)
+            del delta
+            y = F.linear(x.to(w_eff.dtype), w_eff, bias)
+        ctx.save_for_backward(x, W_row, w_col, row_block)
+        ctx.weight_fn, ctx.scaling, ctx.with_base = weight_fn, scaling, with_base
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, W_row, w_col, row_block = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_bias, need_row, need_col = ctx.needs_input_grad[:4]
+        weight = ctx.weight_fn()
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_bias = grad_row = grad_col = None
+        if need_x:
+            delta = spp_delta(weight, W_row, w_col, row_block, s)
+            w_eff = _effective_weight(weight if ctx.with_base else None, delta)
+            del delta
+            grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
+            del w_eff
+        if need_row or need_col:
+            e = (g2.to(W_row.dtype).t() @ x2.to(W_row.dtype)).mul_(weight.to(W_row.dtype))
+            grad_row, grad_col = _spp_grads(e, W_row, w_col, row_block, s, need_row, need_col)
+        if need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_bias, grad_row, grad_col, None, None, None, None
+
+
+class _SPPBlockwise(torch.autograd.Function):
+    """The SPP branch ``x ΔWᵀ`` one row block at a time (SPP's memory-optimised form).
+
+    Block k computes ``s · ((x ⊙ W_row[k]) W_kᵀ) ⊙ w_col[k]`` with ``W_k`` the k-th block of output rows, so neither
+    ``Rep(W_row) ⊙ W`` nor any other d_out×d_in tensor is ever formed; the largest temporary is one
+    tokens×d_in activation. Backward recomputes the per-block products instead of saving them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_row, w_col, weight_fn, bounds, scaling):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            weight = weight_fn()
+            x2 = x.reshape(-1, x.shape[-1]).to(W_row.dtype)
+            out = x2.new_empty(x2.shape[0], weight.shape[0])
+            for k, (r0, r1) in enumerate(bounds):
+                out[:, r0:r1] = (x2 * W_row[k]) @ weight[r0:r1].to(W_row.dtype).t()
+            out.mul_(w_col.reshape(1, -1) * scaling)
+        ctx.save_for_backward(x, W_row, w_col)
+        ctx.weight_fn, ctx.bounds, ctx.scaling = weight_fn, bounds, scaling
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, W_row, w_col = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_row, need_col = ctx.needs_input_grad[:3]
+        weight = ctx.weight_fn()
+        dt = W_row.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)
+        grad_x = torch.zeros_like(x2) if need_x else None
+        grad_row = torch.zeros_like(W_row) if need_row else None
+        grad_col = torch.zeros_like(w_col).reshape(-1) if need_col else None
+        for k, (r0, r1) in enumerate(ctx.bounds):
+            w_k = weight[r0:r1].to(dt)
+            g_k = g2[:, r0:r1]
+            if need_x or need_row:
+                p_k = (g_k * (w_col.reshape(-1)[r0:r1] * s)) @ w_k  # tokens × d_in
+                if need_x:
+                    grad_x.addcmul_(p_k, W_row[k].expand_as(p_k))
+                if need_row:
+                    grad_row[k] = (p_k * x2).sum(0)
+                del p_k
+            if need_col:
+                q_k = (x2 * W_row[k]) @ w_k.t()  # recomputed forward product, tokens × block
+                grad_col[r0:r1] = (g_k * q_k).sum(0) * s
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if grad_col is not None:
+            grad_col = grad_col.reshape(w_col.shape)
+        return grad_x, grad_row, grad_col, None, None, None
+
+
+def spp(
+    x: torch.Tensor,
+    weight_fn: WeightFn,
+    bias: torch.Tensor | None,
+    W_row: torch.Tensor,
+    w_col: torch.Tensor,
+    row_block: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Fused base + SPP update: ``x (W + s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W)ᵀ + b``."""
+    return _SPPFused.apply(x, bias, W_row, w_col, weight_fn, row_block, scaling, True)
+
+
+def spp_branch(
+    x: torch.Tensor,
+    weight_fn: WeightFn,
+    W_row: torch.Tensor,
+    w_col: torch.Tensor,
+    row_block: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    scaling: float,
+    blockwise: bool,
+) -> torch.Tensor:
+    """The SPP branch ``x ΔWᵀ`` alone: blockwise (low memory) or through the transient dense update."""
+    if blockwise:
+        return _SPPBlockwise.apply(x, W_row, w_col, weight_fn, bounds, scaling)
+    return _SPPFused.apply(x, None, W_row, w_col, weight_fn, row_block, scaling, False)

@@ -1,0 +1,75 @@
+"""SparseLoRA layers: peft's LoRA layers with the SQFT update ``ΔW = M ⊙ s·B A`` (mask applied everywhere)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+
+from .._base import QuantizedUnloadMixin, SparseAdapterLayer, layer_mapping
+from .._functional import masked_lora, masked_lora_delta, masked_lora_delta_forward
+
+__all__ = ["SparseLoraLinear", "layer_mapping_sparse_lora"]
+
+
+class SparseLoraLayerMixin(SparseAdapterLayer):
+    method = "sparse_lora"
+
+    def _pp_setup(self, adapter: str, config, weight: torch.Tensor | None) -> None:
+        self._pp_opts[adapter]["exact"] = config.grad_mode == "exact"
+
+    def _pp_args(self, adapter: str):
+        return (
+            self.lora_A[adapter].weight,
+            self.lora_B[adapter].weight,
+            self.lora_sparse_mask.packed(adapter),
+            self.in_features,
+            self.scaling[adapter],
+            self._pp_opts[adapter].get("exact", True),
+        )
+
+    def _pp_delta(self, adapter: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        with torch.no_grad():
+            return masked_lora_delta(A, B, self.sparse_mask(adapter).to(A.device), self.scaling[adapter])
+
+    def _pp_branch(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        return masked_lora_delta_forward(x, *self._pp_args(adapter))
+
+    def _pp_fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        A, B, packed, width, scaling, exact = self._pp_args(adapter)
+        bias = self.get_base_layer().bias
+        return masked_lora(x, self._pp_weight, bias, A, B, packed, width, scaling, exact)
+
+    def _pp_merged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self._pp_delta(adapter)
+        return (weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype)
+
+    def _pp_unmerged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self._pp_delta(adapter)
+        return (weight.to(delta.dtype) - delta.to(weight.device)).to(weight.dtype)
+
+
+class SparseLoraLinear(SparseLoraLayerMixin, LoraLinear):
+    """SparseLoRA on a float ``nn.Linear``."""
+
+    def __repr__(self) -> str:
+        return "sparse_lora." + super().__repr__().removeprefix("lora.")
+
+
+@functools.cache
+def _bnb_classes() -> tuple[type, type]:
+    from peft.tuners.lora import bnb as lora_bnb
+
+    class SparseLoraLinear4bit(QuantizedUnloadMixin, SparseLoraLayerMixin, lora_bnb.Linear4bit):
+        """SparseLoRA on a bitsandbytes 4-bit (nf4/fp4) base, QLoRA style."""
+
+    class SparseLoraLinear8bitLt(QuantizedUnloadMixin, SparseLoraLayerMixin, lora_bnb.Linear8bitLt):
+        """SparseLoRA on a bitsandbytes LLM.int8 base."""
+
+    return SparseLoraLinear4bit, SparseLoraLinear8bitLt
+
+
+def layer_mapping_sparse_lora() -> dict:
+    return layer_mapping(SparseLoraLinear, lambda: _bnb_classes()[0], lambda: _bnb_classes()[1])

@@ -1,0 +1,25 @@
+"""The SparseLoRA tuner: peft's LoraModel with all-or-nothing injection, checked merges and sparse unloads."""
+
+from __future__ import annotations
+
+from peft.tuners.lora import LoraModel
+
+from .._base import SparseTunerMixin
+
+__all__ = ["SparseLoraModel"]
+
+
+class SparseLoraModel(SparseTunerMixin, LoraModel):
+    """Creates SparseLoRA (SQFT SparsePEFT) adapters on a pruned model; see :class:`SparseLoraConfig`.
+
+    Example:
+
+        ```py
+        >>> import prune_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(pruned_model, prune_peft.SparseLoraConfig(r=16, target_modules="all-linear"))
+        ```
+    """
+
+    # note: prefix, tuner_layer_cls and target_module_mapping are inherited from LoraModel ("lora_")
+    method = "sparse_lora"
