@@ -12,7 +12,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["TransformersBackend", "VLLMBackend", "batch_seed", "generate_texts", "length_buckets", "make_backend"]
+__all__ = [
+    "BACKENDS",
+    "TransformersBackend",
+    "VLLMBackend",
+    "batch_seed",
+    "generate_texts",
+    "length_buckets",
+    "make_backend",
+    "require_vllm",
+    "vllm_sampling_kwargs",
+]
 
 BACKENDS = ("transformers", "vllm")
 
@@ -108,17 +118,22 @@ def vllm_sampling_kwargs(generation_kwargs: dict, seed: int) -> dict:
     return out
 
 
+def require_vllm() -> None:
+    """Raise a clear ``ImportError`` when vLLM is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(
+            "backend='vllm' needs the vllm package (GPU): pip install vllm — or use backend='transformers' "
+            "(batched model.generate, the default)"
+        )
+
+
 class VLLMBackend:
     """Generation on vLLM's offline ``LLM`` engine (tensor parallelism, paged KV cache) when it is installed."""
 
     name = "vllm"
 
     def __init__(self, teacher, tokenizer, generation_kwargs: dict | None = None, **engine_kwargs):
-        if importlib.util.find_spec("vllm") is None:
-            raise ImportError(
-                "backend='vllm' needs the vllm package (GPU): pip install vllm — or use backend='transformers' "
-                "(batched model.generate, the default)"
-            )
+        require_vllm()
         from vllm import LLM
 
         if isinstance(teacher, str):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..sft_data import extract_final_answer
-from .generation import batch_seed, length_buckets, make_backend
+from .generation import BACKENDS, batch_seed, length_buckets, make_backend, require_vllm
 
 __all__ = [
     "BAD_PHRASES",
@@ -253,6 +253,10 @@ def _resolve_columns(columns: list[str], prompt_column, response_column, answer_
                 f"dataset needs an instruction and a response field: one of the column pairs "
                 f"{[list(p) for p in _FIELD_PAIRS]} or prompt_column=/response_column=; it has {columns}"
             )
+    elif prompt_column is None:  # only the response named: take the first usual instruction column
+        prompt_column = next((p for p, _ in _FIELD_PAIRS if p in columns), None)
+    elif response_column is None:
+        response_column = next((r for _, r in _FIELD_PAIRS if r in columns and r != prompt_column), None)
     for arg, col in (("prompt_column", prompt_column), ("response_column", response_column)):
         if col is None or col not in columns:
             raise ValueError(f"{arg}={col!r} is not a column of the dataset (columns: {columns})")
@@ -449,6 +453,10 @@ def self_distill(
         tokenizer = load_tokenizer(str(teacher))
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "vllm":
+        require_vllm()
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if chat_template is None:
         chat_template = has_chat
