@@ -159,6 +159,93 @@ def _register_demo(sub) -> None:
 REGISTRARS = [_register_prune, _register_eval, _register_demo]
 
 
+def _distill_dataset(spec: str, n: int | None, seed: int):
+    """'arithmetic' / 'shakespeare' → generated offline SFT data; otherwise a ``save_to_disk`` folder."""
+    from . import sft_data
+
+    if spec == "arithmetic":
+        return sft_data.arithmetic_problems(n or 1000, seed=seed)
+    if spec == "shakespeare":
+        return sft_data.shakespeare_continuations("train", n=n, seed=seed)
+    from datasets import load_from_disk
+
+    ds = load_from_disk(spec)
+    return ds.select(range(min(n, len(ds)))) if n else ds
+
+
+def _cmd_distill(args) -> int:
+    from .distill import distill_stats, self_distill
+    from .models import load_model_and_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if args.dataset not in ("arithmetic", "shakespeare") and not os.path.isdir(args.dataset):
+        raise ValueError(
+            f"--dataset must be 'arithmetic', 'shakespeare' or a saved dataset folder, got {args.dataset!r}"
+        )
+    if args.n is not None and args.n <= 0:
+        raise ValueError(f"--n must be a positive integer, got {args.n}")
+    dataset = _distill_dataset(args.dataset, args.n, args.data_seed)
+    teacher, tok = load_model_and_tokenizer(args.teacher)
+    gen = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    for key in ("temperature", "top_p", "top_k"):
+        if getattr(args, key) is not None:
+            gen[key] = getattr(args, key)
+    cache = Path(args.cache_dir) if args.cache_dir else out.parent / f".{out.name}.cache"
+    distilled = self_distill(
+        teacher,
+        tok,
+        dataset,
+        template=args.template,
+        cache_dir=cache,
+        filter=args.filter,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        backend=args.backend,
+        overwrite=args.overwrite,
+        **gen,
+    )
+    stats = {"teacher": args.teacher, "dataset": args.dataset, "template": args.template, **distill_stats(distilled)}
+    # save into a temp sibling, then swap in: the output folder is either the old one or complete
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    distilled.save_to_disk(str(tmp))
+    write_json(tmp / "distill_stats.json", stats)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _register_distill(sub) -> None:
+    p = sub.add_parser("distill", help="self-data distillation: the teacher rewrites an SFT set (cached, resumable)")
+    p.add_argument("--teacher", default="smollm2-135m", help="Hub id, local path, or embedded alias (smollm2-135m)")
+    p.add_argument("--dataset", default="arithmetic", help="'arithmetic', 'shakespeare' or a save_to_disk folder")
+    p.add_argument("--n", type=int, default=None, help="use the first N rows (arithmetic: generate N problems)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--template", default="general", choices=["general", "general_refer", "math"])
+    p.add_argument("--filter", default=None, choices=["general", "math", "none"], help="default: by template")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    p.add_argument("--cache-dir", default=None, help="default: a hidden .<out>.cache folder next to --out")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out and a cache of another configuration")
+    p.set_defaults(func=_cmd_distill)
+
+
+REGISTRARS.append(_register_distill)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="prune-peft", description=__doc__.splitlines()[0])

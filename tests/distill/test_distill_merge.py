@@ -62,7 +62,7 @@ def test_state_dicts_per_pattern_t_and_integer_buffers():
     assert torch.equal(out["steps"], sd0["steps"])
     out = slerp_state_dicts(sd0, sd1, lambda name: 0.5)
     assert torch.allclose(out["mlp.w"], slerp(0.5, sd0["mlp.w"], sd1["mlp.w"]))
-    with pytest.raises(ValueError, match="no t pattern matches parameter 'mlp.w'"):
+    with pytest.raises(ValueError, match=r"no t pattern matches parameter 'mlp\.w'"):
         slerp_state_dicts(sd0, sd1, {"attn.*": 0.5})
     with pytest.raises(ValueError, match="non-float tensor 'steps' differs"):
         slerp_state_dicts(sd0, {**sd1, "steps": torch.tensor([4])})

@@ -232,7 +232,7 @@ def test_template_that_does_not_fit_the_chat_format(tokenizer, scripted):
         "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
     )
     teacher = scripted(no_system, _script)
-    with pytest.raises(ValueError, match="does not fit the tokenizer's chat template.*System role not supported"):
+    with pytest.raises(ValueError, match=r"does not fit the tokenizer's chat template.*System role not supported"):
         self_distill(teacher, no_system, MATH_ROWS, template="math")
     assert teacher.calls == []
     dropping = copy.deepcopy(tokenizer)
