@@ -140,7 +140,9 @@ def eu_triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float, ite
     statistics (no response tokens) are never kept and get label 0.
     """
     if ppl.shape != entropy.shape or ppl.dim() != 1:
-        raise ValueError(f"ppl and entropy must be 1-D of equal length, got {tuple(ppl.shape)}, {tuple(entropy.shape)}")
+        raise ValueError(
+            f"ppl and entropy must be 1-D of equal length, got {tuple(ppl.shape)}, {tuple(entropy.shape)}"
+        )
     _check_ratio("sample_ratio", sample_ratio)
     device = ppl.device
     valid = ~(torch.isnan(ppl) | torch.isnan(entropy))
@@ -195,9 +197,7 @@ def eu_triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float, ite
     return EUTriage(keep=keep, quadrant=quadrant, level=level, thresholds=thresholds, target=k)
 
 
-def select_samples(
-    ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def select_samples(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean keep mask over the batch and quadrant labels (1..4, 0 = no response tokens); see :func:`eu_triage`.
 
     >>> keep, quadrant = select_samples(ppl, entropy, sample_ratio=0.25)
@@ -514,7 +514,9 @@ class QTuningCallback(TrainerCallback):
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
-                warnings.warn("QTuningConfig(plot=True) but matplotlib is not installed: no EU-plane plots", stacklevel=3)
+                warnings.warn(
+                    "QTuningConfig(plot=True) but matplotlib is not installed: no EU-plane plots", stacklevel=3
+                )
                 cfg.plot = False
 
     def _find_trainer(self):
