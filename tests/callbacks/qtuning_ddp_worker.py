@@ -1,7 +1,7 @@
 """Worker for test_qtuning_ddp.py: run under `torch.distributed.run --nproc_per_node 2` (gloo, CPU).
 
-Each rank trains a tiny model with Q-Tuning in both modes for 2 steps (two-pass keeps 1 of 8 samples, single-pass 2 of 8) and writes its triage records to
-<out>/<mode>_rank<r>.json.
+Each rank trains a tiny model with Q-Tuning in both modes for 2 steps (two-pass keeps 1 of 8 samples, single-pass
+2 of 8) and writes its triage records to <out>/<mode>_rank<r>.json.
 """
 
 import json
@@ -10,11 +10,11 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+import torch
+from transformers import Trainer, TrainingArguments
 
-from prune_peft.callbacks.qtuning import QTuningCallback  # noqa: E402
-from prune_peft.testing import byte_tokenizer, tiny_causal_lm  # noqa: E402
+from prune_peft.callbacks.qtuning import QTuningCallback
+from prune_peft.testing import byte_tokenizer, tiny_causal_lm
 
 
 def rows(tokenizer, n):

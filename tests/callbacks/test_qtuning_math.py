@@ -42,7 +42,8 @@ def test_bisection_hits_target_share_within_one_sample(n, ratio, corr, seed):
 def test_quadrants_on_constructed_statistics():
     # 4 clusters of 4 samples, one per quadrant: (PPL, Ent)
     ppl = torch.tensor([100.0, 110, 120, 130] * 2 + [2.0, 2.2, 2.4, 2.6] * 2)
-    ent = torch.tensor([5.0, 5.1, 5.2, 5.3] + [0.1, 0.2, 0.3, 0.4] + [0.1, 0.2, 0.3, 0.4] + [5.0, 5.1, 5.2, 5.3])
+    hi, lo = [5.0, 5.1, 5.2, 5.3], [0.1, 0.2, 0.3, 0.4]
+    ent = torch.tensor([*hi, *lo, *lo, *hi])
     expected = torch.tensor([1] * 4 + [2] * 4 + [3] * 4 + [4] * 4)
     keep, quadrant = select_samples(ppl, ent, sample_ratio=0.5)
     assert torch.equal(quadrant, expected)

@@ -100,13 +100,13 @@ def test_two_pass_prunes_batches_and_keeps_exact_normalisation_under_grad_accumu
     cb = QTuningCallback(sample_ratio=0.5, token_ratio=0.5, plot=False)  # two_pass is the default
     trainer = make_trainer(tmp_path, model, cb, bs=4, ga=2)
     batches = [make_batch(tokenizer, 4, seed=0), make_batch(tokenizer, 4, seed=1)]
-    plan, keep, quad = oracle_keep(model, batches, 0.5, 0.5)
+    plan, keep, _ = oracle_keep(model, batches, 0.5, 0.5)
     model.train()
     pruned, num_items = trainer.get_batch_samples(iter([dict(b) for b in batches]), 2, CPU)
     assert cb.records[-1]["keep"] == keep.tolist()  # one rule over both micro-batches
     assert len(pruned) == 2
     # labels: dropped rows removed, calibration rows untouched, misconception rows keep ⌈r·n⌉ of their tokens
-    for b, pb, (tok, _, q), start in zip(batches, pruned, plan, (0, 4)):
+    for b, pb, (_, _, q), start in zip(batches, pruned, plan, (0, 4)):
         rows = keep[start : start + 4].nonzero().squeeze(1)
         assert pb["input_ids"].size(0) == rows.numel()
         for j, r in enumerate(rows.tolist()):
@@ -255,7 +255,7 @@ def test_add_callback_after_construction_attaches_at_train_begin(tmp_path, tiny_
 
 
 def test_batch_size_one_single_pass_is_rejected_at_construction(tmp_path, tiny_model):
-    with pytest.raises(ValueError, match="no selection is possible.*per_device_train_batch_size >= 2"):
+    with pytest.raises(ValueError, match=r"no selection is possible.*per_device_train_batch_size >= 2"):
         make_trainer(tmp_path, tiny_model(), QTuningCallback(mode="single_pass"), bs=1)
     with pytest.raises(ValueError, match="no selection is possible"):
         make_trainer(tmp_path, tiny_model(), QTuningCallback(), bs=1, ga=1)
@@ -276,7 +276,7 @@ def test_incompatible_trainer_settings_are_rejected(tmp_path, tiny_model, tokeni
             processing_class=tokenizer,
             callbacks=[QTuningCallback()],
         )
-    with pytest.raises(ValueError, match="single_pass.*compute_loss_func"):
+    with pytest.raises(ValueError, match=r"single_pass.*compute_loss_func"):
         make_trainer(
             tmp_path, tiny_model(), QTuningCallback(mode="single_pass"), compute_loss_func=lambda o, la, **k: o.loss
         )
@@ -294,7 +294,7 @@ def test_batches_without_response_tokens(tmp_path, tiny_model, tokenizer):
         trainer.get_batch_samples(iter([make_batch(tokenizer, 4, empty_rows=range(4))]), 1, CPU)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pruned, _ = trainer.get_batch_samples(iter([make_batch(tokenizer, 4, empty_rows=[1])]), 1, CPU)
+        trainer.get_batch_samples(iter([make_batch(tokenizer, 4, empty_rows=[1])]), 1, CPU)
     assert any("no response tokens" in str(w.message) for w in caught)
     rec = cb.records[-1]
     assert rec["quadrant"][1] == 0 and not rec["keep"][1] and sum(rec["keep"]) == 2  # 50 % of the 3 valid rows
