@@ -4,6 +4,7 @@ Importing the package registers its PEFT adapter types with peft, so ``PeftModel
 prune_peft adapters after ``import prune_peft``.
 """
 
+from .callbacks.qtuning import QTuningCallback, QTuningConfig
 from .evaluation import perplexity, sparsity_report
 from .models import load_model, load_model_and_tokenizer, load_tokenizer
 from .pruning.oneshot import PruneReport, prune
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PruneReport",
+    "QTuningCallback",
+    "QTuningConfig",
     "SPPConfig",
     "SparseLoraConfig",
     "__version__",

@@ -246,6 +246,142 @@ def _register_distill(sub) -> None:
 REGISTRARS.append(_register_distill)
 
 
+def _lora_peft_config(args):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+# --method name -> builder of the peft config from the parsed args (other methods register here)
+FINETUNE_METHODS = {"lora": _lora_peft_config}
+
+
+def _sft_dataset(spec: str, split: str, n: int, seed: int):
+    """'arithmetic' / 'shakespeare' → offline prompt/completion data; otherwise a ``save_to_disk`` folder (train)."""
+    from . import sft_data
+
+    if spec == "arithmetic":  # held-out problems come from another seed
+        return sft_data.arithmetic_problems(n, seed=seed if split == "train" else seed + 10_000)
+    if spec == "shakespeare":
+        return sft_data.shakespeare_continuations(split, n=n, seed=seed)
+    if split != "train":
+        return None
+    from datasets import load_from_disk
+
+    ds = load_from_disk(spec)
+    return ds.select(range(min(n, len(ds))))
+
+
+def _cmd_finetune(args) -> int:
+    import time
+
+    import torch
+
+    from .callbacks.qtuning import QTuningCallback, QTuningConfig
+    from .models import load_model_and_tokenizer
+
+    # bad input fails before anything loads
+    if not args.qtuning and (args.sample_ratio is not None or args.token_ratio is not None):
+        raise ValueError("--sample-ratio/--token-ratio need --qtuning")
+    pairs = (("sample_ratio", args.sample_ratio), ("token_ratio", args.token_ratio))
+    ratios = {k: v for k, v in pairs if v is not None}
+    qcfg = QTuningConfig(mode=args.qtuning_mode, **ratios) if args.qtuning else None
+    if args.data not in ("arithmetic", "shakespeare") and not os.path.isdir(args.data):
+        raise ValueError(f"--data must be 'arithmetic', 'shakespeare' or a saved dataset folder, got {args.data!r}")
+    for name in ("n_train", "batch_size", "grad_accum", "lora_r", "max_length"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    from trl import SFTConfig, SFTTrainer
+
+    keep = {"prompt", "completion", "messages", "text"}
+    train = _sft_dataset(args.data, "train", args.n_train, args.seed)
+    train = train.remove_columns([c for c in train.column_names if c not in keep])
+    heldout = _sft_dataset(args.data, "heldout", args.n_eval, args.seed) if args.n_eval else None
+    if heldout is not None:
+        heldout = heldout.remove_columns([c for c in heldout.column_names if c not in keep])
+    model, tok = load_model_and_tokenizer(args.model)
+    cuda = torch.cuda.is_available()
+    cfg = SFTConfig(
+        output_dir=str(out),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        max_length=args.max_length,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=args.report_to,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+        seed=args.seed,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model,
+        args=cfg,
+        train_dataset=train,
+        eval_dataset=heldout,
+        processing_class=tok,
+        peft_config=FINETUNE_METHODS[args.method](args),
+        callbacks=[QTuningCallback(qcfg)] if qcfg else None,
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    result = {
+        "model": args.model,
+        "method": args.method,
+        "data": args.data,
+        "qtuning": qcfg.to_dict() if qcfg else None,
+        "train_seconds": seconds,
+        "steps": trainer.state.global_step,
+        "train_loss": next((h["train_loss"] for h in trainer.state.log_history if "train_loss" in h), None),
+    }
+    if heldout is not None:
+        result["eval_loss"] = trainer.evaluate()["eval_loss"]
+    logged = [h for h in trainer.state.log_history if "qtuning/kept_sample_share" in h]
+    if logged:
+        result["qtuning_last_log"] = {k: v for k, v in logged[-1].items() if k.startswith("qtuning/")}
+    trainer.save_model(str(out))  # the adapter
+    write_json(out / "finetune_report.json", {**result, "log_history": trainer.state.log_history})
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _register_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="PEFT fine-tuning with trl's SFTTrainer (+ Q-Tuning data pruning)")
+    p.add_argument("--model", default="smollm2-135m", help="Hub id, local path, or embedded alias (smollm2-135m)")
+    p.add_argument("--method", default="lora", choices=sorted(FINETUNE_METHODS))
+    p.add_argument("--data", default="arithmetic", help="'arithmetic', 'shakespeare' or a save_to_disk folder")
+    p.add_argument("--n-train", type=int, default=512)
+    p.add_argument("--n-eval", type=int, default=64, help="held-out samples for eval_loss (0 = skip)")
+    p.add_argument("--qtuning", action="store_true", help="Q-Tuning sample + token pruning (docs/qtuning.md)")
+    p.add_argument("--sample-ratio", type=float, default=None, help="kept share of each batch's samples, (0, 1]")
+    p.add_argument("--token-ratio", type=float, default=None, help="kept share of misconception tokens, (0, 1]")
+    p.add_argument("--qtuning-mode", default="two_pass", choices=["two_pass", "single_pass"])
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--report-to", nargs="*", default=[], help="e.g. tensorboard wandb")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_finetune)
+
+
+REGISTRARS.append(_register_finetune)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="prune-peft", description=__doc__.splitlines()[0])
