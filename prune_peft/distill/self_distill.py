@@ -364,17 +364,17 @@ class _ShardCache:
 
     def write(self, batch_index: int, indices: list[int], rewrites: list[str]) -> None:
         from datasets import Dataset
-        from datasets.utils import tqdm as ds_tqdm
+        from datasets import utils as ds_utils
 
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-        bars_were_on = not ds_tqdm.are_progress_bars_disabled()
-        ds_tqdm.disable_progress_bars()  # one "Saving the dataset" bar per batch would drown the real progress bar
+        bars_were_on = not ds_utils.are_progress_bars_disabled()
+        ds_utils.disable_progress_bars()  # one "Saving the dataset" bar per batch would drown the real progress bar
         try:
             Dataset.from_dict({"index": indices, "rewrite": rewrites}).save_to_disk(str(tmp))
             os.replace(tmp, self.shards / f"batch-{batch_index:06d}")
         finally:
             if bars_were_on:
-                ds_tqdm.enable_progress_bars()
+                ds_utils.enable_progress_bars()
             shutil.rmtree(tmp, ignore_errors=True)
 
 
