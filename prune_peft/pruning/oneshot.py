@@ -216,7 +216,7 @@ def prune(
     *,
     nsamples: int = 128,
     seqlen: int = 512,
-    batch_size: int = 8,
+    batch_size: int = 1,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     scope: str | None = None,
@@ -312,7 +312,9 @@ def _prune_calibrated(
                     model(input_ids=tokens[i : i + batch_size].to(device), use_cache=False)
                 except _StopForward:
                     pass
+        # keep the hidden states in one list only: drop them from the captured call arguments
         hidden = [_hidden(a, k) for a, k in captured]
+        captured = [_with_hidden(a, k, None) for a, k in captured]
         # 2. block by block
         for b, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress)):
             prefix = f"{blocks_name}.{b}."
@@ -337,8 +339,9 @@ def _prune_calibrated(
                     mod.weight.copy_(new_w)
                     report.modules[name] = _module_stats(mod.weight, nm)
                 del stats
-            # the pruned block's outputs feed the next block
-            hidden = [_run_block(block, *_with_hidden(args, kwargs, h)) for h, (args, kwargs) in zip(hidden, captured)]
+            # the pruned block's outputs feed the next block; replaced in place so only one copy is alive
+            for i, (args, kwargs) in enumerate(captured):
+                hidden[i] = _run_block(block, *_with_hidden(args, kwargs, hidden[i]))
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
