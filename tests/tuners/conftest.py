@@ -1,27 +1,21 @@
-"""Shared fixtures for the adapter tests: tiny pruned models (seeded, 2:4 or unstructured) and quantized copies."""
+"""Fixtures for the adapter tests: tiny pruned models (seeded; 2:4 or unstructured) and token ids."""
 
 import pytest
 import torch
+from adapter_testlib import prune_linears
 
-from prune_peft.sparsity import nm_mask, unstructured_mask
 from prune_peft.testing import tiny_causal_lm
-
-
-def prune_linears(model: torch.nn.Module, pattern: str = "2:4", skip=("lm_head",)) -> torch.nn.Module:
-    """Magnitude-prune every linear layer in place (2:4, or 50 % unstructured per row)."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip):
-            w = module.weight.data
-            keep = nm_mask(w.abs(), 2, 4) if pattern == "2:4" else unstructured_mask(w.abs(), 0.5)
-            w.mul_(keep)
-    return model
 
 
 @pytest.fixture
 def pruned():
-    """Factory: pruned(pattern="2:4"|"unstructured", seed=0, arch="llama", **config) → a pruned tiny causal LM."""
+    """Factory: pruned(pattern="2:4"|"unstructured", seed=0, arch="llama", **config) → a pruned tiny causal LM.
+
+    Two decoder layers (not the default four) keep the many merge/save round trips fast.
+    """
 
     def make(pattern: str = "2:4", seed: int = 0, arch: str = "llama", **cfg):
+        cfg.setdefault("num_hidden_layers", 2)
         return prune_linears(tiny_causal_lm(arch=arch, seed=seed, **cfg), pattern)
 
     return make
@@ -30,21 +24,3 @@ def pruned():
 @pytest.fixture
 def ids():
     return torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def zero_sets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """{linear name: weight == 0} for the decoder linears (lm_head excluded), names without peft prefixes."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from prune_peft.tuners import dense_weight
-
-    out = {}
-    for name, module in model.named_modules():
-        if "lm_head" in name or ".lora_" in name or name.endswith("base_layer"):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            module = module.get_base_layer()
-        elif not isinstance(module, torch.nn.Linear):
-            continue
-        out[name.removeprefix("base_model.model.")] = dense_weight(module) == 0
-    return out

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import prune_linears
+from adapter_testlib import prune_linears
 from peft import PeftModel, get_peft_model
 
 import prune_peft  # noqa: F401
@@ -44,15 +44,15 @@ def test_bad_config_values(cls, kwargs, field):
 @pytest.mark.parametrize("cls", [SparseLoraConfig, SPPConfig])
 def test_dense_target_rejected_and_nothing_changed(cls, pruned):
     model = pruned()
-    dense = model.model.layers[2].mlp.down_proj
+    dense = model.model.layers[1].mlp.down_proj
     dense.weight.data.normal_()  # one target module is not pruned
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"layers\.2\.mlp\.down_proj.*require_sparsity"):
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj.*require_sparsity"):
         get_peft_model(model, cls(target_modules="all-linear"))
     assert_untouched(model, snap)
     # allowed when asked for
     pm = get_peft_model(model, cls(target_modules="all-linear", require_sparsity=False))
-    assert "base_model.model.model.layers.2.mlp.down_proj" in sparse_layers(pm)
+    assert "base_model.model.model.layers.1.mlp.down_proj" in sparse_layers(pm)
 
 
 def test_unsupported_module_types(pruned):
@@ -91,7 +91,7 @@ def test_spp_indivisible_rows(pruned, ids):
 @pytest.mark.parametrize("cls", [SparseLoraConfig, SPPConfig])
 def test_merge_after_base_changed_raises_before_touching_anything(cls, pruned, ids):
     pm = get_peft_model(pruned(), cls(target_modules="all-linear", init_lora_weights=False)).eval()
-    layer = sparse_layers(pm)["base_model.model.model.layers.3.mlp.up_proj"]
+    layer = sparse_layers(pm)["base_model.model.model.layers.1.mlp.up_proj"]
     weight = layer.get_base_layer().weight
     weight.data[0, weight.data[0] != 0] = 0.0  # pruned further after injection
     snap = {n: m.get_base_layer().weight.clone() for n, m in sparse_layers(pm).items()}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import prune_linears, zero_sets
+from adapter_testlib import prune_linears, zero_sets
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import prune_peft  # noqa: F401  (registers the adapter types)
@@ -276,7 +276,7 @@ def test_memory_saved_for_backward_is_near_plain_lora(pruned, ids):
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        batch = ids.repeat(4, 4)
+        batch = ids.repeat(2, 2)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = pm(batch, labels=batch).loss
         loss.backward()
