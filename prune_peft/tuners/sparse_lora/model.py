@@ -23,3 +23,15 @@ class SparseLoraModel(SparseTunerMixin, LoraModel):
 
     # note: prefix, tuner_layer_cls and target_module_mapping are inherited from LoraModel ("lora_")
     method = "sparse_lora"
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", **kwargs):
+        """peft's adapter arithmetic; the new adapter is masked like every SparseLoRA adapter.
+
+        A masked update ``M ⊙ B A`` is generally full-rank, so SVD-based combinations are approximations. For a single
+        adapter the exact re-weighting is the linear one, which is used instead of ``"svd"``.
+        """
+        if len(adapters) == 1 and combination_type == "svd":
+            combination_type = "linear"
+        return super().add_weighted_adapter(
+            adapters, weights, adapter_name, combination_type=combination_type, **kwargs
+        )
