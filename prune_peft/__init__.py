@@ -4,25 +4,33 @@ Importing the package registers its PEFT adapter types with peft, so ``PeftModel
 prune_peft adapters after ``import prune_peft``.
 """
 
+from .callbacks.prune import PruneCallback, register_driver
 from .callbacks.qtuning import QTuningCallback, QTuningConfig
 from .evaluation import perplexity, sparsity_report
 from .models import load_model, load_model_and_tokenizer, load_tokenizer
 from .pruning.oneshot import PruneReport, prune
-from .tuners import SparseLoraConfig, SPPConfig  # registers SPARSE_LORA and SPP with peft
+from .pruning.structured import compact, load_compacted, save_compacted
+from .tuners import LoRAPruneConfig, SparseLoraConfig, SPPConfig  # registers SPARSE_LORA, SPP, LORAPRUNE
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRAPruneConfig",
+    "PruneCallback",
     "PruneReport",
     "QTuningCallback",
     "QTuningConfig",
     "SPPConfig",
     "SparseLoraConfig",
     "__version__",
+    "compact",
+    "load_compacted",
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
     "perplexity",
     "prune",
+    "register_driver",
+    "save_compacted",
     "sparsity_report",
 ]

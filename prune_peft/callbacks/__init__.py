@@ -1,5 +1,6 @@
 """Trainer callbacks: Q-Tuning data pruning (and, from the LoRAPrune work, PruneCallback)."""
 
+from .prune import PruneCallback, PruneDriver, register_driver
 from .qtuning import (
     QTuningCallback,
     QTuningConfig,
@@ -10,9 +11,12 @@ from .qtuning import (
 )
 
 __all__ = [
+    "PruneCallback",
+    "PruneDriver",
     "QTuningCallback",
     "QTuningConfig",
     "eu_triage",
+    "register_driver",
     "select_samples",
     "select_tokens",
     "token_scores",

@@ -8,11 +8,14 @@ peft ``LoraConfig``/``LoraModel`` subclasses: ``get_peft_model``, ``PeftModel.fr
 from ._base import SparseAdapterLayer, dense_weight, set_sparse_masks, sparse_layers
 from ._masks import AdapterBuffers, PackedMasks, pack_mask, unpack_mask
 from ._registry import ensure_peft_type, register_adapter_type
+from .loraprune import LoRAPruneConfig, LoRAPruneModel  # registers LORAPRUNE
 from .sparse_lora import SparseLoraConfig, SparseLoraModel
 from .spp import SPPConfig, SPPModel
 
 __all__ = [
     "AdapterBuffers",
+    "LoRAPruneConfig",
+    "LoRAPruneModel",
     "PackedMasks",
     "SPPConfig",
     "SPPModel",

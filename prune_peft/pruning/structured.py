@@ -1,0 +1,270 @@
+"""Physically remove pruned attention units and MLP channels; save and reload the smaller model.
+
+``compact(model)`` slices, per decoder block, the rows of q/k/v (whole GQA units: one KV head with its query heads),
+the matching input columns of o_proj, the rows of gate/up and the columns of down_proj — in the base weights and,
+for an unmerged LoRAPrune ``PeftModel``, in the LoRA factors and masks too. The query-per-KV ratio is unchanged, so
+transformers' attention (which reshapes with ``-1`` heads) runs each block with its own head count, and the outputs
+equal the masked model's.
+
+Which groups go, in order of preference: the ``masks`` argument; the masks a LoRAPrune ``merge_and_unload()`` left on
+the model (``model.prune_peft_masks``); the masks of an unmerged LoRAPrune adapter; otherwise groups whose weights
+(and biases) are exactly zero in every one of their rows (q, k and v for a unit; gate and up for a channel).
+
+The per-layer sizes go into ``config.prune_peft_layers``; ``save_compacted`` / ``load_compacted`` round-trip them
+(stock ``from_pretrained`` would build full-size layers and refuse the smaller weights)::
+
+    small = compact(model.merge_and_unload())
+    save_compacted(small, "out/")
+    small = load_compacted("out/")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .oneshot import find_decoder_blocks
+
+__all__ = ["compact", "compacted_shapes", "load_compacted", "save_compacted"]
+
+LAYERS_KEY = "prune_peft_layers"
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        return model.get_base_model()
+    return model
+
+
+def _base_linear(module: nn.Module) -> nn.Linear:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _masks_from_zeros(block: nn.Module, head_dim: int) -> dict[str, torch.Tensor]:
+    out = {}
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    if attn is not None and all(hasattr(attn, r) for r in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        q, k, v = (_base_linear(getattr(attn, r)) for r in ("q_proj", "k_proj", "v_proj"))
+        n_kv = k.out_features // head_dim
+        alive = []
+        for lin in (q, k, v):
+            rows = lin.weight.detach().ne(0).any(1)
+            if lin.bias is not None:
+                rows = rows | lin.bias.detach().ne(0)
+            alive.append(rows.reshape(n_kv, -1).any(1))
+        units = alive[0] | alive[1] | alive[2]
+        if not bool(units.all()):
+            out["units"] = units.cpu()
+    if mlp is not None and all(hasattr(mlp, r) for r in ("gate_proj", "up_proj", "down_proj")):
+        gate, up = _base_linear(mlp.gate_proj), _base_linear(mlp.up_proj)
+        channels = gate.weight.detach().ne(0).any(1) | up.weight.detach().ne(0).any(1)
+        for lin in (gate, up):
+            if lin.bias is not None:
+                channels = channels | lin.bias.detach().ne(0)
+        if not bool(channels.all()):
+            out["channels"] = channels.cpu()
+    return out
+
+
+def _slice_param(p: torch.Tensor, dim: int, index: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(p.detach().index_select(dim, index.to(p.device)).clone(), requires_grad=p.requires_grad)
+
+
+def _slice(module: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Keep ``rows`` (output features) / ``cols`` (input features) of a Linear or a peft LoRA layer, in place."""
+    base = _base_linear(module)
+    if rows is not None:
+        base.weight = _slice_param(base.weight, 0, rows)
+        if base.bias is not None:
+            base.bias = _slice_param(base.bias, 0, rows)
+        base.out_features = len(rows)
+    if cols is not None:
+        base.weight = _slice_param(base.weight, 1, cols)
+        base.in_features = len(cols)
+    if base is module:
+        return
+    # a peft LoRA layer: B's rows follow the outputs, A's columns the inputs; masks follow the rows
+    for adapter in list(getattr(module, "lora_A", {})):
+        if rows is not None:
+            module.lora_B[adapter].weight = _slice_param(module.lora_B[adapter].weight, 0, rows)
+            module.lora_B[adapter].out_features = len(rows)
+        if cols is not None:
+            module.lora_A[adapter].weight = _slice_param(module.lora_A[adapter].weight, 1, cols)
+            module.lora_A[adapter].in_features = len(cols)
+    store = getattr(module, "lora_prune_mask", None)
+    if store is not None and rows is not None:
+        for adapter in store.keys():
+            store.set(adapter, store.get(adapter).index_select(0, rows.to(store.get(adapter).device)).clone())
+    if getattr(module, "lora_prune_emask", None) is not None and (rows is not None or cols is not None):
+        raise ValueError("compact: element-wise (unstructured / N:M) LoRAPrune masks cannot be compacted")
+    if hasattr(module, "_pp_forget"):
+        module._pp_forget()
+    module.out_features, module.in_features = base.out_features, base.in_features
+
+
+def _collect_masks(model: nn.Module, masks) -> dict[int, dict[str, torch.Tensor]] | None:
+    if masks is not None:
+        return {int(k): v for k, v in masks.items()}
+    hf = _hf_model(model)
+    stored = getattr(hf, "prune_peft_masks", None)
+    if stored is not None:
+        return stored
+    from ..tuners.loraprune import LoRAPruneModel
+
+    tuner = next((m for m in model.modules() if isinstance(m, LoRAPruneModel)), None)
+    if tuner is not None:
+        adapter = tuner.active_adapters[0]
+        if tuner.peft_config[adapter].structured:
+            return tuner.get_masks(adapter)
+    return None
+
+
+@torch.no_grad()
+def compact(model: nn.Module, masks: dict[int, dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """Remove pruned GQA units and MLP channels from ``model`` in place and return it.
+
+    ``masks``: ``{block index: {"units": bool[num_kv_heads], "channels": bool[intermediate]}}`` (True = kept);
+    default: see the module docstring. Works on a merged/plain transformers model and on an unmerged LoRAPrune
+    ``PeftModel`` (LoRA factors and masks are sliced too). Records per-layer sizes in ``config.prune_peft_layers``.
+    """
+    hf = _hf_model(model)
+    config = _text_config(hf)
+    head_dim = _head_dim(config)
+    _, blocks = find_decoder_blocks(hf)
+    chosen = _collect_masks(model, masks)
+    layers = compacted_shapes(hf) or {
+        "num_attention_heads": [config.num_attention_heads] * len(blocks),
+        "num_key_value_heads": [getattr(config, "num_key_value_heads", None) or config.num_attention_heads]
+        * len(blocks),
+        "intermediate_size": [config.intermediate_size] * len(blocks),
+    }
+    for i, block in enumerate(blocks):
+        m = chosen.get(i, {}) if chosen is not None else _masks_from_zeros(block, head_dim)
+        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+        units = m.get("units")
+        if units is not None and not bool(torch.as_tensor(units).all()):
+            units = torch.as_tensor(units, dtype=torch.bool).cpu()
+            if not bool(units.any()):
+                raise ValueError(f"compact: the masks remove every attention head of block {i}")
+            k = _base_linear(attn.k_proj)
+            n_kv = k.out_features // head_dim
+            if units.numel() != n_kv:
+                raise ValueError(f"compact: block {i} has {n_kv} KV heads, the unit mask has {units.numel()}")
+            q_per_unit = _base_linear(attn.q_proj).out_features // n_kv
+            keep_units = units.nonzero().flatten()
+            q_rows = (keep_units[:, None] * q_per_unit + torch.arange(q_per_unit)).flatten()
+            kv_rows = (keep_units[:, None] * head_dim + torch.arange(head_dim)).flatten()
+            _slice(attn.q_proj, rows=q_rows)
+            _slice(attn.k_proj, rows=kv_rows)
+            _slice(attn.v_proj, rows=kv_rows)
+            _slice(attn.o_proj, cols=q_rows)
+            n_heads = len(q_rows) // head_dim
+            layers["num_attention_heads"][i] = n_heads
+            layers["num_key_value_heads"][i] = len(keep_units)
+            for attr, value in (("num_heads", n_heads), ("num_key_value_heads", len(keep_units))):
+                if hasattr(attn, attr):
+                    setattr(attn, attr, value)
+        channels = m.get("channels")
+        if channels is not None and not bool(torch.as_tensor(channels).all()):
+            channels = torch.as_tensor(channels, dtype=torch.bool).cpu()
+            if not bool(channels.any()):
+                raise ValueError(f"compact: the masks remove every MLP channel of block {i}")
+            keep = channels.nonzero().flatten()
+            _slice(mlp.gate_proj, rows=keep)
+            _slice(mlp.up_proj, rows=keep)
+            _slice(mlp.down_proj, cols=keep)
+            layers["intermediate_size"][i] = len(keep)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = len(keep)
+    setattr(config, LAYERS_KEY, layers)
+    if getattr(config, "head_dim", None) is None:
+        config.head_dim = head_dim
+    for attr in ("prune_peft_masks", "prune_peft_meta"):
+        if hasattr(hf, attr):
+            delattr(hf, attr)
+    return model
+
+
+def compacted_shapes(model_or_config) -> dict | None:
+    """``config.prune_peft_layers`` (per-layer head counts and intermediate sizes) or None."""
+    config = getattr(model_or_config, "config", model_or_config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(config, LAYERS_KEY, None)
+    return {k: list(v) for k, v in layers.items()} if layers else None
+
+
+def _reshape_empty(model: nn.Module, layers: dict) -> None:
+    """Give a freshly built full-size model the per-layer shapes of a compacted one (weights to be loaded)."""
+    config = _text_config(model)
+    head_dim = _head_dim(config)
+    _, blocks = find_decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        attn, mlp = block.self_attn, block.mlp
+        n_heads, n_kv = layers["num_attention_heads"][i], layers["num_key_value_heads"][i]
+        if n_heads != config.num_attention_heads or n_kv != getattr(config, "num_key_value_heads", n_kv):
+            _slice(attn.q_proj, rows=torch.arange(n_heads * head_dim))
+            _slice(attn.k_proj, rows=torch.arange(n_kv * head_dim))
+            _slice(attn.v_proj, rows=torch.arange(n_kv * head_dim))
+            _slice(attn.o_proj, cols=torch.arange(n_heads * head_dim))
+            for attr, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv)):
+                if hasattr(attn, attr):
+                    setattr(attn, attr, value)
+        size = layers["intermediate_size"][i]
+        if size != config.intermediate_size:
+            _slice(mlp.gate_proj, rows=torch.arange(size))
+            _slice(mlp.up_proj, rows=torch.arange(size))
+            _slice(mlp.down_proj, cols=torch.arange(size))
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = size
+
+
+def save_compacted(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:
+    """``model.save_pretrained(path)``; the config carries ``prune_peft_layers`` for :func:`load_compacted`."""
+    if compacted_shapes(model) is None:
+        raise ValueError("save_compacted: the model has no prune_peft_layers in its config; call compact() first")
+    model.save_pretrained(path, **kwargs)
+
+
+def load_compacted(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_compacted`: full-size skeleton → per-layer shapes → the saved weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    layers = compacted_shapes(config)
+    if layers is None:
+        raise ValueError(f"load_compacted: {path}/config.json has no {LAYERS_KEY}; use from_pretrained instead")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+    _reshape_empty(model, layers)
+    index = path / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(path / name)))
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied and not (config.tie_word_embeddings and "lm_head" in k)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"load_compacted: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    if device is not None:
+        model.to(device)
+    return model.eval()

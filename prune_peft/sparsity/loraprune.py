@@ -1,0 +1,155 @@
+"""LoRA-guided importance (LoRAPrune; Zhang et al., ACL Findings 2024, arXiv 2305.18403) — pure tensor code.
+
+A frozen weight W ∈ R^{d_out×d_in} with a LoRA update s·B A (A ∈ R^{r×d_in}, B ∈ R^{d_out×r}) has no gradient of
+its own; LoRAPrune *estimates* it from the LoRA gradients G_A = ∂L/∂A, G_B = ∂L/∂B:
+
+    Ĝ = G_B·A + B·G_A − G_B·G_A        (= −(B'A' − BA) after one SGD step of size 1: B' = B − G_B, A' = A − G_A)
+
+(the LoRA scaling s is *not* applied to Ĝ, as in the reference), and scores every weight by the first-order Taylor
+estimate of removing the *merged* weight:
+
+    I = |Ĝ ⊙ (W + s·B A)|.
+
+Structured scores sum I over the dimension a group does not remove: over inputs for output channels (rows of
+q/k/v/gate/up), over outputs for input channels (columns of o_proj/down_proj). Each module's group-score vector is
+L2-normalised, the vectors of one block are summed, and an exponential moving average over optimizer steps,
+Ī ← β·Ī + (1 − β)·I (β = 0.9), smooths them. The ``n`` lowest-scoring groups are pruned; pruned groups stay pruned.
+
+Everything here works on plain tensors; nothing knows about peft or transformers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "estimate_weight_grad",
+    "gqa_group_scores",
+    "grad_importance",
+    "lora_group_scores",
+    "lora_importance",
+    "magnitude_group_scores",
+    "moving_average",
+    "n_pruned",
+    "normalize_scores",
+    "prune_lowest",
+]
+
+
+def estimate_weight_grad(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor) -> torch.Tensor:
+    """Ĝ = G_B·A + B·G_A − G_B·G_A, computed as one rank-2r product ``[G_B, B] @ [A − G_A; G_A]`` in float32."""
+    A, B, gA, gB = (t.detach().float() for t in (A, B, grad_A, grad_B))
+    return torch.cat([gB, B], dim=1) @ torch.cat([A - gA, gA], dim=0)
+
+
+def lora_importance(
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    grad_A: torch.Tensor,
+    grad_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Element-wise LoRAPrune importance I = |Ĝ ⊙ (W + s·B A)| (float32, shape of W)."""
+    merged = torch.addmm(weight.detach().float(), B.detach().float(), A.detach().float(), alpha=scaling)
+    return estimate_weight_grad(A, B, grad_A, grad_B).mul_(merged).abs_()
+
+
+def lora_group_scores(
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    grad_A: torch.Tensor,
+    grad_B: torch.Tensor,
+    scaling: float,
+    axis: str = "out",
+) -> torch.Tensor:
+    """Per-channel sums of :func:`lora_importance`: ``axis="out"`` → one score per row (output channel),
+    ``axis="in"`` → one per column (input channel)."""
+    imp = lora_importance(weight, A, B, grad_A, grad_B, scaling)
+    return _reduce(imp, axis)
+
+
+def magnitude_group_scores(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, axis: str = "out"
+) -> torch.Tensor:
+    """The reference's ``magnitude`` metric, |W + s·B A| summed per channel (no gradients needed)."""
+    merged = torch.addmm(weight.detach().float(), B.detach().float(), A.detach().float(), alpha=scaling)
+    return _reduce(merged.abs_(), axis)
+
+
+def _reduce(imp: torch.Tensor, axis: str) -> torch.Tensor:
+    if axis == "out":
+        return imp.sum(dim=1)
+    if axis == "in":
+        return imp.sum(dim=0)
+    raise ValueError(f"axis must be 'out' (rows) or 'in' (columns), got {axis!r}")
+
+
+def gqa_group_scores(channel_scores: torch.Tensor, head_dim: int, num_units: int) -> torch.Tensor:
+    """Sum per-channel scores into ``num_units`` equal consecutive groups (heads, or KV groups of query heads).
+
+    For a query projection with ``h`` heads and ``g`` KV heads, query heads ``[u·h/g, (u+1)·h/g)`` share KV head
+    ``u``; their ``h/g·head_dim`` rows are consecutive, so a GQA unit is simply a run of ``numel / g`` rows.
+    """
+    if channel_scores.numel() % (head_dim * num_units):
+        raise ValueError(
+            f"{channel_scores.numel()} channels do not split into {num_units} units of whole heads of {head_dim}"
+        )
+    return channel_scores.reshape(num_units, -1).sum(dim=1)
+
+
+def normalize_scores(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """s / (‖s‖₂ + ε) — makes modules of different sizes and gradient scales comparable before summing."""
+    return scores / (scores.norm(p=2) + eps)
+
+
+def moving_average(old: torch.Tensor | None, new: torch.Tensor, beta: float) -> torch.Tensor:
+    """Ī ← β·Ī + (1 − β)·I; the first observation initialises Ī. NaN/inf in ``new`` keeps ``old`` (as the reference)."""
+    if not bool(torch.isfinite(new).all()):
+        return old if old is not None else torch.zeros_like(new)
+    if old is None:
+        return new.clone()
+    return old.mul(beta).add_(new, alpha=1.0 - beta)
+
+
+def n_pruned(sparsity: float, groups: int) -> int:
+    """Groups removed at ``sparsity``: the nearest integer, halves rounded up (⌊p·n + ½⌋, with float slack).
+
+    The reference floors and fires its last event only while p(t) < p_final, so it can stop one group short;
+    rounding to nearest at the final p gives the count closest to the target.
+    """
+    return min(groups, math.floor(sparsity * groups + 0.5 + 1e-9))
+
+
+def prune_lowest(scores: torch.Tensor, mask: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """New keep-mask with the ``n_prune`` lowest-scoring groups removed; already-removed groups stay removed.
+
+    Pruned groups score −inf, so the mask only ever shrinks. Ties keep the lower index (stable sort), which makes the
+    decision deterministic across runs and ranks. Works along the last dim (1-D vectors or batched rows).
+    """
+    if n_prune < 0 or n_prune > scores.shape[-1]:
+        raise ValueError(f"n_prune must be in [0, {scores.shape[-1]}], got {n_prune}")
+    s = torch.where(mask.to(scores.device), scores.float(), torch.full_like(scores, -math.inf, dtype=torch.float32))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(mask, dtype=torch.bool, device=scores.device)
+    n_keep = scores.shape[-1] - n_prune
+    if n_keep > 0:
+        keep.scatter_(-1, order[..., :n_keep], True)
+    return (keep & mask.to(keep.device)).to(mask.device)
+
+
+def grad_importance(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    scaling: float = 0.0,
+) -> torch.Tensor:
+    """LLM-Pruner-style element importance from the true base gradient: |∂L/∂W ⊙ (W + s·B A)| (float32)."""
+    merged = weight.detach().float()
+    if A is not None and B is not None:
+        merged = torch.addmm(merged, B.detach().float(), A.detach().float(), alpha=scaling)
+    return grad.detach().float().mul(merged).abs_()

@@ -1,0 +1,179 @@
+"""Configuration of LoRAPrune (Zhang et al., ACL Findings 2024, arXiv 2305.18403)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from peft import LoraConfig
+
+from ...sparsity.masks import parse_pattern
+from .._registry import ensure_peft_type
+
+__all__ = ["IMPORTANCE", "SCHEDULES", "STRUCTURED", "LoRAPruneConfig"]
+
+STRUCTURED = ("head+channel", "head", "channel")
+ELEMENTWISE = ("unstructured",)  # plus any "N:M"
+IMPORTANCE = ("lora", "magnitude", "grad")
+SCHEDULES = ("cubic", "linear")
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _refuse(field_name: str, value, allowed: str) -> None:
+    raise ValueError(f"loraprune: {field_name}={value!r} is not supported (allowed: {allowed})")
+
+
+@dataclass
+class LoRAPruneConfig(LoraConfig):
+    """LoRA plus masks learned while fine-tuning, scored from LoRA weights and gradients only (LoRAPrune).
+
+    Importance ``I = |Ĝ ⊙ (W + s·BA)|`` with ``Ĝ = G_B·A + B·G_A − G_B·G_A`` (no gradient of the frozen base is
+    ever formed), grouped per GQA unit (one KV head with its query heads) and per MLP channel, L2-normalised per module,
+    summed per block and smoothed by a moving average over optimizer steps. :class:`prune_peft.PruneCallback` drives
+    it from the Trainer: masks grow on a cubic schedule and land exactly on ``target_sparsity`` at the end.
+
+    Structured masks multiply the outputs of q/k/v (whole GQA units) and gate/up (channels); o_proj/down_proj see zero
+    inputs there, so the masked model equals the compacted one (:func:`prune_peft.compact`).
+
+    Args:
+        target_sparsity (`float`, *optional*):
+            Fraction of groups removed per prunable block (GQA units and MLP channels alike; rounded to the nearest
+            count) or of weights per module (``"unstructured"``). Default 0.5; implied by ``"N:M"`` patterns.
+        structure (`str`, defaults to `"head+channel"`):
+            `"head+channel"`, `"head"`, `"channel"`, `"unstructured"` or an `"N:M"` pattern such as `"2:4"`.
+            Element-wise structures use the same score per weight; their merge masks ``W + s·BA``.
+        importance (`str`, defaults to `"lora"`):
+            `"lora"` (the formula above), `"magnitude"` (``|W + s·BA|``), or `"grad"` (the true base gradient,
+            ``|∂L/∂W ⊙ W|``; needs base weights with ``requires_grad=True`` — LLM-Pruner style, for comparison).
+        importance_beta (`float`, defaults to `0.9`): moving-average factor β in ``Ī ← β·Ī + (1 − β)·I``.
+        schedule (`str`, defaults to `"cubic"`): `"cubic"` (Zhu & Gupta) or `"linear"`, over optimizer steps.
+        initial_sparsity, warmup, cooldown (`float`): p0 and the warmup / cooldown fractions of the schedule.
+        prune_every (`int`, defaults to `10`): optimizer steps between mask updates (the last one always fires).
+        schedule_steps (`int`, *optional*): schedule length T; default the Trainer's ``max_steps``.
+        exclude_layers (`list[int]`, *optional*): decoder blocks never pruned; default the first ⌊10 %⌋ and the last.
+
+    Example:
+
+        ```py
+        >>> import prune_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(dense, prune_peft.LoRAPruneConfig(r=8, target_sparsity=0.5))
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[prune_peft.PruneCallback()])
+        ```
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA rank (LoRAPrune default 8)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; scaling s = lora_alpha / r (default 16)."})
+    target_modules: Optional[list[str] | str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={"help": "Modules to adapt; structured pruning needs q/k/v (heads) and gate/up (channels)."},
+    )
+    target_sparsity: Optional[float] = field(
+        default=None,
+        metadata={"help": "Final fraction of groups (or weights) removed per prunable block/module; default 0.5."},
+    )
+    structure: str = field(
+        default="head+channel",
+        metadata={"help": "'head+channel', 'head', 'channel', 'unstructured' or an 'N:M' pattern like '2:4'."},
+    )
+    importance: str = field(
+        default="lora", metadata={"help": "'lora' (LoRA-guided), 'magnitude' (|W + sBA|) or 'grad' (true ∂L/∂W)."}
+    )
+    importance_beta: float = field(default=0.9, metadata={"help": "Moving-average factor of the importance."})
+    schedule: str = field(default="cubic", metadata={"help": "'cubic' or 'linear' sparsity schedule."})
+    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity p0 at the start of the schedule."})
+    warmup: float = field(default=0.1, metadata={"help": "Fraction of the schedule before pruning starts."})
+    cooldown: float = field(default=0.1, metadata={"help": "Fraction of the schedule after the target is reached."})
+    prune_every: int = field(default=10, metadata={"help": "Optimizer steps between mask updates (> 0)."})
+    schedule_steps: Optional[int] = field(
+        default=None, metadata={"help": "Schedule length in optimizer steps; default the Trainer's max_steps."}
+    )
+    exclude_layers: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Decoder block indices never pruned; default: the first int(0.1·L) and the last block."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("LORAPRUNE")
+        self._validate()
+        from .layer import LoRAPruneLinear
+
+        # re-runs on every load (from_peft_type builds the config through __init__)
+        self._register_custom_module({_linear(): LoRAPruneLinear})
+
+    @property
+    def nm(self):
+        """The N:M pattern of ``structure`` (None for other structures)."""
+        if self.structure in STRUCTURED or self.structure in ELEMENTWISE:
+            return None
+        return parse_pattern(self.structure, arg="structure")
+
+    @property
+    def structured(self) -> bool:
+        return self.structure in STRUCTURED
+
+    def _validate(self) -> None:
+        for flag in ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora"):
+            if getattr(self, flag, False):
+                _refuse(flag, True, "False")
+        if getattr(self, "target_parameters", None):
+            _refuse("target_parameters", self.target_parameters, "None (only nn.Linear modules)")
+        if self.structure not in STRUCTURED and self.structure not in ELEMENTWISE:
+            try:
+                nm = parse_pattern(self.structure, arg="structure")
+            except ValueError:
+                nm = None
+            if nm is None:
+                _refuse("structure", self.structure, "'head+channel', 'head', 'channel', 'unstructured', 'N:M'")
+            implied = nm.sparsity
+            if self.target_sparsity is not None and abs(self.target_sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"loraprune: target_sparsity={self.target_sparsity!r} contradicts structure={self.structure!r}, "
+                    f"which removes {implied:g} of the weights; leave target_sparsity unset"
+                )
+            self.target_sparsity = implied
+        if self.target_sparsity is None:
+            self.target_sparsity = 0.5
+        p = self.target_sparsity
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+            raise ValueError(
+                f"loraprune: target_sparsity must be in [0, 1), got {p!r} (1.0 would remove every head/channel)"
+            )
+        if not 0.0 <= self.initial_sparsity <= p:
+            raise ValueError(
+                f"loraprune: initial_sparsity must be in [0, target_sparsity={p}], got {self.initial_sparsity!r}"
+            )
+        if self.importance not in IMPORTANCE:
+            _refuse("importance", self.importance, ", ".join(map(repr, IMPORTANCE)))
+        if self.schedule not in SCHEDULES:
+            _refuse("schedule", self.schedule, ", ".join(map(repr, SCHEDULES)))
+        if not 0.0 <= self.importance_beta < 1.0:
+            raise ValueError(f"loraprune: importance_beta must be in [0, 1), got {self.importance_beta!r}")
+        if not (0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1):
+            raise ValueError(
+                f"loraprune: warmup and cooldown must be in [0, 1) with warmup + cooldown < 1, got "
+                f"warmup={self.warmup!r}, cooldown={self.cooldown!r}"
+            )
+        if isinstance(self.prune_every, bool) or not isinstance(self.prune_every, int) or self.prune_every <= 0:
+            raise ValueError(f"loraprune: prune_every must be a positive integer, got {self.prune_every!r}")
+        if self.schedule_steps is not None and (
+            isinstance(self.schedule_steps, bool)
+            or not isinstance(self.schedule_steps, int)
+            or self.schedule_steps <= 0
+        ):
+            raise ValueError(
+                f"loraprune: schedule_steps must be a positive integer or None, got {self.schedule_steps!r}"
+            )
+        if self.exclude_layers is not None:
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.exclude_layers):
+                raise ValueError(
+                    f"loraprune: exclude_layers must be a list of block indices, got {self.exclude_layers!r}"
+                )
+            self.exclude_layers = sorted(set(self.exclude_layers))
+
+
+def _linear():
+    from torch import nn
+
+    return nn.Linear

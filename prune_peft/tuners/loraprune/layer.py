@@ -1,0 +1,179 @@
+"""LoRAPrune layers: peft's LoRA ``Linear`` plus a structured (row) or element-wise prune mask per adapter.
+
+Row masks (q/k/v for attention units, gate/up for MLP channels) multiply the layer output, base and LoRA branch
+alike; element-wise masks multiply ``W`` and ``s·BA`` inside the product. A mask with no zero costs nothing in the
+forward pass. Masks are persistent ``lora_…`` buffers, so they are saved in ``adapter_model.safetensors`` and restored
+by ``PeftModel.from_pretrained`` and by Trainer checkpoint resume. Merging bakes the mask into the weight (pruned rows
+and their bias become zero), which is why a merge of a pruned adapter cannot be undone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from .._masks import AdapterBuffers, PackedMasks
+from .._registry import layer_takes_config
+
+__all__ = ["LoRAPruneLinear"]
+
+
+class LoRAPruneLinear(LoraLinear):
+    """LoRA on a float ``nn.Linear`` with a LoRAPrune mask (``lora_prune_mask``: rows, ``lora_prune_emask``: elements)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, **kwargs: Any) -> None:
+        weight = getattr(base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter):
+            raise ValueError(
+                f"loraprune: cannot adapt {type(base_layer).__name__} with weight type {type(weight).__name__}: "
+                "only torch.nn.Linear with float weights is supported"
+            )
+        if layer_takes_config():
+            super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        else:
+            super().__init__(base_layer, adapter_name, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------- masks
+
+    def init_prune_mask(self, adapter: str, kind: str) -> None:
+        """Create an all-kept mask: ``kind="rows"`` (bool [d_out]) or ``"elements"`` (bit-packed [d_out, d_in])."""
+        device = self.get_base_layer().weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        if kind == "rows":
+            if not hasattr(self, "lora_prune_mask"):
+                self.lora_prune_mask = AdapterBuffers()
+            self.lora_prune_mask.set(adapter, torch.ones(self.out_features, dtype=torch.bool, device=device))
+        elif kind == "elements":
+            if not hasattr(self, "lora_prune_emask"):
+                self.lora_prune_emask = PackedMasks()
+            self.lora_prune_emask.set(adapter, torch.ones(self.out_features, self.in_features, dtype=torch.bool))
+            self.lora_prune_emask.to(device)
+        else:
+            raise ValueError(f"kind must be 'rows' or 'elements', got {kind!r}")
+        self._pp_forget(adapter)
+
+    def _pp_forget(self, adapter: str | None = None) -> None:
+        cache = self.__dict__.setdefault("_pp_cache", {})
+        if adapter is None:
+            cache.clear()
+        else:
+            cache.pop(adapter, None)
+
+    def row_mask(self, adapter: str = "default") -> torch.Tensor | None:
+        store = getattr(self, "lora_prune_mask", None)
+        return store.get(adapter) if store is not None and adapter in store else None
+
+    def element_mask(self, adapter: str = "default") -> torch.Tensor | None:
+        store = getattr(self, "lora_prune_emask", None)
+        return store.get(adapter) if store is not None and adapter in store else None
+
+    def set_row_mask(self, adapter: str, mask: torch.Tensor) -> None:
+        current = self.row_mask(adapter)
+        if current is None or tuple(mask.shape) != tuple(current.shape):
+            raise ValueError(f"row mask must have shape {(self.out_features,)} for an existing adapter {adapter!r}")
+        current.copy_(mask.to(device=current.device, dtype=torch.bool))
+        self._pp_forget(adapter)
+
+    def set_element_mask(self, adapter: str, mask: torch.Tensor) -> None:
+        store = getattr(self, "lora_prune_emask", None)
+        if store is None or adapter not in store or tuple(mask.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"element mask must have shape {(self.out_features, self.in_features)}")
+        device = store.packed(adapter).device
+        store.set(adapter, mask.to(device=device, dtype=torch.bool))
+        self._pp_forget(adapter)
+
+    def _pp_state(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(row mask or None, element mask or None), None where the mask keeps everything; cached until changed."""
+        cache = self.__dict__.setdefault("_pp_cache", {})
+        if adapter not in cache:
+            rows, elems = self.row_mask(adapter), self.element_mask(adapter)
+            rows = None if rows is None or bool(rows.all()) else rows
+            elems = None if elems is None or bool(elems.all()) else elems.to(self.get_base_layer().weight.device)
+            cache[adapter] = (rows, elems)
+        return cache[adapter]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pp_forget()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for attr in ("lora_prune_mask", "lora_prune_emask"):
+            store = getattr(self, attr, None)
+            if store is not None:
+                store.pop(adapter_name)
+        self._pp_forget(adapter_name)
+
+    # --------------------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)  # merged: the mask is baked into the weight
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        masked = [(a, *self._pp_state(a)) for a in active]
+        masked = [m for m in masked if m[1] is not None or m[2] is not None]
+        if not masked:
+            return super().forward(x, *args, **kwargs)
+        if any(m[2] is not None for m in masked):
+            if len(active) != 1 or args or any(v is not None for v in kwargs.values()):
+                raise ValueError("loraprune: element-wise masks support one active adapter and no extra arguments")
+            return self._pp_elementwise(x, active[0], masked[0][2], masked[0][1])
+        result = super().forward(x, *args, **kwargs)
+        for _, rows, _ in masked:
+            result = result * rows.to(result.device)
+        return result
+
+    def _pp_elementwise(self, x, adapter, emask, rows) -> torch.Tensor:
+        """y = x (M ⊙ W)ᵀ + b + dropout(x) (M ⊙ s·BA)ᵀ — exact for the masked merge."""
+        base = self.get_base_layer()
+        A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        out = F.linear(x.to(base.weight.dtype), base.weight * emask, base.bias)
+        delta = (B @ A) * (emask * self.scaling[adapter])
+        xd = self.lora_dropout[adapter](x).to(A.dtype)
+        out = out + F.linear(xd, delta).to(out.dtype)
+        if rows is not None:
+            out = out * rows
+        return out.to(x.dtype) if out.dtype != x.dtype and x.is_floating_point() else out
+
+    # --------------------------------------------------------------------------------------------------- merging
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W ← mask ⊙ (W + s·BA); pruned rows also lose their bias. Irreversible once anything is pruned."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.lora_A:
+                continue
+            weight = base.weight
+            merged = weight.data.float() + self.get_delta_weight(adapter).float()
+            rows, elems = self.row_mask(adapter), self.element_mask(adapter)
+            if elems is not None:
+                merged = merged * elems.to(merged.device)
+            if rows is not None:
+                merged = merged * rows.to(merged.device)[:, None]
+                if base.bias is not None:
+                    base.bias.data = base.bias.data * rows.to(base.bias.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            weight.data = merged.to(weight.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        for adapter in self.merged_adapters:
+            rows, elems = self._pp_state(adapter)
+            if rows is not None or elems is not None:
+                raise ValueError(
+                    f"loraprune: adapter {adapter!r} is merged with pruned weights; the pruned rows/weights are "
+                    "gone from the base and a merge of a pruned adapter cannot be undone (reload the base instead)"
+                )
+        super().unmerge()
+
+    def __repr__(self) -> str:
+        return "loraprune." + super().__repr__().removeprefix("lora.")
