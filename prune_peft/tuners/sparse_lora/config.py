@@ -32,6 +32,9 @@ class SparseLoraConfig(LoraConfig):
             `"exact"`: true gradients of the masked update (one extra d_out×d_in product per layer in backward).
             `"lors"`: LoRS's rearrangement (Hu et al., arXiv 2501.08582): the factors get plain-LoRA gradients
             (mask dropped), O(r·(d_in + d_out)) per token; the forward pass and merges stay exactly masked.
+        use_semi_structured (`bool`, *optional*, defaults to `False`):
+            Run the 2:4 base on sparse tensor cores (``prune_peft.kernels.enable_semi_structured``); needs every
+            target module to be 2:4. Exact dense fallback (one warning) on CPU, pre-sm80 GPUs and fp32.
 
     Example:
 
@@ -52,6 +55,14 @@ class SparseLoraConfig(LoraConfig):
         metadata={
             "help": "'exact': exact gradients of M ⊙ s·BA; 'lors': LoRS plain-LoRA gradients for A and B (faster, "
             "mask dropped in the factor gradients only)."
+        },
+    )
+    use_semi_structured: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the 2:4 base (and the merged 2:4 update) on sparse tensor cores (cuSPARSELt/CUTLASS) on "
+            "sm80+ GPUs in fp16/bf16; elsewhere the exact dense path runs with one warning. Every target module "
+            "must be 2:4 sparse (ValueError otherwise). See prune_peft.kernels.enable_semi_structured."
         },
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peft.tuners.lora import LoraModel
 
-from .._base import SparseTunerMixin
+from .._base import SparseTunerMixin, _remove_adapter_layers
 
 __all__ = ["SparseLoraModel"]
 
@@ -23,6 +23,18 @@ class SparseLoraModel(SparseTunerMixin, LoraModel):
 
     # note: prefix, tuner_layer_cls and target_module_mapping are inherited from LoraModel ("lora_")
     method = "sparse_lora"
+
+    def inject_adapter(self, model, adapter_name: str, *args, **kwargs) -> None:
+        before = {id(m) for m in model.modules()}
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if getattr(self.peft_config.get(adapter_name), "use_semi_structured", False):
+            from ...kernels.semi_structured import enable_for_adapter
+
+            try:  # validates every target (2:4) before swapping anything
+                enable_for_adapter(model, adapter_name)
+            except BaseException:
+                _remove_adapter_layers(model, adapter_name, before)
+                raise
 
     def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", **kwargs):
         """peft's adapter arithmetic; the new adapter is masked like every SparseLoRA adapter.

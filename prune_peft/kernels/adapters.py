@@ -1,0 +1,152 @@
+"""SparseLoRA over a 2:4 base on sparse tensor cores.
+
+SparseLoRA's update ``ΔW = M ⊙ s·B A`` has the base's mask, so ``W + ΔW`` is 2:4 with the *same* pattern. Its fused
+path (one GEMM with ``W + ΔW``, see :mod:`prune_peft.tuners._functional`) therefore maps onto one sparse GEMM: the
+merged weight is compressed each forward (an elementwise pass, cheap next to the GEMM at LLM token counts) and
+multiplied on sparse tensor cores. ``∂L/∂x = G (W + ΔW)`` is sparse too when the mask is transposable. The adapter
+gradients are exactly those of :class:`~prune_peft.tuners._functional._MaskedLora` (``grad_mode`` respected).
+
+Running the frozen base sparse and the masked branch ``x (M ⊙ s·BA)ᵀ`` separately would add a dense GEMM per
+layer (the masked branch cannot be factored into low-rank products), which is slower than the dense fused path.
+Plain LoRA does not have this problem: its branch is low-rank, so only the base layer is swapped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ..tuners._base import SparseAdapterLayer
+from ..tuners._functional import _effective_weight, masked_lora_delta
+from ..tuners._masks import unpack_mask
+from .semi_structured import (
+    SemiStructuredLinear,
+    _compute_dtype,
+    _Packed,
+    _warn_once,
+    pack,
+    packed_linear,
+)
+
+__all__ = ["attach_sparse_fused", "detach_sparse_fused"]
+
+
+class _SparseMaskedLora(torch.autograd.Function):
+    """``y = x (W + M ⊙ s·B A)ᵀ + b`` with the merged 2:4 weight on sparse tensor cores."""
+
+    @staticmethod
+    def forward(ctx, x, bias, A, B, packed_mask, weight_fn, width, scaling, exact, backend, dtype, transposable, name):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            mask = unpack_mask(packed_mask, width)
+            w_eff = _effective_weight(weight_fn(), masked_lora_delta(A, B, mask, scaling)).to(dtype)
+            fwd = pack(w_eff, backend, name)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            y = packed_linear(x2, fwd, bias.to(dtype) if bias is not None else None)
+            del w_eff, fwd
+        ctx.save_for_backward(x, A, B, packed_mask)
+        ctx.weight_fn, ctx.width, ctx.scaling, ctx.exact = weight_fn, width, scaling, exact
+        ctx.backend, ctx.dtype, ctx.transposable, ctx.name = backend, dtype, transposable, name
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, packed_mask = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
+        mask = unpack_mask(packed_mask, ctx.width)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_bias = grad_A = grad_B = None
+        if need_x:
+            w_eff = _effective_weight(ctx.weight_fn(), masked_lora_delta(A, B, mask, s)).to(ctx.dtype)
+            gd = g2.to(ctx.dtype)
+            if ctx.transposable:
+                bwd: _Packed = pack(w_eff.t().contiguous(), ctx.backend, ctx.name + " (Wᵀ)")
+                grad_x = packed_linear(gd, bwd)
+            else:
+                grad_x = gd @ w_eff
+            del w_eff
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if need_A or need_B:  # identical to _MaskedLora
+            g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
+            if ctx.exact:
+                d = (g2a.t() @ x2a).mul_(mask).mul_(s)
+                grad_B = d @ A.t() if need_B else None
+                grad_A = B.t() @ d if need_A else None
+                del d
+            else:
+                grad_B = (g2a.t() @ (x2a @ A.t())).mul_(s) if need_B else None
+                grad_A = ((g2a @ B).t() @ x2a).mul_(s) if need_A else None
+        if need_bias:
+            grad_bias = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, grad_A, grad_B, *([None] * 9)
+
+
+class _SemiStructuredFusedMixin:
+    """Placed before a SparseLoRA layer class: its fused forward runs the merged 2:4 weight sparse."""
+
+    def _pp_fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        base = self.get_base_layer()
+        if not isinstance(base, SemiStructuredLinear):
+            return super()._pp_fused_forward(x, adapter)
+        backend, reason = base.semi_structured_backend(x)
+        if backend == "dense":
+            if reason:
+                _warn_once(reason)
+            return super()._pp_fused_forward(x, adapter)
+        if base._pp_ss_transposable is None:
+            base._pp_ss_transposable = _transposable(base.weight.detach())
+        A, B, packed, width, scaling, exact = self._pp_args(adapter)
+        return _SparseMaskedLora.apply(
+            x,
+            base.bias,
+            A,
+            B,
+            packed,
+            self._pp_weight,
+            width,
+            scaling,
+            exact,
+            backend,
+            _compute_dtype(x),
+            base._pp_ss_transposable,
+            base._pp_ss_name,
+        )
+
+
+def _transposable(weight: torch.Tensor) -> bool:
+    from .sparse24 import is_transposable24
+
+    return is_transposable24(weight)
+
+
+@functools.cache
+def _fused_class(cls: type) -> type:
+    return type(f"SemiStructured{cls.__name__}", (_SemiStructuredFusedMixin, cls), {"__module__": cls.__module__})
+
+
+def _is_sparse_lora(layer: nn.Module) -> bool:
+    return isinstance(layer, SparseAdapterLayer) and getattr(layer, "method", None) == "sparse_lora"
+
+
+def attach_sparse_fused(model: nn.Module) -> list[str]:
+    """Swap every SparseLoRA layer whose base is a :class:`SemiStructuredLinear` to the sparse fused forward."""
+    names = []
+    for name, layer in model.named_modules():
+        if not _is_sparse_lora(layer) or isinstance(layer, _SemiStructuredFusedMixin):
+            continue
+        if getattr(layer, "quantized", False) or not isinstance(layer.get_base_layer(), SemiStructuredLinear):
+            continue
+        layer.__class__ = _fused_class(type(layer))
+        names.append(name)
+    return names
+
+
+def detach_sparse_fused(model: nn.Module) -> None:
+    """Undo :func:`attach_sparse_fused`."""
+    for layer in model.modules():
+        if isinstance(layer, _SemiStructuredFusedMixin):
+            layer.__class__ = type(layer).__bases__[1]

@@ -1,0 +1,464 @@
+"""A frozen 2:4 base on sparse tensor cores, with PyTorch core ops (cuSPARSELt / CUTLASS), and an exact fallback.
+
+``y = x Wᵀ + b`` where ``W`` is 2:4 sparse (2 non-zeros in every 4 consecutive weights of a row):
+
+* forward: ``W`` is compressed once (cached, re-made only when the weight changes) into PyTorch's
+  ``SparseSemiStructuredTensorCUSPARSELT`` (or ``…CUTLASS`` on sm8x without cuSPARSELt, packed by our Triton
+  kernel) and ``F.linear`` runs the sparse GEMM;
+* backward: ``∂L/∂x = G W`` runs sparse too when the mask is *transposable* (``Wᵀ`` is also 2:4, see
+  :func:`~prune_peft.kernels.sparse24.transposable_mask24`), through a compressed ``Wᵀ``; otherwise it is a dense
+  GEMM. A trainable weight gets the masked gradient ``(Gᵀ X) ⊙ M`` (M = ``W ≠ 0``), i.e. exactly the gradient of
+  ``F.linear(x, W ⊙ M)``, so the pattern survives the optimizer step;
+* shapes: the weight is zero-padded to the backend's tile multiples (cuSPARSELt 16×16, CUTLASS 32×64 for 16-bit
+  types) and the output sliced back; PyTorch pads the token dimension itself;
+* fallback: on CPU, on GPUs below sm80, for fp32 (cuSPARSELt ≥ 0.6.2 dropped it, pytorch#134022) and on Hopper
+  without cuSPARSELt (CUTLASS 2:4 is sm8x-only), the layer runs the dense ``F.linear(x, W ⊙ M, b)`` — bitwise the
+  same as ``nn.Linear`` — and warns once per reason.
+
+The compute dtype follows ``nn.Linear`` semantics: the autocast dtype when autocast is on, else the input dtype.
+Speed expectations are honest in docs/kernels.md: 2:4 only pays off at large GEMMs (pytorch#111339, ao#1617).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sparse24 import compress24, decompress24, is_transposable24
+
+__all__ = [
+    "SemiStructuredFallbackWarning",
+    "SemiStructuredLinear",
+    "choose_backend",
+    "disable_semi_structured",
+    "enable_semi_structured",
+    "semi_structured_status",
+]
+
+Backend = Literal["auto", "cusparselt", "cutlass", "dense", "emulate"]
+BACKENDS = ("auto", "cusparselt", "cutlass", "dense", "emulate")
+
+# (rows, cols) multiples the compressed weight must have, per backend (PyTorch's _DTYPE_SHAPE_CONSTRAINTS)
+_TILE = {"cusparselt": (16, 16), "cutlass": (32, 64), "emulate": (32, 64)}
+
+
+class SemiStructuredFallbackWarning(UserWarning):
+    """The 2:4 sparse path is unavailable here; the exact dense path runs instead (emitted once per reason)."""
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    warnings.warn(
+        f"prune_peft 2:4 semi-structured: {reason}; running the exact dense path instead (same numbers, no speedup)",
+        SemiStructuredFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def choose_backend(
+    device_type: str,
+    dtype: torch.dtype,
+    capability: tuple[int, int] | None,
+    cusparselt_available: bool,
+    requested: Backend = "auto",
+) -> tuple[str, str | None]:
+    """Pure dispatch decision: ``(backend, reason)``; ``reason`` says why the dense fallback was chosen.
+
+    cuSPARSELt is preferred (sm80+, Hopper included); CUTLASS is the sm8x-only alternative. fp16/bf16 only.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested in ("dense", "emulate"):
+        return requested, None
+    if device_type != "cuda":
+        return "dense", f"device '{device_type}' has no sparse tensor cores (2:4 needs an NVIDIA GPU, sm80+)"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "dense", f"dtype {dtype} is not supported by 2:4 sparse tensor cores here (float16/bfloat16 only)"
+    if capability is None or capability < (8, 0):
+        return "dense", f"GPU compute capability {capability} is below sm80 (Ampere), no 2:4 sparse tensor cores"
+    if requested in ("auto", "cusparselt") and cusparselt_available:
+        return "cusparselt", None
+    if requested == "cusparselt":
+        return "dense", "cuSPARSELt is not available in this PyTorch build"
+    if capability[0] == 8:
+        return "cutlass", None
+    return "dense", (
+        f"sm{capability[0]}{capability[1]} needs cuSPARSELt for 2:4 (PyTorch's CUTLASS 2:4 kernels are sm8x-only) "
+        "and this PyTorch build has none"
+    )
+
+
+def _backend_for(device: torch.device, dtype: torch.dtype, requested: Backend) -> tuple[str, str | None]:
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    cslt = bool(device.type == "cuda" and torch.backends.cusparselt.is_available())
+    return choose_backend(device.type, dtype, cap, cslt, requested)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _violations(weight: torch.Tensor) -> int:
+    if weight.shape[-1] % 4:
+        return -1
+    return int(((weight != 0).reshape(-1, 4).sum(-1) > 2).sum().item())
+
+
+def check_24(weight: torch.Tensor, name: str) -> None:
+    """ValueError naming the module and the number of groups of 4 with more than 2 non-zeros."""
+    if weight.dim() != 2 or weight.shape[-1] % 4:
+        raise ValueError(
+            f"2:4 semi-structured: module {name} has weight shape {tuple(weight.shape)}; 2:4 needs a 2-D weight "
+            "whose in_features is divisible by 4"
+        )
+    bad = _violations(weight)
+    if bad:
+        groups = weight.numel() // 4
+        raise ValueError(
+            f"2:4 semi-structured: module {name} is not 2:4 sparse: {bad} of {groups} groups of 4 consecutive "
+            "weights hold more than 2 non-zeros. Prune it first (prune_peft.prune(model, pattern='2:4', ...)) or "
+            "leave it out (modules=...)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ packing
+
+
+@dataclass
+class _Packed:
+    """A compressed 2:4 matrix (out × in), zero-padded to the backend's tiles."""
+
+    backend: str
+    handle: Any  # SparseSemiStructuredTensor, or (values, meta) for "emulate"
+    rows: int
+    cols: int
+    rows_padded: int
+    cols_padded: int
+
+
+def _pad2d(w: torch.Tensor, rm: int, cm: int) -> torch.Tensor:
+    pr, pc = (-w.shape[0]) % rm, (-w.shape[1]) % cm
+    return F.pad(w, (0, pc, 0, pr)) if pr or pc else w
+
+
+def pack(weight: torch.Tensor, backend: str, name: str = "weight") -> _Packed:
+    """Validate (2:4) and compress a dense 2-D matrix for ``backend`` ("cusparselt", "cutlass" or "emulate")."""
+    check_24(weight, name)
+    rm, cm = _TILE[backend]
+    w = _pad2d(weight.contiguous(), rm, cm).contiguous()
+    if backend == "emulate":  # CPU stand-in for CUTLASS: real packing, dense matmul on the unpacked matrix
+        handle: Any = compress24(w, check=False)
+    else:
+        from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor.*prototype.*")
+            if backend == "cusparselt":
+                handle = SparseSemiStructuredTensorCUSPARSELT.from_dense(w)
+            else:
+                values, meta = compress24(w, check=False)  # Triton on CUDA; bitwise PyTorch's layout
+                handle = SparseSemiStructuredTensorCUTLASS(
+                    w.shape, values, meta, None, None, None, requires_grad=False
+                )
+    return _Packed(backend, handle, weight.shape[0], weight.shape[1], w.shape[0], w.shape[1])
+
+
+def packed_linear(x2d: torch.Tensor, packed: _Packed, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2d @ Wᵀ (+ b)`` with the compressed ``W``; ``x2d`` is (tokens, in) in the packed dtype."""
+    if packed.cols_padded != packed.cols:
+        x2d = F.pad(x2d, (0, packed.cols_padded - packed.cols))
+    if bias is not None and packed.rows_padded != packed.rows:
+        bias = F.pad(bias, (0, packed.rows_padded - packed.rows))
+    if packed.backend == "emulate":
+        y = F.linear(x2d, decompress24(*packed.handle), bias)
+    else:
+        y = F.linear(x2d.contiguous(), packed.handle, bias)  # bias fused into the sparse GEMM epilogue
+    return y[:, : packed.rows] if packed.rows_padded != packed.rows else y
+
+
+# ------------------------------------------------------------------------------------------------------ autograd
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with a compressed forward ``W`` and (when transposable) a compressed ``Wᵀ`` for ``∂L/∂x``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fwd: _Packed, bwd_fn: Callable[[], _Packed | None], dtype: torch.dtype):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            y = packed_linear(x2, fwd, b)
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.bwd_fn, ctx.dtype, ctx.x_shape, ctx.x_dtype = bwd_fn, dtype, x.shape, x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            bwd = ctx.bwd_fn()
+            if bwd is not None:  # transposable: Wᵀ is 2:4, ∂L/∂x = G W = G (Wᵀ)ᵀ on sparse tensor cores
+                grad_x = packed_linear(g2, bwd)
+            else:
+                grad_x = g2 @ weight.to(ctx.dtype)
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if need_w:
+            # gradient of F.linear(x, W ⊙ M): masked, so the 2:4 pattern survives the optimizer step
+            x2 = x.reshape(-1, x.shape[-1]).to(ctx.dtype)
+            grad_w = (g2.t() @ x2).mul_(weight != 0).to(weight.dtype)
+        if need_b:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fwd: _Packed,
+    bwd_fn: Callable[[], _Packed | None],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Autograd-aware 2:4 linear on prepacked operands (``bwd_fn`` lazily gives the packed ``Wᵀ`` or None)."""
+    return _SparseLinearFn.apply(x, weight, bias, fwd, bwd_fn, dtype)
+
+
+# -------------------------------------------------------------------------------------------------------- module
+
+
+class SemiStructuredLinear(nn.Linear):
+    """``nn.Linear`` whose 2:4 weight runs on sparse tensor cores (class swapped in place by
+    :func:`enable_semi_structured`, so parameters, state-dict keys, hooks and peft's wrappers are untouched).
+
+    The compressed copies are a cache (not saved, not copied), rebuilt when the weight's storage, version, device or
+    the compute dtype changes. Memory: the dense weight stays (merges, saving, fallback), plus ½ of it (+ metadata)
+    for ``W`` and, when transposable, the same again for ``Wᵀ``.
+    """
+
+    _pp_ss_backend: Backend = "auto"
+    _pp_ss_name: str = "linear"
+
+    def _pp_ss_reset(self) -> None:
+        self._pp_ss_cache: dict = {}
+        self._pp_ss_transposable: bool | None = None
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_pp_ss_cache"] = {}
+        return state
+
+    def semi_structured_backend(self, x: torch.Tensor) -> tuple[str, str | None]:
+        """The backend the next forward with input ``x`` will use, and why not sparse (if so)."""
+        return _backend_for(x.device, _compute_dtype(x), self._pp_ss_backend)
+
+    def _pp_ss_packed(self, backend: str, dtype: torch.dtype) -> tuple[_Packed, Callable[[], _Packed | None]]:
+        w = self.weight
+        key = (backend, dtype, w.device)
+        version = (w.data_ptr(), w._version)
+        entry = self._pp_ss_cache.get(key)
+        if entry is None or entry["version"] != version:
+            dense = w.detach().to(dtype)
+            if entry is None or entry["version"][0] != version[0] or self._pp_ss_transposable is None:
+                self._pp_ss_transposable = is_transposable24(dense)
+            entry = {"version": version, "fwd": pack(dense, backend, self._pp_ss_name), "bwd": None}
+            self._pp_ss_cache = {key: entry}  # one live entry: memory stays bounded
+
+        def bwd() -> _Packed | None:
+            if not self._pp_ss_transposable:
+                return None
+            if entry["bwd"] is None:
+                entry["bwd"] = pack(w.detach().to(dtype).t().contiguous(), backend, self._pp_ss_name + " (Wᵀ)")
+            return entry["bwd"]
+
+        return entry["fwd"], bwd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend, reason = self.semi_structured_backend(x)
+        if backend == "dense":
+            if reason:
+                _warn_once(reason)
+            if self.weight.requires_grad:
+                # same values as F.linear(x, W) (W is 2:4); the product masks the gradient like the sparse path
+                return F.linear(x, self.weight * (self.weight.detach() != 0), self.bias)
+            return F.linear(x, self.weight, self.bias)
+        dtype = _compute_dtype(x)
+        fwd, bwd = self._pp_ss_packed(backend, dtype)
+        return sparse_linear(x, self.weight, self.bias, fwd, bwd, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", semi_structured=2:4, backend={self._pp_ss_backend}"
+
+
+# ------------------------------------------------------------------------------------------------ model-level API
+
+
+def _tuner_children(model: nn.Module) -> set[int]:
+    """ids of modules inside peft tuner layers other than their base layer (adapters: lora_A, lora_B, ...)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return set()
+    skip: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            base_ids = {id(m) for m in module.get_base_layer().modules()}
+            for child in module.modules():
+                if child is not module and id(child) not in base_ids:
+                    skip.add(id(child))
+    return skip
+
+
+def _selector(modules) -> Callable[[str], bool] | None:
+    if modules is None:
+        return None
+    if callable(modules):
+        return modules
+    if isinstance(modules, str):
+        pattern = re.compile(modules)
+        return lambda name: bool(pattern.fullmatch(name) or pattern.search(name))
+    names = set(modules)
+    return lambda name: name in names or any(name.endswith("." + n) or name == n for n in names)
+
+
+def _candidates(model: nn.Module, modules) -> list[tuple[str, nn.Linear, bool]]:
+    """(name, layer, explicitly selected) for every plain float linear layer that is not a peft adapter factor."""
+    select = _selector(modules)
+    skip = _tuner_children(model)
+    out = []
+    for name, module in model.named_modules():
+        if id(module) in skip or type(module) not in (nn.Linear, SemiStructuredLinear):
+            continue
+        if select is not None and not select(name):
+            continue
+        if not module.weight.dtype.is_floating_point:
+            continue
+        out.append((name, module, select is not None))
+    return out
+
+
+def enable_semi_structured(
+    model: nn.Module,
+    modules: str | Iterable[str] | Callable[[str], bool] | None = None,
+    *,
+    backend: Backend = "auto",
+) -> list[str]:
+    """Run the 2:4 linear layers of ``model`` on sparse tensor cores (cuSPARSELt/CUTLASS); returns their names.
+
+    ``modules=None`` takes every ``nn.Linear`` (including base layers inside peft LoRA layers, never the adapter
+    factors) that has zero weights; fully dense layers (e.g. ``lm_head``) are left alone. A selected layer that has
+    zeros but is not 2:4 raises ``ValueError`` naming it and the number of offending groups — before anything is
+    changed. ``modules`` may be a list of names (suffixes match), a regex, or a predicate on the module name.
+    ``backend``: "auto" (cuSPARSELt, else CUTLASS on sm8x, else the dense fallback with one warning), "cusparselt",
+    "cutlass", "dense" (force the exact dense path) or "emulate" (CPU stand-in that packs with PyTorch's CUTLASS
+    layout, for tests).
+
+    Example:
+
+        ```py
+        >>> model = get_peft_model(pruned_24_model, LoraConfig(r=16, target_modules="all-linear"))
+        >>> prune_peft.kernels.enable_semi_structured(model)  # frozen 2:4 bases → sparse GEMMs on sm80+
+        ```
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chosen = []
+    for name, module, explicit in _candidates(model, modules):
+        w = module.weight
+        if w.device.type != "meta":
+            if not explicit and not bool((w == 0).any()):
+                continue  # a dense layer that was never pruned (lm_head, ...)
+            check_24(w.detach(), name)
+        chosen.append((name, module))
+    if not chosen:
+        raise ValueError(
+            "enable_semi_structured: no 2:4-sparse nn.Linear layer found"
+            + (f" among modules={modules!r}" if modules is not None else "")
+            + "; prune the model first (prune_peft.prune(model, pattern='2:4', ...))"
+        )
+    for name, module in chosen:
+        _swap(module, name, backend)
+    _prefer_unfused_adapters(model)
+    return [name for name, _ in chosen]
+
+
+def enable_for_adapter(model: nn.Module, adapter_name: str, backend: Backend = "auto") -> list[str]:
+    """``SparseLoraConfig(use_semi_structured=True)``: the base layers of the adapter's target modules, each of
+    which must be 2:4 (ValueError naming the module and the offending group count, before any swap)."""
+    from ..tuners._base import sparse_layers
+
+    chosen = []
+    for name, layer in sparse_layers(model).items():
+        if adapter_name not in layer.lora_A:
+            continue
+        base = layer.get_base_layer()
+        if type(base) not in (nn.Linear, SemiStructuredLinear):
+            _warn_once(f"{type(base).__name__} bases (quantized or custom linear layers) are not supported")
+            continue
+        if base.weight.device.type != "meta":
+            check_24(base.weight.detach(), name)
+        chosen.append((name, base))
+    for name, base in chosen:
+        if type(base) is not SemiStructuredLinear:
+            _swap(base, name, backend)
+    _prefer_unfused_adapters(model)
+    return [name for name, _ in chosen]
+
+
+def _swap(module: nn.Linear, name: str, backend: Backend) -> None:
+    module.__class__ = SemiStructuredLinear
+    module._pp_ss_backend = backend
+    module._pp_ss_name = name
+    module._pp_ss_reset()
+
+
+def _prefer_unfused_adapters(model: nn.Module) -> None:
+    """prune_peft adapter layers over a 2:4 base: route their fused path through the sparse kernels too."""
+    from .adapters import attach_sparse_fused
+
+    attach_sparse_fused(model)
+
+
+def disable_semi_structured(model: nn.Module) -> list[str]:
+    """Undo :func:`enable_semi_structured`: layers become plain ``nn.Linear`` again; returns their names."""
+    from .adapters import detach_sparse_fused
+
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is SemiStructuredLinear:
+            module._pp_ss_cache = {}
+            module.__class__ = nn.Linear
+            names.append(name)
+    detach_sparse_fused(model)
+    return names
+
+
+def semi_structured_status(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, str]:
+    """``{module name: backend}`` of every 2:4 layer; with an ``example`` input on the target device and dtype, the
+    backend the next forward would take ("cusparselt", "cutlass", "dense: <reason>")."""
+    out = {}
+    for name, module in model.named_modules():
+        if type(module) is SemiStructuredLinear:
+            if example is None:
+                out[name] = module._pp_ss_backend
+            else:
+                backend, reason = module.semi_structured_backend(example)
+                out[name] = backend if reason is None else f"dense: {reason}"
+    return out
