@@ -5,12 +5,15 @@ peft ``LoraConfig``/``LoraModel`` subclasses: ``get_peft_model``, ``PeftModel.fr
 ``merge_and_unload`` and the rest of peft's API work unchanged after ``import prune_peft``.
 """
 
+from ..hub import install_push_to_hub_card as _install_card_hook
 from ._base import SparseAdapterLayer, dense_weight, set_sparse_masks, sparse_layers
 from ._masks import AdapterBuffers, PackedMasks, pack_mask, unpack_mask
 from ._registry import ensure_peft_type, register_adapter_type
 from .loraprune import LoRAPruneConfig, LoRAPruneModel  # registers LORAPRUNE
 from .sparse_lora import SparseLoraConfig, SparseLoraModel
 from .spp import SPPConfig, SPPModel
+
+_install_card_hook()
 
 __all__ = [
     "AdapterBuffers",
