@@ -55,7 +55,25 @@ def throughput(model, tok, n: int, batch_size: int, max_new_tokens: int) -> dict
     t = time.perf_counter()
     batched = generate_texts(model, tok, ids, batch_size=batch_size, max_new_tokens=max_new_tokens)
     t_batched = time.perf_counter() - t
+    # where the time goes: prefill is compute-bound on a CPU (batching barely helps), decode steps are not
+    from prune_peft.distill.generation import TransformersBackend
+
+    parts = {}
+    for bs in (1, batch_size):
+        timing = []
+        for steps in (1, 9):
+            backend = TransformersBackend(
+                model, tok, {"max_new_tokens": steps, "min_new_tokens": steps, "do_sample": False}
+            )
+            t = time.perf_counter()
+            backend.generate(ids[:bs], 0)
+            timing.append(time.perf_counter() - t)
+        parts[bs] = {"prefill_s_per_row": timing[0] / bs, "decode_step_s_per_row": (timing[1] - timing[0]) / 8 / bs}
     return {
+        "prefill_speedup": round(parts[1]["prefill_s_per_row"] / parts[batch_size]["prefill_s_per_row"], 2),
+        "decode_step_speedup": round(
+            parts[1]["decode_step_s_per_row"] / parts[batch_size]["decode_step_s_per_row"], 2
+        ),
         "prompts": n,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
@@ -74,13 +92,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny random model; checks the script, not the numbers")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on a shared, loaded CPU)")
     p.add_argument("--tp-prompts", type=int, default=24)
-    p.add_argument("--tp-tokens", type=int, default=24)
+    p.add_argument("--tp-tokens", type=int, default=40)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     example = _example_module()
-    ex_argv = ["--out", str(ROOT / "benchmarks" / "results" / ".distill_run")]
+    import tempfile
+
+    # a fresh run folder: a distill cache left by an earlier run would skip generation and its timing
+    ex_argv = ["--out", tempfile.mkdtemp(prefix="distill_bench_")]
     if args.quick:
         from prune_peft.testing import byte_tokenizer, tiny_causal_lm
 
