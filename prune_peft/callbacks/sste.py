@@ -1,0 +1,195 @@
+"""S-STE training of 2:4 masks on dense weights (Hu, Zhu, Chen, NeurIPS 2024, arXiv 2409.09099), Trainer glue.
+
+``apply_sste(model)`` swaps the model's linear layers to :class:`~prune_peft.sparsity.sste.SSTELinear` (forward
+``β·S(W)``, straight-through backward, β frozen at the swap); ``SSTECallback`` does that at train start, logs the
+mask-flip statistics (``sste/mask_flip_fraction``: share of 2:4 positions whose kept/pruned status changed per
+optimizer step, averaged over the logging interval; ``sste/mask_flips``: their count) and, with ``finalize=True``,
+bakes the hard 2:4 weights ``β·S(W)`` into plain ``nn.Linear`` layers at train end.
+
+This is full (dense-weight) fine-tuning with a dynamic mask; to keep a fixed mask use SparseLoRA/SPP instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..sparsity.sste import MaskFlipTracker, SSTELinear, soft_threshold24
+
+__all__ = ["SSTECallback", "apply_sste", "finalize_sste", "sste_layers"]
+
+_DEFAULT_EXCLUDE = ("lm_head", "embed_out", "output_layer", "score", "classifier")
+
+
+def sste_layers(model: nn.Module) -> dict[str, SSTELinear]:
+    """``{name: layer}`` of every S-STE layer in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SSTELinear)}
+
+
+def _select(modules) -> Callable[[str], bool]:
+    if modules is None:
+        return lambda name: name.rsplit(".", 1)[-1] not in _DEFAULT_EXCLUDE
+    if callable(modules):
+        return modules
+    if isinstance(modules, str):
+        pattern = re.compile(modules)
+        return lambda name: bool(pattern.search(name))
+    names = set(modules)
+    return lambda name: any(name == n or name.endswith("." + n) for n in names)
+
+
+def apply_sste(model: nn.Module, modules: str | Iterable[str] | Callable[[str], bool] | None = None) -> list[str]:
+    """Swap linear layers to S-STE (in place; parameters and state-dict keys unchanged); returns their names.
+
+    ``modules=None``: every ``nn.Linear`` except output heads (``lm_head``, ...). Layers must have ``in_features``
+    divisible by 4 (ValueError naming the layer otherwise, before anything is swapped).
+    """
+    select = _select(modules)
+    chosen = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or not select(name):
+            continue
+        if module.in_features % 4:
+            raise ValueError(f"S-STE: module {name} has in_features={module.in_features}, not divisible by 4")
+        chosen.append((name, module))
+    if not chosen:
+        raise ValueError(f"S-STE: no nn.Linear layer selected (modules={modules!r})")
+    for _, module in chosen:
+        module.__class__ = SSTELinear
+        module.init_scale()
+    return [n for n, _ in chosen]
+
+
+def finalize_sste(model: nn.Module) -> list[str]:
+    """Bake ``W ← β·S(W)`` (exactly 2:4) into every S-STE layer and turn it back into ``nn.Linear``."""
+    names = []
+    for name, module in sste_layers(model).items():
+        with torch.no_grad():
+            s, _ = soft_threshold24(module.weight)
+            module.weight.copy_(s * module.sste_scale.to(s.dtype))
+        del module._buffers["sste_scale"]
+        module.__class__ = nn.Linear
+        names.append(name)
+    return names
+
+
+class SSTECallback(TrainerCallback):
+    """Trainer callback for S-STE 2:4 training of a (dense) model, with mask-flip statistics in the logs.
+
+    Example:
+
+        ```py
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SSTECallback(finalize=True)])
+        >>> trainer.train()  # logs sste/mask_flip_fraction; model ends exactly 2:4
+        ```
+    """
+
+    def __init__(
+        self,
+        modules: str | Iterable[str] | Callable[[str], bool] | None = None,
+        *,
+        finalize: bool = False,
+        track_flips: bool = True,
+    ) -> None:
+        self.modules = modules
+        self.finalize = finalize
+        self.track_flips = track_flips
+        self.tracker = MaskFlipTracker()
+        self.history: list[dict[str, float]] = []  # per optimizer step: flips, flip_fraction
+        self._acc: dict[str, float] = {}
+        self._trainer = None
+        self._model: nn.Module | None = None
+
+    # --------------------------------------------------------------------------------------------------- setup
+
+    def prepare(self, model: nn.Module) -> list[str]:
+        """Swap the layers (if not done yet) and record the initial masks."""
+        self._model = model
+        names = list(sste_layers(model)) or apply_sste(model, self.modules)
+        if self.track_flips:
+            self.tracker.update(self._weights())
+        return names
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        assert self._model is not None
+        return {n: m.weight for n, m in sste_layers(self._model).items()}
+
+    def attach(self, trainer) -> SSTECallback:
+        """Route the flip metrics into ``trainer.log`` (log_history and reporters); found automatically otherwise."""
+        if self._trainer is trainer:
+            return self
+        self._trainer = trainer
+        original = trainer.log
+
+        def log(logs: dict[str, float], *args: Any, **kwargs: Any):
+            if "loss" in logs:
+                logs.update(self.flush_metrics())
+            return original(logs, *args, **kwargs)
+
+        trainer.log = log
+        return self
+
+    def _find_trainer(self):
+        from transformers import Trainer
+
+        frame = inspect.currentframe()
+        try:
+            while frame is not None:
+                obj = frame.f_locals.get("self")
+                if isinstance(obj, Trainer) and any(cb is self for cb in obj.callback_handler.callbacks):
+                    return obj
+                frame = frame.f_back
+        finally:
+            del frame
+        return None
+
+    # -------------------------------------------------------------------------------------------------- events
+
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = self._find_trainer()
+        if trainer is not None:
+            self.attach(trainer)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._trainer is None:
+            trainer = self._find_trainer()
+            if trainer is not None:
+                self.attach(trainer)
+        if model is None:
+            raise RuntimeError("SSTECallback needs the model (the Trainer passes it to callbacks)")
+        self.prepare(model)
+        self._acc = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.track_flips or self._model is None:
+            return
+        stats = self.step_stats()
+        self._acc["steps"] = self._acc.get("steps", 0.0) + 1
+        self._acc["flips"] = self._acc.get("flips", 0.0) + stats["flips"]
+        self._acc["fraction"] = self._acc.get("fraction", 0.0) + stats["flip_fraction"]
+
+    def step_stats(self) -> dict[str, float]:
+        """Compare the current masks with the previous call's; appends to :attr:`history`."""
+        stats = self.tracker.update(self._weights())
+        record = {"flips": stats["flips"], "flip_fraction": stats["flip_fraction"]}
+        self.history.append(record)
+        return record
+
+    def flush_metrics(self) -> dict[str, float]:
+        """Metrics accumulated since the last log (empty when no step ran)."""
+        steps = self._acc.get("steps", 0.0)
+        if not steps:
+            return {}
+        out = {"sste/mask_flip_fraction": self._acc["fraction"] / steps, "sste/mask_flips": self._acc["flips"]}
+        self._acc = {}
+        return out
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.finalize and self._model is not None:
+            finalize_sste(self._model)
