@@ -446,22 +446,19 @@ def self_distill(
         raise ValueError(f"dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError("dataset is empty")
-    if isinstance(teacher, (str, os.PathLike)) and backend == "transformers":
-        from ..models import load_model
-
-        teacher = load_model(str(teacher))
-    if tokenizer is None:
-        if not isinstance(teacher, (str, os.PathLike)):
-            raise ValueError("tokenizer is required when teacher is a model object")
-        from ..models import load_tokenizer
-
-        tokenizer = load_tokenizer(str(teacher))
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "vllm":
         require_vllm()
+    teacher_name = str(teacher) if isinstance(teacher, (str, os.PathLike)) else None
+    if tokenizer is None:
+        if teacher_name is None:
+            raise ValueError("tokenizer is required when teacher is a model object")
+        from ..models import load_tokenizer
+
+        tokenizer = load_tokenizer(teacher_name)
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if chat_template is None:
         chat_template = has_chat
@@ -473,6 +470,10 @@ def self_distill(
     p_col, r_col, a_col = _resolve_columns(columns, prompt_column, response_column, answer_column)
     generation_kwargs.setdefault("max_new_tokens", 256)
     generation_kwargs.setdefault("do_sample", False)
+    if teacher_name is not None and backend == "transformers":  # load only once the inputs are known good
+        from ..models import load_model
+
+        teacher = load_model(teacher_name)
 
     # ---- examples and prompts ----
     rows = dataset.to_list()

@@ -44,3 +44,14 @@ def test_cli_distill_bad_dataset(saved_teacher, tmp_path, capsys):
         rc == 2
         and "--dataset must be 'arithmetic', 'shakespeare' or a saved dataset folder" in capsys.readouterr().err
     )
+
+
+def test_self_distill_accepts_a_teacher_path(saved_teacher):
+    from prune_peft.distill import self_distill
+
+    out = self_distill(
+        saved_teacher, None, [{"prompt": "Q: 1+1?", "completion": "2"}], max_new_tokens=3, progress=False
+    )
+    assert len(out) == 1 and isinstance(out["distill_rewrite"][0], str)
+    with pytest.raises(ValueError, match="tokenizer is required when teacher is a model object"):
+        self_distill(object(), None, [{"prompt": "a", "completion": "b"}])
