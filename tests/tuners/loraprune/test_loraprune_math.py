@@ -33,7 +33,7 @@ def _lora_grads(seed=0, d_out=6, d_in=5, r=2):
 
 
 def test_gradient_estimate_is_one_sgd_step_of_the_lora_product():
-    W, A, B, gA, gB, _ = _lora_grads()
+    _W, A, B, gA, gB, _ = _lora_grads()
     # B' = B − G_B, A' = A − G_A  ⇒  B'A' − BA = −(G_B A + B G_A − G_B G_A)
     oracle = -((B - gB) @ (A - gA) - B @ A)
     torch.testing.assert_close(estimate_weight_grad(A, B, gA, gB), oracle, rtol=1e-5, atol=1e-6)
@@ -64,7 +64,7 @@ def test_importance_by_hand_on_a_tiny_layer():
 
 
 def test_grad_importance_uses_the_true_gradient():
-    W, A, B, gA, gB, s = _lora_grads(1)
+    W, A, B, _gA, _gB, s = _lora_grads(1)
     G = torch.randn_like(W)
     torch.testing.assert_close(grad_importance(W, G, A, B, s), (G * (W + s * B @ A)).abs())
     torch.testing.assert_close(grad_importance(W, G), (G * W).abs())
