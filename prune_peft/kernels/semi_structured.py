@@ -350,7 +350,7 @@ def _candidates(model: nn.Module, modules) -> list[tuple[str, nn.Linear, bool]]:
             continue
         if not module.weight.dtype.is_floating_point:
             continue
-        out.append((name, module, select is not None))
+        out.append((name or "<root nn.Linear>", module, select is not None))
     return out
 
 
