@@ -9,13 +9,17 @@ from .qtuning import (
     select_tokens,
     token_scores,
 )
+from .sste import SSTECallback, apply_sste, finalize_sste  # registers the "s-ste" PruneCallback driver
 
 __all__ = [
     "PruneCallback",
     "PruneDriver",
     "QTuningCallback",
     "QTuningConfig",
+    "SSTECallback",
+    "apply_sste",
     "eu_triage",
+    "finalize_sste",
     "register_driver",
     "select_samples",
     "select_tokens",

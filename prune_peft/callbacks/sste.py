@@ -6,6 +6,9 @@ mask-flip statistics (``sste/mask_flip_fraction``: share of 2:4 positions whose 
 optimizer step, averaged over the logging interval; ``sste/mask_flips``: their count) and, with ``finalize=True``,
 bakes the hard 2:4 weights ``β·S(W)`` into plain ``nn.Linear`` layers at train end.
 
+The same is available as ``PruneCallback(method="s-ste")`` (driver :class:`SSTEDriver`, registered here), which
+also keeps the frozen β in the checkpoint so a resumed run uses the original scales.
+
 This is full (dense-weight) fine-tuning with a dynamic mask; to keep a fixed mask use SparseLoRA/SPP instead.
 """
 
@@ -21,8 +24,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..sparsity.sste import MaskFlipTracker, SSTELinear, soft_threshold24
+from .prune import PruneDriver, register_driver
 
-__all__ = ["SSTECallback", "apply_sste", "finalize_sste", "sste_layers"]
+__all__ = ["SSTECallback", "SSTEDriver", "apply_sste", "finalize_sste", "sste_layers"]
 
 _DEFAULT_EXCLUDE = ("lm_head", "embed_out", "output_layer", "score", "classifier")
 
@@ -193,3 +197,70 @@ class SSTECallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.finalize and self._model is not None:
             finalize_sste(self._model)
+
+
+class SSTEDriver(PruneDriver):
+    """``PruneCallback(method="s-ste")``: S-STE on the decoder-block linears (``include``/``exclude`` globs).
+
+    Setup swaps the layers (β frozen now, or restored from the checkpoint on resume); after every optimizer step the
+    masks are compared with the previous step's. Metrics at each logging step: ``sste/mask_flip_fraction`` (mean
+    per-step share of 2:4 positions that flipped since the last log), ``sste/mask_flips`` (their count) and
+    ``sste/last_flip_fraction``. Call :func:`finalize_sste` after training for hard 2:4 weights.
+    """
+
+    name = "s-ste"
+    auto = False
+    overrides = ("include", "exclude")
+
+    def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None) -> None:
+        self.include, self.exclude = include, exclude
+        self.layers: dict[str, SSTELinear] = {}
+        self.tracker = MaskFlipTracker()
+        self._acc: dict[str, float] = {}
+        self._last = 0.0
+
+    @classmethod
+    def discover(cls, model: nn.Module, **overrides: Any) -> list[PruneDriver]:
+        return [cls(**overrides)]
+
+    def setup(self, model: nn.Module, args, state) -> None:
+        from ..pruning.oneshot import target_linears
+
+        names = set(target_linears(model, include=self.include, exclude=self.exclude))
+        if any(type(m) is nn.Linear for n, m in model.named_modules() if n in names):
+            apply_sste(model, lambda n: n in names)
+        self.layers = {n: m for n, m in sste_layers(model).items() if n in names}
+        self.tracker = MaskFlipTracker()
+        self.tracker.update({n: m.weight for n, m in self.layers.items()})
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, state) -> None:
+        stats = self.tracker.update({n: m.weight for n, m in self.layers.items()})
+        self._last = float(stats["flip_fraction"])
+        self._acc["steps"] = self._acc.get("steps", 0.0) + 1
+        self._acc["flips"] = self._acc.get("flips", 0.0) + float(stats["flips"])
+        self._acc["fraction"] = self._acc.get("fraction", 0.0) + self._last
+
+    def metrics(self) -> dict[str, float]:
+        steps = self._acc.get("steps", 0.0)
+        if not steps:
+            return {}
+        out = {
+            "sste/mask_flip_fraction": self._acc["fraction"] / steps,
+            "sste/mask_flips": self._acc["flips"],
+            "sste/last_flip_fraction": self._last,
+        }
+        self._acc = {}
+        return out
+
+    def state_dict(self) -> dict:
+        return {"betas": {n: float(m.sste_scale) for n, m in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, beta in (state.get("betas") or {}).items():
+            layer = self.layers.get(name)
+            if layer is not None:
+                layer.sste_scale = torch.tensor(float(beta), dtype=torch.float32, device=layer.weight.device)
+
+
+register_driver(SSTEDriver)

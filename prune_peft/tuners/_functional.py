@@ -8,13 +8,15 @@ Two weight updates, both zero wherever the base weight is zero, so ``W + ΔW`` k
 
 Plain autograd through these formulas keeps the dense ``ΔW`` (and its intermediates) alive until backward — one
 d_out×d_in tensor per adapted layer, more than the whole LoRA graph. Following LoRS (Hu et al., arXiv 2501.08582),
-the functions below save only their inputs (activation, adapter factors, references to the frozen weight and the
-packed mask) and *recompute* the update in backward. Gradients are exact by default; SparseLoRA additionally offers
-LoRS's "graph rearrangement" (``grad_mode="lors"``): the adapter gradients are the plain-LoRA ones (mask dropped),
-which costs O(r·(d_in + d_out)) per token instead of one extra dense d_out×d_in product.
+the functions below save only their inputs (activation, adapter factors, the packed mask; the frozen weight is
+fetched again through a callable) and *recompute* the update in backward. Gradients are exact by default; SparseLoRA
+additionally offers LoRS's "graph rearrangement" (``exact=False``): the factor gradients are the plain-LoRA ones (mask
+dropped), which saves the one extra dense ``Gᵀ X`` product per layer.
 
-When the base weight is a plain float tensor the update is fused into the base matmul (``y = x (W + ΔW)ᵀ + b``):
-one matmul in forward and one for the input gradient, exactly what the merged model computes.
+When the base weight is available as a float tensor the update is fused into the base matmul (``y = x (W + ΔW)ᵀ + b``):
+one matmul in forward and one for the input gradient, and exactly what the merged model computes — merges use the
+same helpers (:func:`masked_lora_merged`, :func:`spp_merged`), so merged and unmerged outputs agree to the last bit
+in fp32.
 """
 
 from __future__ import annotations
@@ -30,25 +32,38 @@ __all__ = [
     "masked_lora",
     "masked_lora_delta",
     "masked_lora_delta_forward",
+    "masked_lora_merged",
     "spp",
     "spp_branch",
     "spp_delta",
+    "spp_merged",
     "spp_scale",
 ]
 
 WeightFn = Callable[[], torch.Tensor]
 
+# ------------------------------------------------------------------------------------------------------- SparseLoRA
+
+
+def _masked_product(A: torch.Tensor, B: torch.Tensor, pruned: torch.Tensor, scaling: float) -> torch.Tensor:
+    # the scale goes on the d_out×r factor, the mask is one masked_fill: two passes over d_out×d_in, not four
+    return ((B * scaling) @ A).masked_fill_(pruned, 0)
+
 
 def masked_lora_delta(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``ΔW = M ⊙ s·(B A)`` as a dense tensor (used by merges and as the reference the fused forward reproduces)."""
-    return (B @ A).mul_(scaling).mul_(mask)
+    """``ΔW = M ⊙ s·(B A)`` as a dense tensor (``mask``: True = kept)."""
+    return _masked_product(A, B, ~mask.bool(), scaling)
 
 
-def _effective_weight(weight: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
-    """``W + ΔW`` in the base dtype (what a merge writes), or ``ΔW`` alone for the unfused branch."""
-    if weight is None:
-        return delta
-    return (weight.to(delta.dtype) + delta).to(weight.dtype)
+def masked_lora_merged(weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """``W ± ΔW`` computed in the update's dtype and cast to the base dtype — the fused forward's weight."""
+    if sign < 0:
+        delta = -delta
+    return delta.add(weight).to(weight.dtype)
+
+
+def _pruned(packed: torch.Tensor, width: int) -> torch.Tensor:
+    return unpack_mask(packed, width, pruned=True)
 
 
 class _MaskedLora(torch.autograd.Function):
@@ -57,38 +72,41 @@ class _MaskedLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, A, B, packed, weight_fn, width, scaling, exact):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            weight = weight_fn() if weight_fn is not None else None
-            delta = masked_lora_delta(A, B, unpack_mask(packed, width), scaling)
-            w_eff = _effective_weight(weight, delta)
-            y = F.linear(x.to(w_eff.dtype), w_eff, bias)
+            w_eff = _MaskedLora._weight(A, B, _pruned(packed, width), weight_fn, scaling)
+            y = F.linear(x.to(w_eff.dtype), w_eff, None if bias is None else bias.to(w_eff.dtype))
         ctx.save_for_backward(x, A, B, packed)
         ctx.weight_fn, ctx.width, ctx.scaling, ctx.exact = weight_fn, width, scaling, exact
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
+
+    @staticmethod
+    def _weight(A, B, pruned, weight_fn, scaling):
+        delta = _masked_product(A, B, pruned, scaling)
+        if weight_fn is None:
+            return delta
+        weight = weight_fn()
+        return delta.add_(weight).to(weight.dtype)  # == masked_lora_merged(weight, delta)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, A, B, packed = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
-        mask = unpack_mask(packed, ctx.width)
+        pruned = _pruned(packed, ctx.width)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
-            delta = masked_lora_delta(A, B, mask, s)  # recomputed, never stored
-            weight = ctx.weight_fn() if ctx.weight_fn is not None else None
-            w_eff = _effective_weight(weight, delta)
-            del delta
+            w_eff = _MaskedLora._weight(A, B, pruned, ctx.weight_fn, s)  # recomputed, never stored
             grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
             del w_eff
         if need_A or need_B:
             g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
             if ctx.exact:
-                # ∂L/∂ΔW = Gᵀ X, masked and scaled; then the chain rule through B A
-                d = (g2a.t() @ x2a).mul_(mask).mul_(s)
-                grad_B = d @ A.t() if need_B else None
-                grad_A = B.t() @ d if need_A else None
+                # ∂L/∂ΔW = Gᵀ X restricted to the mask; then the chain rule through s·B A
+                d = (g2a.t() @ x2a).masked_fill_(pruned, 0)
+                grad_B = (d @ A.t()).mul_(s) if need_B else None
+                grad_A = (B.t() * s) @ d if need_A else None
                 del d
             else:
                 # LoRS rearrangement: plain-LoRA gradients, O(r·(d_in + d_out)) per token
@@ -127,12 +145,23 @@ def masked_lora_delta_forward(
     return _MaskedLora.apply(x, None, A, B, packed_mask, None, in_features, scaling, exact)
 
 
-# ---------------------------------------------------------------------------------------------------------------- SPP
+# -------------------------------------------------------------------------------------------------------------- SPP
+
+
+def _even(row_block: torch.Tensor, blocks: int) -> int:
+    """Rows per block when all R blocks are equal (then views replace gathers), else 0."""
+    rows = row_block.numel()
+    return rows // blocks if rows % blocks == 0 else 0
 
 
 def spp_scale(W_row: torch.Tensor, w_col: torch.Tensor, row_block: torch.Tensor, scaling: float) -> torch.Tensor:
     """``S = s·Rep(W_row) ⊙ w_col 1ᵀ`` (d_out×d_in); ``row_block[i]`` is the block of output row i."""
-    return W_row.index_select(0, row_block).mul_(w_col.reshape(-1, 1) * scaling)
+    blocks, width = W_row.shape
+    n = _even(row_block, blocks)
+    col = w_col.reshape(-1) * scaling
+    if n:
+        return (W_row.unsqueeze(1) * col.view(blocks, n, 1)).view(-1, width)
+    return W_row.index_select(0, row_block) * col.unsqueeze(1)
 
 
 def spp_delta(
@@ -142,11 +171,37 @@ def spp_delta(
     return spp_scale(W_row, w_col, row_block, scaling).mul_(weight.to(W_row.dtype))
 
 
+def spp_merged(
+    current: torch.Tensor,
+    base: torch.Tensor,
+    W_row: torch.Tensor,
+    w_col: torch.Tensor,
+    row_block: torch.Tensor,
+    scaling: float,
+    sign: float = 1.0,
+) -> torch.Tensor:
+    """``current ± S ⊙ base`` in the adapter dtype, cast to ``current``'s dtype — the fused forward's weight when
+    ``current is base`` (one fused multiply-add over d_out×d_in)."""
+    scale = spp_scale(W_row, w_col, row_block, scaling)
+    dt = scale.dtype
+    return torch.addcmul(current.to(dt), base.to(dt), scale, value=sign).to(current.dtype)
+
+
 def _spp_grads(e, W_row, w_col, row_block, s, need_row, need_col):
-    """Adapter gradients from ``E = ∂L/∂S = (Gᵀ X) ⊙ W`` (d_out×d_in)."""
+    """Adapter gradients from ``E = ∂L/∂S = (Gᵀ X) ⊙ W`` (d_out×d_in), via batched mat-vecs (no new d²)."""
+    blocks, width = W_row.shape
+    n = _even(row_block, blocks)
+    col = w_col.reshape(-1)
     grad_row = grad_col = None
+    if n:
+        ev = e.view(blocks, n, width)
+        if need_row:
+            grad_row = torch.bmm(col.view(blocks, 1, n), ev).view(blocks, width).mul_(s)
+        if need_col:
+            grad_col = torch.bmm(ev, W_row.unsqueeze(-1)).reshape(w_col.shape).mul_(s)
+        return grad_row, grad_col
     if need_row:
-        grad_row = torch.zeros_like(W_row).index_add_(0, row_block, e * w_col.reshape(-1, 1)).mul_(s)
+        grad_row = torch.zeros_like(W_row).index_add_(0, row_block, e * col.unsqueeze(1)).mul_(s)
     if need_col:
         grad_col = (e * W_row.index_select(0, row_block)).sum(1).mul_(s).reshape(w_col.shape)
     return grad_row, grad_col
@@ -156,15 +211,19 @@ class _SPPFused(torch.autograd.Function):
     """``y = x (W + ΔW)ᵀ + b`` (``with_base``) or ``x ΔWᵀ``, building the d_out×d_in update transiently."""
 
     @staticmethod
+    def _weight(weight, W_row, w_col, row_block, s, with_base):
+        if with_base:
+            return spp_merged(weight, weight, W_row, w_col, row_block, s)
+        return spp_delta(weight, W_row, w_col, row_block, s)
+
+    @staticmethod
     def forward(ctx, x, bias, W_row, w_col, weight_fn, row_block, scaling, with_base):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            weight = weight_fn()
-            delta = spp_delta(weight, W_row, w_col, row_block, scaling)
-            w_eff = _effective_weight(weight if with_base else None, delta)
-            del delta
-            y = F.linear(x.to(w_eff.dtype), w_eff, bias)
+            w_eff = _SPPFused._weight(weight_fn(), W_row, w_col, row_block, scaling, with_base)
+            y = F.linear(x.to(w_eff.dtype), w_eff, None if bias is None else bias.to(w_eff.dtype))
         ctx.save_for_backward(x, W_row, w_col, row_block)
         ctx.weight_fn, ctx.scaling, ctx.with_base = weight_fn, scaling, with_base
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -177,16 +236,15 @@ class _SPPFused(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_row = grad_col = None
         if need_x:
-            delta = spp_delta(weight, W_row, w_col, row_block, s)
-            w_eff = _effective_weight(weight if ctx.with_base else None, delta)
-            del delta
+            w_eff = _SPPFused._weight(weight, W_row, w_col, row_block, s, ctx.with_base)
             grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
             del w_eff
         if need_row or need_col:
-            e = (g2.to(W_row.dtype).t() @ x2.to(W_row.dtype)).mul_(weight.to(W_row.dtype))
+            dt = W_row.dtype
+            e = (g2.to(dt).t() @ x2.to(dt)).mul_(weight.to(dt))
             grad_row, grad_col = _spp_grads(e, W_row, w_col, row_block, s, need_row, need_col)
         if need_bias:
-            grad_bias = g2.sum(0)
+            grad_bias = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_bias, grad_row, grad_col, None, None, None, None
 
 

@@ -34,9 +34,10 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return (groups * _BITS.to(groups.device)).sum(-1, dtype=torch.uint8)
 
 
-def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: uint8 ``[..., ceil(n / 8)]`` → bool ``[..., n]``."""
-    bits = packed.unsqueeze(-1).bitwise_and(_BITS.to(packed.device)).ne(0)
+def unpack_mask(packed: torch.Tensor, n: int, pruned: bool = False) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: uint8 ``[..., ceil(n / 8)]`` → bool ``[..., n]`` (``pruned=True``: its negation)."""
+    bits = packed.unsqueeze(-1).bitwise_and(_BITS.to(packed.device))
+    bits = bits.eq(0) if pruned else bits.ne(0)
     bits = bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
     return bits if bits.shape[-1] == n else bits[..., :n]
 

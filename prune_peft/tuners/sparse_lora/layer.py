@@ -8,7 +8,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from .._base import QuantizedUnloadMixin, SparseAdapterLayer, layer_mapping
-from .._functional import masked_lora, masked_lora_delta, masked_lora_delta_forward
+from .._functional import masked_lora, masked_lora_delta, masked_lora_delta_forward, masked_lora_merged
 
 __all__ = ["SparseLoraLinear", "layer_mapping_sparse_lora"]
 
@@ -43,12 +43,10 @@ class SparseLoraLayerMixin(SparseAdapterLayer):
         return masked_lora(x, self._pp_weight, bias, A, B, packed, width, scaling, exact)
 
     def _pp_merged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        delta = self._pp_delta(adapter)
-        return (weight.to(delta.dtype) + delta.to(weight.device)).to(weight.dtype)
+        return masked_lora_merged(weight, self._pp_delta(adapter).to(weight.device))
 
     def _pp_unmerged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        delta = self._pp_delta(adapter)
-        return (weight.to(delta.dtype) - delta.to(weight.device)).to(weight.dtype)
+        return masked_lora_merged(weight, self._pp_delta(adapter).to(weight.device), sign=-1.0)
 
 
 class SparseLoraLinear(SparseLoraLayerMixin, LoraLinear):

@@ -10,7 +10,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from .._base import QuantizedUnloadMixin, SparseAdapterLayer, layer_mapping
-from .._functional import spp, spp_branch, spp_delta, spp_scale
+from .._functional import spp, spp_branch, spp_delta, spp_merged, spp_scale
 
 __all__ = ["SPPLinear", "layer_mapping_spp", "spp_blocks"]
 
@@ -99,13 +99,13 @@ class SPPLayerMixin(SparseAdapterLayer):
 
     @torch.no_grad()
     def _pp_merged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        delta = self._pp_delta(adapter, self._pp_base_of(weight, list(self.merged_adapters)))
-        return (weight.to(delta.dtype) + delta).to(weight.dtype)
+        base = self._pp_base_of(weight, list(self.merged_adapters))
+        return spp_merged(weight, base, *self._pp_params(adapter))
 
     @torch.no_grad()
     def _pp_unmerged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        delta = self._pp_delta(adapter, self._pp_base_of(weight, [*self.merged_adapters, adapter]))
-        return (weight.to(delta.dtype) - delta).to(weight.dtype)
+        base = self._pp_base_of(weight, [*self.merged_adapters, adapter])
+        return spp_merged(weight, base, *self._pp_params(adapter), sign=-1.0)
 
 
 class SPPLinear(SPPLayerMixin, LoraLinear):

@@ -1,0 +1,89 @@
+"""S-STE from the Trainer: PruneCallback(method="s-ste") and SSTECallback, mask-flip metrics, finalize, resume β."""
+
+import pytest
+import torch
+from prune_testlib import collate, token_rows, training_args
+from torch import nn
+from transformers import Trainer
+
+from prune_peft.callbacks import PruneCallback, SSTECallback, apply_sste, finalize_sste
+from prune_peft.callbacks.sste import SSTEDriver, sste_layers
+from prune_peft.sparsity import is_nm_sparse
+from prune_peft.sparsity.sste import SSTELinear, soft_threshold24, sste_scale
+from prune_peft.testing import tiny_causal_lm
+
+
+def _train(tmp_path, callback, steps=4, lr=5e-2):
+    model = tiny_causal_lm(seed=0, num_hidden_layers=2)
+    args = training_args(tmp_path, max_steps=steps, learning_rate=lr)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=token_rows(16), data_collator=collate, callbacks=[callback]
+    )
+    trainer.train()
+    return model, trainer
+
+
+def test_apply_sste_swaps_in_place_and_forward_is_24():
+    model = tiny_causal_lm(seed=0, num_hidden_layers=2)
+    keys = set(model.state_dict())
+    names = apply_sste(model)
+    assert len(names) == 14 and not any("lm_head" in n for n in names)
+    assert set(model.state_dict()) == keys  # β is a non-persistent buffer
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, SSTELinear)
+    assert float(layer.sste_scale) == pytest.approx(float(sste_scale(layer.weight)))
+    x = torch.randn(3, layer.in_features)
+    s, _ = soft_threshold24(layer.weight.detach())
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, s * layer.sste_scale, layer.bias))
+    assert is_nm_sparse(layer.sparse_weight().detach(), 2, 4)
+
+
+def test_apply_sste_rejects_bad_width():
+    lin = nn.Sequential(nn.Linear(6, 8))
+    with pytest.raises(ValueError, match="0 has in_features=6"):
+        apply_sste(lin)
+
+
+def test_prune_callback_s_ste_logs_flips_and_finalizes(tmp_path):
+    callback = PruneCallback(method="s-ste")
+    model, trainer = _train(tmp_path, callback)
+    assert len(sste_layers(model)) == 14
+    logged = [h for h in trainer.state.log_history if "sste/mask_flip_fraction" in h]
+    assert len(logged) == 4  # logging_steps=1
+    fractions = [h["sste/mask_flip_fraction"] for h in logged]
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+    assert sum(h["sste/mask_flips"] for h in logged) > 0  # lr 5e-2 moves some masks
+    # dense weights trained with STE gradients: the pruned positions changed too
+    ids = torch.tensor([token_rows(1)[0]["input_ids"]])
+    before = model(ids).logits
+    names = finalize_sste(model)
+    assert len(names) == 14 and not sste_layers(model)
+    for name in names:
+        assert is_nm_sparse(model.get_submodule(name).weight, 2, 4)
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_sste_callback_standalone(tmp_path):
+    callback = SSTECallback(finalize=True)
+    model, trainer = _train(tmp_path, callback, steps=3)
+    assert not sste_layers(model)  # finalized at train end
+    assert all(is_nm_sparse(model.model.layers[i].self_attn.q_proj.weight, 2, 4) for i in range(2))
+    assert len(callback.history) == 3
+    assert [h for h in trainer.state.log_history if "sste/mask_flips" in h]
+
+
+def test_driver_restores_frozen_beta():
+    model = tiny_causal_lm(seed=0, num_hidden_layers=2)
+    driver = SSTEDriver()
+    driver.setup(model, None, None)
+    saved = driver.state_dict()
+    name = next(iter(saved["betas"]))
+    resumed = tiny_causal_lm(seed=0, num_hidden_layers=2)  # reloaded from a checkpoint: plain nn.Linear again
+    with torch.no_grad():  # training moved the weights: a fresh β would differ
+        w = resumed.get_submodule(name).weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std())
+    again = SSTEDriver()
+    again.setup(resumed, None, None)
+    assert float(again.layers[name].sste_scale) != pytest.approx(saved["betas"][name])
+    again.load_state_dict(saved)
+    assert float(again.layers[name].sste_scale) == pytest.approx(saved["betas"][name])
