@@ -24,9 +24,7 @@ def _run(out, structure, stop=None, resume=None):
     model = loraprune_model(structure=structure, target_sparsity=None if ":" in structure else 0.5, prune_every=1)
     callbacks = [PruneCallback()] + ([StopAt(stop)] if stop else [])
     args = training_args(out, max_steps=2 * K, save_strategy="steps", save_steps=K, logging_steps=2)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=token_rows(64), data_collator=collate, callbacks=callbacks
-    )
+    trainer = Trainer(model=model, args=args, train_dataset=token_rows(64), data_collator=collate, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PruneCallback))
     return trainer, model, cb.drivers[0]
