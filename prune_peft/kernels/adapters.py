@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..tuners._base import SparseAdapterLayer
-from ..tuners._functional import _effective_weight, masked_lora_delta
 from ..tuners._masks import unpack_mask
 from .semi_structured import (
     SemiStructuredLinear,
@@ -33,6 +32,12 @@ from .semi_structured import (
 __all__ = ["attach_sparse_fused", "detach_sparse_fused"]
 
 
+def _merged_weight(A, B, mask, weight_fn, scaling) -> torch.Tensor:
+    """``W + M ⊙ s·B A`` in the base dtype, computed like the dense fused path (scale on the d_out×r factor)."""
+    weight = weight_fn()
+    return ((B * scaling) @ A).masked_fill_(~mask, 0).add_(weight).to(weight.dtype)
+
+
 class _SparseMaskedLora(torch.autograd.Function):
     """``y = x (W + M ⊙ s·B A)ᵀ + b`` with the merged 2:4 weight on sparse tensor cores."""
 
@@ -40,7 +45,7 @@ class _SparseMaskedLora(torch.autograd.Function):
     def forward(ctx, x, bias, A, B, packed_mask, weight_fn, width, scaling, exact, backend, dtype, transposable, name):
         with torch.autocast(device_type=x.device.type, enabled=False):
             mask = unpack_mask(packed_mask, width)
-            w_eff = _effective_weight(weight_fn(), masked_lora_delta(A, B, mask, scaling)).to(dtype)
+            w_eff = _merged_weight(A, B, mask, weight_fn, scaling).to(dtype)
             fwd = pack(w_eff, backend, name)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             y = packed_linear(x2, fwd, bias.to(dtype) if bias is not None else None)
@@ -61,7 +66,7 @@ class _SparseMaskedLora(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
-            w_eff = _effective_weight(ctx.weight_fn(), masked_lora_delta(A, B, mask, s)).to(ctx.dtype)
+            w_eff = _merged_weight(A, B, mask, ctx.weight_fn, s).to(ctx.dtype)
             gd = g2.to(ctx.dtype)
             if ctx.transposable:
                 bwd: _Packed = pack(w_eff.t().contiguous(), ctx.backend, ctx.name + " (Wᵀ)")
@@ -70,12 +75,12 @@ class _SparseMaskedLora(torch.autograd.Function):
                 grad_x = gd @ w_eff
             del w_eff
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        if need_A or need_B:  # identical to _MaskedLora
+        if need_A or need_B:  # the same formulas as the dense fused path (tuners._functional._MaskedLora)
             g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
             if ctx.exact:
-                d = (g2a.t() @ x2a).mul_(mask).mul_(s)
-                grad_B = d @ A.t() if need_B else None
-                grad_A = B.t() @ d if need_A else None
+                d = (g2a.t() @ x2a).masked_fill_(~mask, 0)
+                grad_B = (d @ A.t()).mul_(s) if need_B else None
+                grad_A = (B.t() * s) @ d if need_A else None
                 del d
             else:
                 grad_B = (g2a.t() @ (x2a @ A.t())).mul_(s) if need_B else None
