@@ -191,12 +191,23 @@ def compact(model: nn.Module, masks: dict[int, dict[str, torch.Tensor]] | None =
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = len(keep)
     setattr(config, LAYERS_KEY, layers)
+    _refresh_tuners(model)
     if getattr(config, "head_dim", None) is None:
         config.head_dim = head_dim
     for attr in ("prune_peft_masks", "prune_peft_meta"):
         if hasattr(hf, attr):
             delattr(hf, attr)
     return model
+
+
+def _refresh_tuners(model: nn.Module) -> None:
+    """An unmerged LoRAPrune model: re-read the (now smaller) blocks; every remaining group is kept."""
+    from ..tuners.loraprune import LoRAPruneModel
+
+    for tuner in [m for m in model.modules() if isinstance(m, LoRAPruneModel)]:
+        for adapter, cfg in tuner.peft_config.items():
+            if cfg.structured:
+                tuner._pp_build(adapter, check=False)
 
 
 def compacted_shapes(model_or_config) -> dict | None:

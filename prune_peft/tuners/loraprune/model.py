@@ -87,7 +87,8 @@ class LoRAPruneModel(LoraModel):
         if only and hasattr(model, "peft_config"):
             del model.peft_config
 
-    def _pp_build(self, adapter: str) -> None:
+    def _pp_build(self, adapter: str, check: bool = True) -> None:
+        """Find the blocks, check the structure can be expressed (``check``), create all-kept masks."""
         from ...pruning.oneshot import find_decoder_blocks
 
         config = self.peft_config[adapter]
@@ -112,7 +113,7 @@ class LoRAPruneModel(LoraModel):
                 if isinstance(module, LoRAPruneLinear) and adapter in module.lora_A and role in ATTN_ROLES + MLP_ROLES:
                     info.layers[role] = module
             if info.prunable and config.structured:
-                self._pp_structure(info, block, config, head_dim)
+                self._pp_structure(info, block, config, head_dim, check)
             result.append(info)
         prunable = [b for b in result if b.prunable]
         if not prunable:
@@ -142,7 +143,7 @@ class LoRAPruneModel(LoraModel):
         self.__dict__.setdefault("_pp_blocks", {})[adapter] = result
 
     @staticmethod
-    def _pp_structure(info: PruneBlock, block: nn.Module, config, head_dim: int) -> None:
+    def _pp_structure(info: PruneBlock, block: nn.Module, config, head_dim: int, check: bool = True) -> None:
         """Check that the block can express ``config.structure``; fill in its group sizes (ValueError otherwise)."""
         want_heads = config.structure in ("head+channel", "head")
         want_channels = config.structure in ("head+channel", "channel")
@@ -175,7 +176,7 @@ class LoRAPruneModel(LoraModel):
                     f"loraprune: {info.name}: {info.num_heads} query heads do not group onto {info.num_kv_heads} "
                     "KV heads"
                 )
-            if n_pruned(p, info.num_kv_heads) >= info.num_kv_heads:
+            if check and n_pruned(p, info.num_kv_heads) >= info.num_kv_heads:
                 raise ValueError(
                     f"loraprune: target_sparsity={p} would remove every head of {info.name} (it has "
                     f"{info.num_kv_heads} KV head(s), each pruned together with its query heads; the count rounds "
@@ -195,7 +196,7 @@ class LoRAPruneModel(LoraModel):
             if gate.out_features != up.out_features:
                 raise ValueError(f"loraprune: {info.name}: gate_proj and up_proj widths differ")
             info.intermediate = gate.out_features
-            if n_pruned(p, info.intermediate) >= info.intermediate:
+            if check and n_pruned(p, info.intermediate) >= info.intermediate:
                 raise ValueError(f"loraprune: target_sparsity={p} would remove every MLP channel of {info.name}")
 
     # ------------------------------------------------------------------------------------------------- access

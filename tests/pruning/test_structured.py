@@ -1,0 +1,123 @@
+"""compact(): physically smaller models with the masked model's outputs; save → load round trip."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from prune_peft import LoRAPruneConfig, compact, load_compacted, save_compacted
+from prune_peft.pruning.structured import compacted_shapes
+from prune_peft.testing import tiny_causal_lm
+
+
+def _ids(seed=0):
+    return torch.randint(3, 259, (2, 14), generator=torch.Generator().manual_seed(seed))
+
+
+def _pruned_peft(arch="llama", seed=0):
+    model = get_peft_model(
+        tiny_causal_lm(arch, seed=seed, num_hidden_layers=3), LoRAPruneConfig(r=4, exclude_layers=[2])
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    tuner = model.base_model
+    tuner.set_block_masks(0, units=torch.tensor([False, True]), channels=torch.arange(128) % 4 != 1)
+    tuner.set_block_masks(1, units=torch.tensor([True, False]), channels=torch.arange(128) < 100)
+    return model.eval()
+
+
+def _n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_compacted_merged_model_equals_masked_model(arch, tmp_path):
+    model = _pruned_peft(arch)
+    ids = _ids()
+    masked = model(ids).logits
+    merged = model.merge_and_unload()
+    before = _n_params(merged)
+    small = compact(merged)
+    attn0, mlp1 = small.model.layers[0].self_attn, small.model.layers[1].mlp
+    assert attn0.q_proj.weight.shape == (32, 64) and attn0.k_proj.weight.shape == (16, 64)
+    assert attn0.o_proj.weight.shape == (64, 32) and mlp1.down_proj.weight.shape == (64, 100)
+    removed = 2 * (32 * 64 + 16 * 64 * 2 + 64 * 32) + 3 * 64 * 32 + 3 * 64 * 28
+    if arch == "qwen2":
+        removed += 2 * (32 + 16 + 16)  # q/k/v biases
+    assert before - _n_params(small) == removed
+    torch.testing.assert_close(small(ids).logits, masked, rtol=1e-5, atol=1e-5)
+    assert compacted_shapes(small) == {
+        "num_attention_heads": [2, 2, 4],
+        "num_key_value_heads": [1, 1, 2],
+        "intermediate_size": [96, 100, 128],
+    }
+    save_compacted(small, tmp_path)
+    reloaded = load_compacted(tmp_path)
+    torch.testing.assert_close(reloaded(ids).logits, masked, rtol=1e-5, atol=1e-5)
+    assert _n_params(reloaded) == _n_params(small)
+
+
+def test_compacting_the_unmerged_adapter_slices_lora_factors():
+    model = _pruned_peft()
+    ids = _ids()
+    masked = model(ids).logits
+    compact(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.lora_B["default"].weight.shape == (32, 4) and q.row_mask("default").all()
+    o = model.base_model.model.model.layers[0].self_attn.o_proj
+    assert o.lora_A["default"].weight.shape == (4, 32)
+    torch.testing.assert_close(model(ids).logits, masked, rtol=1e-5, atol=1e-5)
+    merged = model.merge_and_unload()  # merging after compaction still works (all masks are now all-kept)
+    torch.testing.assert_close(merged(ids).logits, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_are_derived_from_zero_rows_when_none_are_given(tmp_path):
+    model = _pruned_peft()
+    ids = _ids()
+    masked = model(ids).logits
+    merged = model.merge_and_unload()
+    del merged.prune_peft_masks  # e.g. a merged model saved and reloaded with plain transformers
+    small = compact(merged)
+    assert compacted_shapes(small)["num_key_value_heads"] == [1, 1, 2]
+    torch.testing.assert_close(small(ids).logits, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_masks_on_a_plain_model_and_generation():
+    model = tiny_causal_lm(num_hidden_layers=2)
+    ids = _ids()
+    masks = {1: {"units": torch.tensor([True, False]), "channels": torch.arange(128) >= 64}}
+    # oracle: zero the rows by hand
+    ref = tiny_causal_lm(num_hidden_layers=2)
+    with torch.no_grad():
+        attn, mlp = ref.model.layers[1].self_attn, ref.model.layers[1].mlp
+        attn.q_proj.weight[32:] = 0
+        attn.k_proj.weight[16:] = 0
+        attn.v_proj.weight[16:] = 0
+        mlp.gate_proj.weight[:64] = 0
+        mlp.up_proj.weight[:64] = 0
+    small = compact(model, masks=masks)
+    torch.testing.assert_close(small(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    # the KV cache copes with per-layer head counts
+    out_small = small.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out_ref = ref.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out_small, out_ref)
+
+
+def test_compact_errors(tmp_path):
+    with pytest.raises(ValueError, match="every attention head"):
+        compact(tiny_causal_lm(num_hidden_layers=2), masks={0: {"units": torch.tensor([False, False])}})
+    with pytest.raises(ValueError, match="unit mask"):
+        compact(tiny_causal_lm(num_hidden_layers=2), masks={0: {"units": torch.tensor([True, False, True])}})
+    with pytest.raises(ValueError, match="compact"):
+        save_compacted(tiny_causal_lm(num_hidden_layers=2), tmp_path)
+    tiny_causal_lm(num_hidden_layers=2).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="prune_peft_layers"):
+        load_compacted(tmp_path / "plain")
+    model = get_peft_model(tiny_causal_lm(num_hidden_layers=2), LoRAPruneConfig(structure="unstructured"))
+    model.base_model.element_layers()["model.layers.0.mlp.up_proj"].set_element_mask(
+        "default", torch.rand(128, 64) > 0.5
+    )
+    with pytest.raises(ValueError, match="element-wise"):
+        compact(model, masks={0: {"channels": torch.arange(128) < 64}})
