@@ -7,6 +7,7 @@ prune_peft adapters after ``import prune_peft``.
 from .callbacks.prune import PruneCallback, register_driver
 from .callbacks.qtuning import QTuningCallback, QTuningConfig
 from .evaluation import perplexity, sparsity_report
+from .kernels import enable_semi_structured  # also makes prune_peft.kernels available
 from .models import load_model, load_model_and_tokenizer, load_tokenizer
 from .pruning.oneshot import PruneReport, prune
 from .pruning.structured import compact, load_compacted, save_compacted
@@ -24,6 +25,7 @@ __all__ = [
     "SparseLoraConfig",
     "__version__",
     "compact",
+    "enable_semi_structured",
     "load_compacted",
     "load_model",
     "load_model_and_tokenizer",
