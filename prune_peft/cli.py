@@ -252,8 +252,46 @@ def _lora_peft_config(args):
     return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
+def _loraprune_peft_config(args):
+    from .tuners.loraprune import LoRAPruneConfig
+
+    return LoRAPruneConfig(
+        r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM", target_sparsity=args.target_sparsity,
+        structure=args.structure, prune_every=args.prune_every,
+    )  # fmt: skip
+
+
+def _loraprune_callbacks(args) -> list:
+    from .callbacks.prune import PruneCallback
+
+    return [PruneCallback()]
+
+
+def _loraprune_after(args, trainer, out: Path) -> dict:
+    """Merge, compact (physically smaller model) and save it to <out>/compacted; report sizes."""
+    from .pruning.structured import compact, compacted_shapes, save_compacted
+
+    model = trainer.model
+    logged = [h for h in trainer.state.log_history if "prune/target_sparsity" in h]
+    info = {"prune_metrics": {k: v for k, v in logged[-1].items() if k.startswith("prune/")} if logged else {}}
+    if args.structure in ("head+channel", "head", "channel"):
+        before = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        small = compact(model.merge_and_unload())
+        save_compacted(small, out / "compacted")
+        info.update(
+            params_before=before,
+            params_after=sum(p.numel() for p in small.parameters()),
+            layers=compacted_shapes(small),
+            compacted=str(out / "compacted"),
+        )
+    return info
+
+
 # --method name -> builder of the peft config from the parsed args (other methods register here)
-FINETUNE_METHODS = {"lora": _lora_peft_config}
+FINETUNE_METHODS = {"lora": _lora_peft_config, "loraprune": _loraprune_peft_config}
+# --method name -> extra Trainer callbacks, and a post-training step returning extra report fields
+FINETUNE_CALLBACKS = {"loraprune": _loraprune_callbacks}
+FINETUNE_AFTER = {"loraprune": _loraprune_after}
 
 
 def _sft_dataset(spec: str, split: str, n: int, seed: int):
@@ -291,6 +329,7 @@ def _cmd_finetune(args) -> int:
     for name in ("n_train", "batch_size", "grad_accum", "lora_r", "max_length"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    FINETUNE_METHODS[args.method](args)  # bad method settings (e.g. --target-sparsity) fail before loading
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
@@ -328,7 +367,7 @@ def _cmd_finetune(args) -> int:
         eval_dataset=heldout,
         processing_class=tok,
         peft_config=FINETUNE_METHODS[args.method](args),
-        callbacks=[QTuningCallback(qcfg)] if qcfg else None,
+        callbacks=([QTuningCallback(qcfg)] if qcfg else []) + FINETUNE_CALLBACKS.get(args.method, lambda _: [])(args),
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -348,6 +387,8 @@ def _cmd_finetune(args) -> int:
     if logged:
         result["qtuning_last_log"] = {k: v for k, v in logged[-1].items() if k.startswith("qtuning/")}
     trainer.save_model(str(out))  # the adapter
+    if args.method in FINETUNE_AFTER:
+        result.update(FINETUNE_AFTER[args.method](args, trainer, out))
     write_json(out / "finetune_report.json", {**result, "log_history": trainer.state.log_history})
     print(json.dumps(result, indent=2))
     return 0
@@ -370,6 +411,9 @@ def _register_finetune(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--target-sparsity", type=float, default=0.5, help="loraprune: final sparsity (docs/loraprune.md)")
+    p.add_argument("--structure", default="head+channel", help="loraprune: head+channel|head|channel|unstructured|N:M")
+    p.add_argument("--prune-every", type=int, default=10, help="loraprune: optimizer steps between mask updates")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--report-to", nargs="*", default=[], help="e.g. tensorboard wandb")
