@@ -24,10 +24,12 @@ from .semi_structured import (
     SemiStructuredLinear,
     _compute_dtype,
     _Packed,
+    _violations,
     _warn_once,
     pack,
     packed_linear,
 )
+from .sparse24 import is_transposable24
 
 __all__ = ["attach_sparse_fused", "detach_sparse_fused"]
 
@@ -46,7 +48,7 @@ class _SparseMaskedLora(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             mask = unpack_mask(packed_mask, width)
             w_eff = _merged_weight(A, B, mask, weight_fn, scaling).to(dtype)
-            fwd = pack(w_eff, backend, name)
+            fwd = pack(w_eff, backend, name, check=False)  # 2:4 by construction (checked in _pp_fused_forward)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             y = packed_linear(x2, fwd, bias.to(dtype) if bias is not None else None)
             del w_eff, fwd
@@ -69,7 +71,7 @@ class _SparseMaskedLora(torch.autograd.Function):
             w_eff = _merged_weight(A, B, mask, ctx.weight_fn, s).to(ctx.dtype)
             gd = g2.to(ctx.dtype)
             if ctx.transposable:
-                bwd: _Packed = pack(w_eff.t().contiguous(), ctx.backend, ctx.name + " (Wᵀ)")
+                bwd: _Packed = pack(w_eff.t().contiguous(), ctx.backend, ctx.name + " (Wᵀ)", check=False)
                 grad_x = packed_linear(gd, bwd)
             else:
                 grad_x = gd @ w_eff
@@ -102,9 +104,11 @@ class _SemiStructuredFusedMixin:
             if reason:
                 _warn_once(reason)
             return super()._pp_fused_forward(x, adapter)
-        if base._pp_ss_transposable is None:
-            base._pp_ss_transposable = _transposable(base.weight.detach())
         A, B, packed, width, scaling, exact = self._pp_args(adapter)
+        problem = self._pp_ss_problem(base, packed, width)
+        if problem:
+            _warn_once(f"{base._pp_ss_name}: {problem}")
+            return super()._pp_fused_forward(x, adapter)
         return _SparseMaskedLora.apply(
             x,
             base.bias,
@@ -121,11 +125,27 @@ class _SemiStructuredFusedMixin:
             base._pp_ss_name,
         )
 
+    def _pp_ss_problem(self, base: SemiStructuredLinear, packed: torch.Tensor, width: int) -> str | None:
+        """Why ``W + M ⊙ s·BA`` might not be 2:4 (None when it is): checked once per (weight, mask) version.
 
-def _transposable(weight: torch.Tensor) -> bool:
-    from .sparse24 import is_transposable24
-
-    return is_transposable24(weight)
+        supp(W + M ⊙ ΔW) ⊆ M ∪ supp(W) = M when the base has no non-zero outside M, and M is 2:4.
+        """
+        w = base.weight
+        key = (w.data_ptr(), w._version, packed.data_ptr(), packed._version)
+        cache = self.__dict__.setdefault("_pp_ss_checked", {})
+        if key not in cache:
+            mask = unpack_mask(packed, width)
+            bad = _violations(mask)
+            if bad:
+                cache[key] = f"the adapter mask is not 2:4 ({bad} groups of 4 keep more than 2 weights)"
+            elif bool((w.detach()[~mask] != 0).any()):
+                cache[key] = "the base has non-zero weights outside the adapter mask"
+            else:
+                cache[key] = None
+                base._pp_ss_transposable = is_transposable24(mask)
+            if len(cache) > 4:
+                cache.pop(next(iter(cache)))
+        return cache[key]
 
 
 @functools.cache

@@ -155,9 +155,14 @@ def _pad2d(w: torch.Tensor, rm: int, cm: int) -> torch.Tensor:
     return F.pad(w, (0, pc, 0, pr)) if pr or pc else w
 
 
-def pack(weight: torch.Tensor, backend: str, name: str = "weight") -> _Packed:
-    """Validate (2:4) and compress a dense 2-D matrix for ``backend`` ("cusparselt", "cutlass" or "emulate")."""
-    check_24(weight, name)
+def pack(weight: torch.Tensor, backend: str, name: str = "weight", check: bool = True) -> _Packed:
+    """Validate (2:4) and compress a dense 2-D matrix for ``backend`` ("cusparselt", "cutlass" or "emulate").
+
+    ``check=False`` only where the pattern is guaranteed by construction (the packers would silently drop a third
+    non-zero in a group).
+    """
+    if check:
+        check_24(weight, name)
     rm, cm = _TILE[backend]
     w = _pad2d(weight.contiguous(), rm, cm).contiguous()
     if backend == "emulate":  # CPU stand-in for CUTLASS: real packing, dense matmul on the unpacked matrix
@@ -300,7 +305,15 @@ class SemiStructuredLinear(nn.Linear):
                 return F.linear(x, self.weight * (self.weight.detach() != 0), self.bias)
             return F.linear(x, self.weight, self.bias)
         dtype = _compute_dtype(x)
-        fwd, bwd = self._pp_ss_packed(backend, dtype)
+        try:
+            fwd, bwd = self._pp_ss_packed(backend, dtype)
+        except ValueError as err:
+            # the weight stopped being 2:4 after it was checked (e.g. a plain-LoRA merge made it dense): from now on
+            # this layer runs dense — correct numbers, one warning
+            self._pp_ss_backend = "dense"
+            self._pp_ss_cache = {}
+            _warn_once(f"{self._pp_ss_name} changed and is no longer 2:4 ({err})")
+            return self.forward(x)
         return sparse_linear(x, self.weight, self.bias, fwd, bwd, dtype)
 
     def extra_repr(self) -> str:

@@ -173,15 +173,52 @@ def test_emulated_trainable_weight_gets_masked_grad_and_repacks(monkeypatch):
     assert packs == [1]
 
 
-def test_weight_changed_to_non_24_raises_instead_of_wrong_numbers():
+def test_weight_changed_to_non_24_falls_back_instead_of_wrong_numbers():
     lin = _linear(32, 64, BF16)
     enable_semi_structured(lin, backend="emulate")
     x = torch.randn(4, 64, dtype=BF16)
     lin(x)
-    with torch.no_grad():
+    with torch.no_grad():  # e.g. a plain-LoRA merge densifies the base
         lin.weight[0, :4] = 1.0
-    with pytest.raises(ValueError, match=r"<root nn.Linear> is not 2:4 sparse: 1 of 512 groups"):
-        lin(x)
+    with pytest.warns(SemiStructuredFallbackWarning, match=r"no longer 2:4 .*1 of 512 groups"):
+        y = lin(x)
+    assert torch.equal(y, nn.functional.linear(x, lin.weight, lin.bias))
+    assert lin._pp_ss_backend == "dense"
+
+
+def test_plain_lora_merge_into_sparse_base_stays_correct(tiny_model):
+    model = get_peft_model(
+        _pruned_model(tiny_model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    ref = copy.deepcopy(model)
+    enable_semi_structured(model, backend="emulate")
+    ids = torch.randint(0, 260, (1, 8))
+    with pytest.warns(SemiStructuredFallbackWarning, match="no longer 2:4"):
+        merged = model.merge_and_unload()
+        out = merged(ids).logits
+    torch.testing.assert_close(out, ref.merge_and_unload()(ids).logits)
+
+
+def test_sparse_lora_fused_path_checks_base_against_mask(tiny_model, monkeypatch):
+    model = get_peft_model(
+        _pruned_model(tiny_model, dtype=BF16), prune_peft.SparseLoraConfig(r=4, target_modules="all-linear")
+    )
+    enable_semi_structured(model, backend="emulate")
+    ids = torch.randint(0, 260, (1, 8))
+    model(ids)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    assert (
+        layer._pp_ss_problem(layer.get_base_layer(), layer.lora_sparse_mask.packed("default"), layer.in_features)
+        is None
+    )
+    with torch.no_grad():  # a weight appears where the adapter's mask is zero
+        base_w = layer.get_base_layer().weight
+        row = base_w[0]
+        row[(row == 0).nonzero()[0]] = 1.0
+    spy = _Spy(monkeypatch)
+    with pytest.warns(SemiStructuredFallbackWarning, match="outside the adapter mask"):
+        model(ids)
+    assert spy.calls == 27  # that layer ran its dense fused path, the 27 others sparse
 
 
 def test_autocast_compute_dtype_and_fp32_master_weights():
