@@ -1,0 +1,216 @@
+"""Sparsity-preserving adapters vs plain LoRA on the embedded SmolLM2-135M, 2:4-pruned (Wanda), fp32 on CPU.
+
+Measured in one run, batch 4 × 256 tokens of the Shakespeare training split, rank 16 for the LoRA types:
+
+* step time (forward + backward + AdamW) of SparseLoRA (exact and LoRS gradients) and SPP (fused and blockwise) as
+  ratios to plain LoRA. All adapters are trained side by side, one step each in turn on the same batch, so load on
+  the machine hits them alike; the median over the timed steps is reported. Goal ≤ 1.15×.
+* peak memory, each config in its own process: peak RSS during training steps, total and above the loaded model
+  (the training part: activations, gradients, optimizer state, transients). Goal ≤ 1.10×.
+* held-out perplexity after the same number of steps, and the sparsity of the pruned layers after merging (plain LoRA
+  densifies them; the others keep every zero).
+
+    python benchmarks/adapters.py [--steps 20] [--nsamples 32] [--eval-windows 16]
+
+Writes benchmarks/results/adapters.json. Never run by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+BATCH, SEQLEN, RANK = 4, 256, 16
+CONFIGS = ("lora", "sparse_lora", "sparse_lora_lors", "spp", "spp_blockwise")
+LR = {"lora": 5e-4, "sparse_lora": 5e-4, "sparse_lora_lors": 5e-4, "spp": 4e-3, "spp_blockwise": 4e-3}
+
+
+def make_config(name: str):
+    from peft import LoraConfig
+
+    from prune_peft import SparseLoraConfig, SPPConfig
+
+    lora = dict(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear")
+    return {
+        "lora": lambda: LoraConfig(**lora),
+        "sparse_lora": lambda: SparseLoraConfig(**lora),
+        "sparse_lora_lors": lambda: SparseLoraConfig(**lora, grad_mode="lors"),
+        "spp": lambda: SPPConfig(target_modules="all-linear"),  # paper defaults: r=8, alpha=16, R=16
+        "spp_blockwise": lambda: SPPConfig(target_modules="all-linear", forward_mode="blockwise"),
+    }[name]()
+
+
+def batches(tok, steps: int):
+    from prune_peft.data import calibration_tokens, shakespeare_texts
+
+    windows = calibration_tokens(shakespeare_texts("train"), tok, nsamples=steps * BATCH, seqlen=SEQLEN, seed=1)
+    return [windows[i * BATCH : (i + 1) * BATCH] for i in range(steps)]
+
+
+def pruned_layer_sparsity(model) -> float:
+    import torch
+
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / total
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_worker(name: str, checkpoint: str, steps: int) -> dict:
+    """Peak RSS of a few training steps, in a fresh process holding only this model."""
+    import torch
+    from peft import get_peft_model
+
+    from prune_peft.models import load_model_and_tokenizer
+
+    torch.set_num_threads(2)
+    model, tok = load_model_and_tokenizer(checkpoint)
+    model = get_peft_model(model, make_config(name))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR[name])
+    data = batches(tok, steps)
+    with torch.no_grad():  # page everything in before the baseline
+        for p in model.parameters():
+            p.add_(0)
+    before = _rss_mb()
+    for ids in data:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"config": name, "rss_before_mb": before, "peak_rss_mb": peak, "training_mb": peak - before}
+
+
+def run_worker(name: str, checkpoint: str, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--steps", str(steps)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if result.returncode:
+        raise RuntimeError(f"memory worker {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="training steps per adapter (all timed but the first 2)")
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--nsamples", type=int, default=32, help="Wanda calibration sequences")
+    parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows of 256 tokens")
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(memory_worker(args.worker, args.checkpoint, args.steps)))
+        return
+
+    import torch
+    from peft import get_peft_model
+
+    from prune_peft import perplexity, prune
+    from prune_peft.cli import write_json
+    from prune_peft.data import shakespeare_texts
+    from prune_peft.models import load_model_and_tokenizer
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    model, tok = load_model_and_tokenizer("smollm2-135m")
+    held = shakespeare_texts("heldout")
+
+    def ppl(m) -> float:
+        return perplexity(m, tok, held, seqlen=SEQLEN, max_windows=args.eval_windows)
+
+    result: dict = {
+        "model": "smollm2-135m",
+        "pruning": f"wanda 2:4, {args.nsamples}×512 calibration tokens",
+        "batch": [BATCH, SEQLEN],
+        "rank": RANK,
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "learning_rates": {k: LR[k] for k in args.configs},
+        "ppl_dense": ppl(model),
+    }
+    prune(model, method="wanda", pattern="2:4", calibration=shakespeare_texts("train"), tokenizer=tok,
+          nsamples=args.nsamples, seqlen=512, progress=False)  # fmt: skip
+    result["ppl_pruned"] = ppl(model)
+    result["sparsity_pruned"] = pruned_layer_sparsity(model)
+    print(f"dense ppl {result['ppl_dense']:.2f}, 2:4 ppl {result['ppl_pruned']:.2f}", flush=True)
+
+    with tempfile.TemporaryDirectory() as ckpt:
+        model.save_pretrained(ckpt)
+        tok.save_pretrained(ckpt)
+        memory = {}
+        for name in args.configs:
+            memory[name] = run_worker(name, ckpt, args.memory_steps)
+            print(f"memory {name}: {memory[name]}", flush=True)
+
+    # side by side: one step per adapter in turn, same batch, so machine load hits all of them alike
+    models = {name: get_peft_model(copy.deepcopy(model), make_config(name)).train() for name in args.configs}
+    opts = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR[name])
+        for name, m in models.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in args.configs}
+    losses: dict[str, list[float]] = {name: [] for name in args.configs}
+    for step, ids in enumerate(batches(tok, args.steps)):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - t0)
+            losses[name].append(loss.item())
+        print(f"step {step}: " + ", ".join(f"{n} {times[n][-1]:.1f}s" for n in args.configs), flush=True)
+
+    per = {}
+    base_time = statistics.median(times["lora"][2:])
+    base_mem = memory["lora"]
+    for name, m in models.items():
+        m.eval()
+        unmerged = ppl(m)
+        merged = m.merge_and_unload()
+        per[name] = {
+            "step_s": statistics.median(times[name][2:]),
+            "time_ratio": statistics.median(times[name][2:]) / base_time,
+            "peak_rss_mb": memory[name]["peak_rss_mb"],
+            "peak_rss_ratio": memory[name]["peak_rss_mb"] / base_mem["peak_rss_mb"],
+            "training_mb": memory[name]["training_mb"],
+            "training_mem_ratio": memory[name]["training_mb"] / base_mem["training_mb"],
+            "loss_first_last": [losses[name][0], losses[name][-1]],
+            "ppl_unmerged": unmerged,
+            "ppl_merged": ppl(merged),
+            "sparsity_after_merge": pruned_layer_sparsity(merged),
+        }
+        print(f"{name}: {per[name]}", flush=True)
+    result["adapters"] = per
+    result["seconds"] = time.perf_counter() - t_start
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "adapters.json", result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
