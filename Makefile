@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast bench lint format clean
+.PHONY: setup demo test test-fast bench bench-gpu lint format clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/oneshot.py
+
+# 2:4 sparse tensor cores vs dense bf16 (needs an sm80+ GPU; says so and writes nothing otherwise)
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/sparse24_gpu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check prune_peft tests benchmarks examples
