@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -594,6 +595,8 @@ class QTuningCallback(TrainerCallback):
                 acc.get("q2_tokens", 0.0), 1.0
             )
             out["qtuning/level"] = acc.get("level", 0.0) / max(acc.get("triages", 1.0), 1.0)
+            if "scoring_seconds" in acc:  # two-pass: wall time of the scoring forwards
+                out["qtuning/scoring_seconds"] = acc["scoring_seconds"] / steps
         self._acc = {}
         return out
 
@@ -722,7 +725,9 @@ class QTuningCallback(TrainerCallback):
         if not batches:
             return batches, num_items
         batches = [self._to_device(b, device) for b in batches]
+        t0 = time.perf_counter()
         scored = [self._score(b) for b in batches]
+        self._acc["scoring_seconds"] = self._acc.get("scoring_seconds", 0.0) + time.perf_counter() - t0
         plan = self._triage(*zip(*scored))
         pruned = [self._prune_batch(b, k, t) for b, (k, t) in zip(batches, plan)]
         if num_items is not None:  # recount from the pruned labels, with the trainer's own rules (shift, ranks)
@@ -790,7 +795,7 @@ class QTuningCallback(TrainerCallback):
         labels = inputs["labels"]
         dft = getattr(trainer.args, "loss_type", None) == "dft"
         if _is_sft_trainer(trainer):
-            outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+            outputs = model(**{**inputs, "use_cache": False, "fused_lm_head": True})
             logp = outputs.log_probs  # [B, L−1], zero on ignored positions
             mask = labels[:, 1:] != IGNORE_INDEX
             nll, ent = -logp, outputs.entropy.detach()

@@ -222,6 +222,45 @@ def test_sft_trainer_single_pass_conversational_completion_only(tmp_path, tiny_m
     assert len(rec["keep"]) == 4 and all(math.isfinite(x) for x in rec["log_ppl"])
 
 
+def test_sft_trainer_two_pass_assistant_only_loss(tmp_path, tiny_model):
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from prune_peft.testing import byte_tokenizer
+
+    tok = byte_tokenizer()  # a template with generation markers, so trl can build assistant masks
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}</s>{% endgeneration %}{% else %}{{ m['content'] }}</s>{% endif %}\n{% endfor %}"
+    )
+    ds = arithmetic_problems(8)
+    data = Dataset.from_dict(
+        {
+            "messages": [
+                [{"role": "user", "content": p[:60]}, {"role": "assistant", "content": c}]
+                for p, c in zip(ds["prompt"], ds["completion"])
+            ]
+        }
+    )
+    cb = QTuningCallback(sample_ratio=0.5, token_ratio=0.5, plot=False)
+    trainer = SFTTrainer(
+        tiny_model(num_hidden_layers=2),
+        args=_sft_args(tmp_path, max_steps=1, assistant_only_loss=True),
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[cb],
+    )
+    row = trainer.train_dataset[0]
+    n_assistant = len(tok(ds["completion"][0] + "</s>", add_special_tokens=False)["input_ids"])
+    assert sum(x != -100 for x in row["labels"]) in (n_assistant, n_assistant - 1)  # trl masked the user turn
+    trainer.train()
+    (h,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert h["qtuning/kept_sample_share"] == 0.5 and math.isfinite(h["loss"])
+    assert 0 < h["qtuning/kept_token_share"] < 1
+    if h["qtuning/q2_misconception"]:  # ⌈n/2⌉ of each misconception sample's assistant tokens
+        assert 0.5 <= h["qtuning/misconception_token_share"] <= 0.55
+
+
 def test_add_callback_after_construction_attaches_at_train_begin(tmp_path, tiny_model, tokenizer):
     class ListData(torch.utils.data.Dataset):
         def __init__(self, batch):
