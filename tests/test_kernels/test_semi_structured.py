@@ -329,3 +329,17 @@ def test_swapped_module_copies_and_pickles():
     assert torch.equal(clone(x), y)
     assert torch.equal(copy.deepcopy(lin)(x), y)
     assert "semi_structured=2:4" in repr(lin)
+
+
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+def test_cutlass_pack_builds_a_valid_pytorch_cutlass_tensor(dtype):
+    # the GEMM is CUDA-only, but the tensor PyTorch would multiply with can be built and decoded on CPU
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    w = _linear(40, 100, dtype).weight.detach()  # padded to 64 × 128
+    packed = ss.pack(w, "cutlass")
+    assert isinstance(packed.handle, SparseSemiStructuredTensorCUTLASS)
+    assert (packed.rows, packed.cols, packed.rows_padded, packed.cols_padded) == (40, 100, 64, 128)
+    dense = packed.handle.to_dense()
+    assert dense.shape == (64, 128)
+    assert torch.equal(dense[:40, :100], w) and not bool(dense[40:].any()) and not bool(dense[:, 100:].any())
