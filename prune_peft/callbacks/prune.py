@@ -62,6 +62,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..sparsity.loraprune import (
+    channel_scores,
     gqa_group_scores,
     grad_importance,
     lora_importance,
@@ -386,23 +387,39 @@ class LoRAPruneDriver(PruneDriver):
             return grad_importance(base.weight, base.weight.grad, A, B, s)
         return torch.addmm(base.weight.detach().float(), B.detach().float(), A.detach().float(), alpha=s).abs_()
 
+    def _channel_scores(self, layer, axis: str) -> torch.Tensor | None:
+        """Row (``"out"``) or column (``"in"``) sums of one layer's importance; None when its gradients are missing."""
+        a = self.adapter
+        base = layer.get_base_layer()
+        A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
+        mode = self.settings["importance"]
+        if mode == "lora":
+            if A.grad is None or B.grad is None:
+                return None
+            return channel_scores(base.weight, A, B, s, grad_A=A.grad, grad_B=B.grad, axis=axis)
+        if mode == "grad":
+            if base.weight.grad is None:
+                return None
+            return channel_scores(base.weight, A, B, s, grad_W=base.weight.grad, axis=axis)
+        return channel_scores(base.weight, A, B, s, axis=axis)
+
     def _block_scores(self, b) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         units = channels = None
         if b.prunes_heads:
             parts = []
-            for role, axis in (("q_proj", 1), ("k_proj", 1), ("v_proj", 1), ("o_proj", 0)):
+            for role, axis in (("q_proj", "out"), ("k_proj", "out"), ("v_proj", "out"), ("o_proj", "in")):
                 layer = b.layers.get(role)
-                imp = self._importance(layer) if layer is not None else None
-                if imp is not None:
-                    parts.append(normalize_scores(gqa_group_scores(imp.sum(axis), b.head_dim, b.num_kv_heads)))
+                score = self._channel_scores(layer, axis) if layer is not None else None
+                if score is not None:
+                    parts.append(normalize_scores(gqa_group_scores(score, b.head_dim, b.num_kv_heads)))
             units = torch.stack(parts).sum(0) if parts else None
         if b.prunes_channels:
             parts = []
-            for role, axis in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 0)):
+            for role, axis in (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in")):
                 layer = b.layers.get(role)
-                imp = self._importance(layer) if layer is not None else None
-                if imp is not None:
-                    parts.append(normalize_scores(imp.sum(axis)))
+                score = self._channel_scores(layer, axis) if layer is not None else None
+                if score is not None:
+                    parts.append(normalize_scores(score))
             channels = torch.stack(parts).sum(0) if parts else None
         return units, channels
 

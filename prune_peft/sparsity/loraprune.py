@@ -25,6 +25,7 @@ import math
 import torch
 
 __all__ = [
+    "channel_scores",
     "estimate_weight_grad",
     "gqa_group_scores",
     "grad_importance",
@@ -70,6 +71,49 @@ def lora_group_scores(
     ``axis="in"`` → one per column (input channel)."""
     imp = lora_importance(weight, A, B, grad_A, grad_B, scaling)
     return _reduce(imp, axis)
+
+
+def channel_scores(
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    grad_A: torch.Tensor | None = None,
+    grad_B: torch.Tensor | None = None,
+    grad_W: torch.Tensor | None = None,
+    axis: str = "out",
+    chunk: int = 128,
+) -> torch.Tensor:
+    """Per-channel sums of the element importance, computed a block of rows at a time.
+
+    The score is :func:`lora_importance` when LoRA gradients are given, :func:`grad_importance` when the base gradient
+    ``grad_W`` is given, else the magnitude ``|W + s·B A|``. Rows are processed ``chunk`` at a time, so the
+    d_out × d_in temporaries stay cache-sized instead of materialising (several times) per layer — the importance then
+    costs about one read of the weight.
+    """
+    if axis not in ("out", "in"):
+        raise ValueError(f"axis must be 'out' (rows) or 'in' (columns), got {axis!r}")
+    A32, B32 = A.detach().float(), B.detach().float()
+    if grad_A is not None and grad_B is not None:
+        rhs = torch.cat([A32 - grad_A.detach().float(), grad_A.detach().float()], dim=0)  # [2r, d_in]
+        gB = grad_B.detach().float()
+    d_out = weight.shape[0]
+    rows = torch.empty(d_out, dtype=torch.float32, device=weight.device) if axis == "out" else None
+    cols = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device) if axis == "in" else None
+    for r0 in range(0, d_out, chunk):
+        r1 = min(d_out, r0 + chunk)
+        merged = torch.addmm(weight[r0:r1].detach().float(), B32[r0:r1], A32, alpha=scaling)
+        if grad_A is not None and grad_B is not None:
+            imp = (torch.cat([gB[r0:r1], B32[r0:r1]], dim=1) @ rhs).mul_(merged).abs_()
+        elif grad_W is not None:
+            imp = merged.mul_(grad_W[r0:r1].detach().float()).abs_()
+        else:
+            imp = merged.abs_()
+        if rows is not None:
+            rows[r0:r1] = imp.sum(1)
+        else:
+            cols += imp.sum(0)
+    return rows if rows is not None else cols
 
 
 def magnitude_group_scores(

@@ -7,6 +7,7 @@ import torch
 
 from prune_peft.callbacks.prune import PruneSchedule
 from prune_peft.sparsity.loraprune import (
+    channel_scores,
     estimate_weight_grad,
     gqa_group_scores,
     grad_importance,
@@ -148,3 +149,19 @@ def test_schedule_rejects_bad_values():
     with pytest.raises(ValueError, match="warmup"):
         PruneSchedule(0.5, 10, warmup=0.6, cooldown=0.5)
     assert math.isclose(PruneSchedule(0.5, 10, warmup=0, cooldown=0, kind="linear").sparsity(5), 0.25)
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_chunked_channel_scores_equal_the_full_computation(axis):
+    W, A, B, gA, gB, s = _lora_grads(2, d_out=37, d_in=11, r=3)
+    dim = 1 if axis == "out" else 0
+    for chunk in (1, 5, 128):
+        got = channel_scores(W, A, B, s, grad_A=gA, grad_B=gB, axis=axis, chunk=chunk)
+        torch.testing.assert_close(got, lora_importance(W, A, B, gA, gB, s).sum(dim), rtol=1e-5, atol=1e-6)
+        G = torch.randn_like(W)
+        torch.testing.assert_close(
+            channel_scores(W, A, B, s, grad_W=G, axis=axis, chunk=chunk), grad_importance(W, G, A, B, s).sum(dim)
+        )
+        torch.testing.assert_close(
+            channel_scores(W, A, B, s, axis=axis, chunk=chunk), (W + s * B @ A).abs().sum(dim), rtol=1e-5, atol=1e-6
+        )
