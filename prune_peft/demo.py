@@ -101,6 +101,13 @@ def stage_sparsegpt_50(ctx: DemoContext) -> dict:
     return _prune_stage(ctx, "sparsegpt_50%", "sparsegpt", sparsity=0.5)
 
 
+def stage_sparse_lora(ctx: DemoContext) -> dict:
+    """Recover the 2:4 model with SparseLoRA through transformers.Trainer, merge, keep every zero."""
+    from .tuners._demo import stage_sparse_lora as run
+
+    return run(ctx)
+
+
 def stage_loraprune(ctx: DemoContext) -> dict:
     """LoRAPrune: 20 % of heads and MLP channels pruned while LoRA fine-tuning, then compacted."""
     from .tuners.loraprune.demo import stage_loraprune as run
@@ -112,6 +119,7 @@ STAGES = [
     ("load", stage_load),
     ("wanda_2:4", stage_wanda_24),
     ("sparsegpt_50%", stage_sparsegpt_50),
+    ("sparse_lora", stage_sparse_lora),
     ("loraprune", stage_loraprune),
 ]
 
