@@ -2,8 +2,8 @@
 
 SparseLoRA's update ``ΔW = M ⊙ s·B A`` has the base's mask, so ``W + ΔW`` is 2:4 with the *same* pattern. Its fused
 path (one GEMM with ``W + ΔW``, see :mod:`prune_peft.tuners._functional`) therefore maps onto one sparse GEMM: the
-merged weight is compressed each forward (an elementwise pass, cheap next to the GEMM at LLM token counts) and
-multiplied on sparse tensor cores. ``∂L/∂x = G (W + ΔW)`` is sparse too when the mask is transposable. The adapter
+merged weight is compressed once per optimizer step (cached while W, A, B, M and s are unchanged, so gradient
+accumulation, activation checkpointing and generation reuse it) and multiplied on sparse tensor cores. ``∂L/∂x = G (W + ΔW)`` is sparse too when the mask is transposable. The adapter
 gradients are exactly those of :class:`~prune_peft.tuners._functional._MaskedLora` (``grad_mode`` respected).
 
 Running the frozen base sparse and the masked branch ``x (M ⊙ s·BA)ᵀ`` separately would add a dense GEMM per
@@ -40,21 +40,40 @@ def _merged_weight(A, B, mask, weight_fn, scaling) -> torch.Tensor:
     return ((B * scaling) @ A).masked_fill_(~mask, 0).add_(weight).to(weight.dtype)
 
 
+class _FusedPack:
+    """Compressed ``W + M ⊙ s·BA`` (and its transpose, lazily) for one set of (W, A, B, M, s, dtype) versions.
+
+    Reused while none of them changes: by every micro-batch of a gradient-accumulation step, by activation
+    checkpointing's recomputation, and by every decoding step in generation; rebuilt after each optimizer step.
+    """
+
+    def __init__(self, key: tuple, make_weight, backend: str, name: str) -> None:
+        self.key, self.make_weight, self.backend, self.name = key, make_weight, backend, name
+        self._fwd: _Packed | None = None
+        self._bwd: _Packed | None = None
+
+    def fwd(self) -> _Packed:
+        if self._fwd is None:  # 2:4 by construction (checked in _pp_fused_forward)
+            self._fwd = pack(self.make_weight(), self.backend, self.name, check=False)
+        return self._fwd
+
+    def bwd(self) -> _Packed:
+        if self._bwd is None:
+            self._bwd = pack(self.make_weight().t().contiguous(), self.backend, self.name + " (Wᵀ)", check=False)
+        return self._bwd
+
+
 class _SparseMaskedLora(torch.autograd.Function):
     """``y = x (W + M ⊙ s·B A)ᵀ + b`` with the merged 2:4 weight on sparse tensor cores."""
 
     @staticmethod
-    def forward(ctx, x, bias, A, B, packed_mask, weight_fn, width, scaling, exact, backend, dtype, transposable, name):
+    def forward(ctx, x, bias, A, B, packed_mask, width, scaling, exact, fused: _FusedPack, dtype, transposable):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            mask = unpack_mask(packed_mask, width)
-            w_eff = _merged_weight(A, B, mask, weight_fn, scaling).to(dtype)
-            fwd = pack(w_eff, backend, name, check=False)  # 2:4 by construction (checked in _pp_fused_forward)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            y = packed_linear(x2, fwd, bias.to(dtype) if bias is not None else None)
-            del w_eff, fwd
+            y = packed_linear(x2, fused.fwd(), bias.to(dtype) if bias is not None else None)
         ctx.save_for_backward(x, A, B, packed_mask)
-        ctx.weight_fn, ctx.width, ctx.scaling, ctx.exact = weight_fn, width, scaling, exact
-        ctx.backend, ctx.dtype, ctx.transposable, ctx.name = backend, dtype, transposable, name
+        ctx.width, ctx.scaling, ctx.exact = width, scaling, exact
+        ctx.fused, ctx.dtype, ctx.transposable = fused, dtype, transposable
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -68,14 +87,11 @@ class _SparseMaskedLora(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
-            w_eff = _merged_weight(A, B, mask, ctx.weight_fn, s).to(ctx.dtype)
             gd = g2.to(ctx.dtype)
-            if ctx.transposable:
-                bwd: _Packed = pack(w_eff.t().contiguous(), ctx.backend, ctx.name + " (Wᵀ)", check=False)
-                grad_x = packed_linear(gd, bwd)
+            if ctx.transposable:  # Wᵀ is 2:4 too: ∂L/∂x = G W on sparse tensor cores
+                grad_x = packed_linear(gd, ctx.fused.bwd())
             else:
-                grad_x = gd @ w_eff
-            del w_eff
+                grad_x = gd @ ctx.fused.make_weight()  # recomputed, not kept
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
         if need_A or need_B:  # the same formulas as the dense fused path (tuners._functional._MaskedLora)
             g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
@@ -89,11 +105,17 @@ class _SparseMaskedLora(torch.autograd.Function):
                 grad_A = ((g2a @ B).t() @ x2a).mul_(s) if need_A else None
         if need_bias:
             grad_bias = g2.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_bias, grad_A, grad_B, *([None] * 9)
+        return grad_x, grad_bias, grad_A, grad_B, *([None] * 7)
 
 
 class _SemiStructuredFusedMixin:
     """Placed before a SparseLoRA layer class: its fused forward runs the merged 2:4 weight sparse."""
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_pp_ss_fused_cache", None)  # compressed copies and closures: a cache, not state
+        state.pop("_pp_ss_checked", None)
+        return state
 
     def _pp_fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         base = self.get_base_layer()
@@ -109,21 +131,25 @@ class _SemiStructuredFusedMixin:
         if problem:
             _warn_once(f"{base._pp_ss_name}: {problem}")
             return super()._pp_fused_forward(x, adapter)
+        dtype = _compute_dtype(x)
+        fused = self._pp_ss_fused(adapter, backend, dtype, A, B, packed, width, scaling, base)
         return _SparseMaskedLora.apply(
-            x,
-            base.bias,
-            A,
-            B,
-            packed,
-            self._pp_weight,
-            width,
-            scaling,
-            exact,
-            backend,
-            _compute_dtype(x),
-            base._pp_ss_transposable,
-            base._pp_ss_name,
+            x, base.bias, A, B, packed, width, scaling, exact, fused, dtype, base._pp_ss_transposable
         )
+
+    def _pp_ss_fused(self, adapter, backend, dtype, A, B, packed, width, scaling, base) -> _FusedPack:
+        w = base.weight
+        key = (backend, dtype, float(scaling), *((t.data_ptr(), t._version) for t in (A, B, w, packed)))
+        cache = self.__dict__.setdefault("_pp_ss_fused_cache", {})
+        entry = cache.get(adapter)
+        if entry is None or entry.key != key:
+
+            @torch.no_grad()
+            def make_weight() -> torch.Tensor:
+                return _merged_weight(A, B, unpack_mask(packed, width), self._pp_weight, scaling).to(dtype)
+
+            entry = cache[adapter] = _FusedPack(key, make_weight, backend, base._pp_ss_name)
+        return entry
 
     def _pp_ss_problem(self, base: SemiStructuredLinear, packed: torch.Tensor, width: int) -> str | None:
         """Why ``W + M ⊙ s·BA`` might not be 2:4 (None when it is): checked once per (weight, mask) version.
@@ -150,7 +176,19 @@ class _SemiStructuredFusedMixin:
 
 @functools.cache
 def _fused_class(cls: type) -> type:
-    return type(f"SemiStructured{cls.__name__}", (_SemiStructuredFusedMixin, cls), {"__module__": cls.__module__})
+    name = f"SemiStructured{cls.__name__}"
+    new = type(name, (_SemiStructuredFusedMixin, cls), {"__module__": __name__, "__qualname__": name})
+    globals().setdefault(name, new)  # importable by name, so pickling works
+    return new
+
+
+def _predefine() -> None:
+    from ..tuners.sparse_lora.layer import SparseLoraLinear
+
+    _fused_class(SparseLoraLinear)  # → SemiStructuredSparseLoraLinear, defined at import for unpickling
+
+
+_predefine()
 
 
 def _is_sparse_lora(layer: nn.Module) -> bool:

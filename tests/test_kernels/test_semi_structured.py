@@ -343,3 +343,32 @@ def test_cutlass_pack_builds_a_valid_pytorch_cutlass_tensor(dtype):
     dense = packed.handle.to_dense()
     assert dense.shape == (64, 128)
     assert torch.equal(dense[:40, :100], w) and not bool(dense[40:].any()) and not bool(dense[:, 100:].any())
+
+
+def test_sparse_lora_fused_pack_is_cached_until_an_optimizer_step(tiny_model, monkeypatch):
+    model = get_peft_model(
+        _pruned_model(tiny_model, dtype=BF16),
+        prune_peft.SparseLoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    enable_semi_structured(model, backend="emulate")
+    packs = []
+    orig = ad.pack
+    monkeypatch.setattr(ad, "pack", lambda *a, **kw: packs.append(1) or orig(*a, **kw))
+    ids = torch.randint(0, 260, (1, 8))
+    with torch.no_grad():
+        model(ids)
+        first = len(packs)
+        model(ids)  # e.g. the next decoding step: nothing re-packed
+    assert first == 28 and len(packs) == 28
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(ids, labels=ids).loss.backward()
+    opt.step()  # bumps A/B versions
+    before = len(packs)
+    with torch.no_grad():
+        model(ids)
+    assert len(packs) - before == 28
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(ids).logits, model(ids).logits)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, layer.in_features, dtype=BF16)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(layer))(x), layer(x))  # caches dropped, class importable
