@@ -260,17 +260,31 @@ def broadcast_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _refuse_sharded(model: nn.Module, owner: str) -> None:
-    for p in model.parameters():
+    kinds: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kinds.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule  # FSDP2 (torch ≥ 2.6)
+
+        kinds.append(FSDPModule)
+    except ImportError:
+        pass
+    fsdp = any(isinstance(m, tuple(kinds)) for m in model.modules()) if kinds else False
+    for p in [] if fsdp else model.parameters():
         if (
             hasattr(p, "ds_numel")
             or type(p).__name__ in ("DTensor", "FlatParameter")
             or getattr(p, "_is_sharded", False)
         ):
-            raise ValueError(
-                f"{owner}: parameters are sharded (FSDP or DeepSpeed ZeRO-3). LoRA-guided importance needs whole "
-                "LoRA factors, gradients and base weights on every rank; train with DDP (or ZeRO ≤ 2 / single GPU). "
-                "See docs/loraprune.md, 'Distributed training'."
-            )
+            fsdp = True
+            break
+    if fsdp:
+        raise ValueError(
+            f"{owner}: parameters are sharded (FSDP or DeepSpeed ZeRO-3). LoRA-guided importance needs whole "
+            "LoRA factors, gradients and base weights on every rank; train with DDP (or ZeRO ≤ 2 / single GPU). "
+            "See docs/loraprune.md, 'Distributed training'."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ LoRAPrune driver

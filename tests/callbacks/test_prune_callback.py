@@ -265,3 +265,11 @@ def test_registered_driver_is_discovered_and_driven(tmp_path):
         DRIVERS.pop("probe-test")
     assert calls == [("accumulate", 0), ("update", 0), ("accumulate", 1), ("update", 1)]
     assert trainer.state.log_history[0]["probe/level"] == 0.25
+
+
+def test_sharded_parameters_are_refused_before_training():
+    model = loraprune_model()
+    next(model.parameters()).ds_numel = 123  # what DeepSpeed ZeRO-3 puts on partitioned parameters
+    (driver,) = LoRAPruneDriver.discover(model)
+    with pytest.raises(ValueError, match="sharded"):
+        driver.setup(model, None, SimpleNamespace(max_steps=10, global_step=0))

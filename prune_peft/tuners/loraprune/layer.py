@@ -136,9 +136,7 @@ class LoRAPruneLinear(LoraLinear):
         delta = (B @ A) * (emask * self.scaling[adapter])
         xd = self.lora_dropout[adapter](x).to(A.dtype)
         out = out + F.linear(xd, delta).to(out.dtype)
-        if rows is not None:
-            out = out * rows
-        return out.to(x.dtype) if out.dtype != x.dtype and x.is_floating_point() else out
+        return out * rows if rows is not None else out
 
     # --------------------------------------------------------------------------------------------------- merging
 
