@@ -88,14 +88,29 @@ class LoRAPruneLinear(LoraLinear):
         self._pp_forget(adapter)
 
     def _pp_state(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(row mask or None, element mask or None), None where the mask keeps everything; cached until changed."""
+        """(row mask or None, element mask or None), None where the mask keeps everything.
+
+        Whether a mask prunes anything is cached until the mask changes (no device sync per forward); the tensors are
+        read from the buffers each time, so they follow ``model.to(device)``. The unpacked element mask is cached
+        per packed buffer.
+        """
         cache = self.__dict__.setdefault("_pp_cache", {})
         if adapter not in cache:
             rows, elems = self.row_mask(adapter), self.element_mask(adapter)
-            rows = None if rows is None or bool(rows.all()) else rows
-            elems = None if elems is None or bool(elems.all()) else elems.to(self.get_base_layer().weight.device)
-            cache[adapter] = (rows, elems)
-        return cache[adapter]
+            cache[adapter] = {
+                "rows": rows is not None and not bool(rows.all()),
+                "elems": elems is not None and not bool(elems.all()),
+            }
+        entry = cache[adapter]
+        rows = self.lora_prune_mask.get(adapter) if entry["rows"] else None
+        elems = None
+        if entry["elems"]:
+            packed = self.lora_prune_emask.packed(adapter)
+            key = (packed.data_ptr(), packed.device)
+            if entry.get("key") != key:
+                entry["key"], entry["unpacked"] = key, self.lora_prune_emask.get(adapter)
+            elems = entry["unpacked"]
+        return rows, elems
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -125,7 +140,7 @@ class LoRAPruneLinear(LoraLinear):
             return self._pp_elementwise(x, active[0], masked[0][2], masked[0][1])
         result = super().forward(x, *args, **kwargs)
         for _, rows, _ in masked:
-            result = result * rows.to(result.device)
+            result = result * rows
         return result
 
     def _pp_elementwise(self, x, adapter, emask, rows) -> torch.Tensor:
