@@ -80,12 +80,16 @@ def choose_backend(
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if requested in ("dense", "emulate"):
+    half = dtype in (torch.float16, torch.bfloat16)
+    dtype_reason = f"dtype {dtype} is not supported by 2:4 sparse tensor cores here (float16/bfloat16 only)"
+    if requested == "dense":
         return requested, None
+    if requested == "emulate":
+        return ("emulate", None) if half else ("dense", dtype_reason)
     if device_type != "cuda":
         return "dense", f"device '{device_type}' has no sparse tensor cores (2:4 needs an NVIDIA GPU, sm80+)"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return "dense", f"dtype {dtype} is not supported by 2:4 sparse tensor cores here (float16/bfloat16 only)"
+    if not half:
+        return "dense", dtype_reason
     if capability is None or capability < (8, 0):
         return "dense", f"GPU compute capability {capability} is below sm80 (Ampere), no 2:4 sparse tensor cores"
     if requested in ("auto", "cusparselt") and cusparselt_available:

@@ -83,6 +83,7 @@ class _Spy:
         ("cuda", FP32, (8, 0), True, "auto", "dense"),  # fp32 unsupported
         ("cpu", BF16, None, False, "auto", "dense"),
         ("cpu", BF16, None, False, "emulate", "emulate"),
+        ("cpu", FP32, None, False, "emulate", "dense"),
         ("cuda", BF16, (9, 0), True, "dense", "dense"),
     ],
 )
@@ -188,7 +189,7 @@ def test_weight_changed_to_non_24_falls_back_instead_of_wrong_numbers():
 
 def test_plain_lora_merge_into_sparse_base_stays_correct(tiny_model):
     model = get_peft_model(
-        _pruned_model(tiny_model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        _pruned_model(tiny_model, dtype=BF16), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     )
     ref = copy.deepcopy(model)
     enable_semi_structured(model, backend="emulate")
@@ -236,14 +237,17 @@ def test_autocast_compute_dtype_and_fp32_master_weights():
 
 
 def test_enable_on_lora_model_swaps_bases_only(tiny_model):
-    model = get_peft_model(_pruned_model(tiny_model), LoraConfig(r=4, target_modules="all-linear"))
+    model = get_peft_model(_pruned_model(tiny_model, dtype=BF16), LoraConfig(r=4, target_modules="all-linear"))
     names = enable_semi_structured(model, backend="emulate")
     assert len(names) == 28 and all(n.endswith(".base_layer") for n in names)
     assert not any("lora_" in n for n in names)
     assert type(model.base_model.model.lm_head) is nn.Linear  # dense, never pruned: left alone
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if "lora_" in n and isinstance(m, nn.Linear))
-    status = semi_structured_status(model, torch.zeros(1, dtype=FP32))
+    status = semi_structured_status(model, torch.zeros(1, dtype=BF16))
     assert set(status.values()) == {"emulate"}
+    assert set(semi_structured_status(model, torch.zeros(1, dtype=FP32)).values()) == {
+        "dense: dtype torch.float32 is not supported by 2:4 sparse tensor cores here (float16/bfloat16 only)"
+    }
     keys_before = set(model.state_dict())
     assert disable_semi_structured(model) == names
     assert set(model.state_dict()) == keys_before
