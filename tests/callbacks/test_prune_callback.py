@@ -200,7 +200,7 @@ def test_gradual_magnitude_mode_on_a_plain_model(tmp_path):
     for structure, target in (("unstructured", 0.4), ("2:4", None)):
         model = tiny_causal_lm(num_hidden_layers=2)
         cb = PruneCallback(method="magnitude", target_sparsity=target, structure=structure, prune_every=2)
-        trainer = _train(model, tmp_path / structure, [cb], max_steps=6)
+        trainer = _train(model, tmp_path / structure, [cb], max_steps=4)
         for layer in model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
                 zeros = int((lin.weight == 0).sum())
