@@ -231,6 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-cost", action="store_true", help="keep the cost section of an existing results file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -245,13 +246,20 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    name = "loraprune_quick.json" if args.quick else "loraprune.json"
+    previous = json.loads((RESULTS / name).read_text()) if (RESULTS / name).exists() else {}
     report = {
         "model": "smollm2-135m",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads},
         "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(args).items() if k != "worker"},
-        "cost": run_cost(args),
+        "load_average_at_start": os.getloadavg(),
     }
+    settings = {k: v for k, v in vars(args).items() if k != "worker"}
+    if not args.skip_cost:
+        report["cost"] = run_cost(args)
+        report["cost"]["settings"] = settings
+    elif "cost" in previous:
+        report["cost"] = previous["cost"]
     if not args.skip_quality:
         from prune_peft.data import shakespeare_texts
         from prune_peft.evaluation import perplexity
@@ -264,16 +272,19 @@ def main(argv=None) -> int:
         for sparsity in (0.2, 0.5):
             for method in ("loraprune", "magnitude+lora"):
                 quality[f"{method}@{sparsity:.0%}"] = run_quality(args, sparsity, method, tok, base, heldout)
+        quality["settings"] = settings
         report["quality"] = quality
+    elif "quality" in previous:
+        report["quality"] = previous["quality"]
     report["total_seconds"] = time.perf_counter() - start
-    r = report["cost"]["ratios"]
-    print(
-        f"LoRAPrune / LoRA: time {r['loraprune_vs_lora_time']:.3f}× (CPU {r['loraprune_vs_lora_cpu_time']:.3f}×), peak RSS {r['loraprune_vs_lora_peak_rss']:.3f}×"
-        f" (training memory {r['loraprune_vs_lora_training_memory']:.3f}×); LoRAPrune / full-gradient importance:"
-        f" peak RSS {r['loraprune_vs_grad_peak_rss']:.3f}× (training memory {r['loraprune_vs_grad_training_memory']:.3f}×)"
-    )
+    r = report.get("cost", {}).get("ratios")
+    if r:
+        print(
+            f"LoRAPrune / LoRA: time {r['loraprune_vs_lora_time']:.3f}× (CPU {r['loraprune_vs_lora_cpu_time']:.3f}×), peak RSS {r['loraprune_vs_lora_peak_rss']:.3f}×"
+            f" (training memory {r['loraprune_vs_lora_training_memory']:.3f}×); LoRAPrune / full-gradient importance:"
+            f" peak RSS {r['loraprune_vs_grad_peak_rss']:.3f}× (training memory {r['loraprune_vs_grad_training_memory']:.3f}×)"
+        )
     RESULTS.mkdir(exist_ok=True)
-    name = "loraprune_quick.json" if args.quick else "loraprune.json"
     (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {RESULTS / name} in {report['total_seconds']:.0f}s")
     return 0
