@@ -82,7 +82,7 @@ def channel_scores(
     grad_B: torch.Tensor | None = None,
     grad_W: torch.Tensor | None = None,
     axis: str = "out",
-    chunk: int = 128,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Per-channel sums of the element importance, computed a block of rows at a time.
 
@@ -97,7 +97,9 @@ def channel_scores(
     if grad_A is not None and grad_B is not None:
         rhs = torch.cat([A32 - grad_A.detach().float(), grad_A.detach().float()], dim=0)  # [2r, d_in]
         gB = grad_B.detach().float()
-    d_out = weight.shape[0]
+    d_out, d_in = weight.shape
+    if chunk is None:  # CPU: ~256 KB temporaries (cache); GPU: few large kernels
+        chunk = max(1, (1 << 22) // d_in) if weight.is_cuda else max(8, (1 << 16) // d_in)
     rows = torch.empty(d_out, dtype=torch.float32, device=weight.device) if axis == "out" else None
     cols = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device) if axis == "in" else None
     for r0 in range(0, d_out, chunk):

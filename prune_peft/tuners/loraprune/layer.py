@@ -148,7 +148,7 @@ class LoRAPruneLinear(LoraLinear):
         base = self.get_base_layer()
         A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         out = F.linear(x.to(base.weight.dtype), base.weight * emask, base.bias)
-        delta = (B @ A) * (emask * self.scaling[adapter])
+        delta = (B @ A).mul(emask).mul_(self.scaling[adapter])  # stays in the adapter dtype
         xd = self.lora_dropout[adapter](x).to(A.dtype)
         out = out + F.linear(xd, delta).to(out.dtype)
         return out * rows if rows is not None else out
