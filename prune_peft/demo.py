@@ -27,11 +27,11 @@ class DemoContext:
 
     @property
     def eval_windows(self) -> int:
-        return 4 if self.quick else 16
+        return 4 if self.quick else 8
 
     @property
     def nsamples(self) -> int:
-        return 4 if self.quick else 32
+        return 4 if self.quick else 16
 
     def ppl(self, model) -> float:
         from .evaluation import perplexity
