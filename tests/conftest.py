@@ -10,7 +10,8 @@ import torch
 
 from prune_peft.testing import byte_tokenizer, tiny_causal_lm
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under xdist every worker is a process: one intra-op thread each keeps 2 workers from oversubscribing 2 cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
