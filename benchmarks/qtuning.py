@@ -7,7 +7,8 @@ SFTTrainer, completion-only loss, one epoch):
 - ``random_12.5%``    a random eighth of the samples (the same data share as Q-Tuning 25 % × 50 %);
 - ``qtuning_25x50``   two-pass Q-Tuning, 25 % of each batch's samples, 50 % of the misconception tokens;
 - ``random_25%_same_steps``  a random quarter of the samples at a quarter of the batch size: Q-Tuning's training
-  shape (same optimizer steps, same samples per step) with a random instead of an EU-plane choice.
+  shape (same optimizer steps, same samples per step) with a random instead of an EU-plane choice;
+- ``qtuning_25x50_keep_low`` (with ``--with-token-keep-low``) the other reading of the token rule.
 
 Reported: wall time and process CPU time per epoch (CPU time is less sensitive to other load on a shared machine),
 their ratios to ``full`` (goal for Q-Tuning: ≤ 0.5×), and the held-out completion loss of each run (and of the base
@@ -105,6 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--with-token-keep-low",
+        action="store_true",
+        help="also run Q-Tuning with token_keep='low' (the other reading of the paper's token rule)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "qtuning.json"))
     args = ap.parse_args(argv)
 
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     from prune_peft.sft_data import arithmetic_problems
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     base, tok = load_model_and_tokenizer(args.model)
     train = arithmetic_problems(args.n_train, seed=args.seed).remove_columns("answer")
     heldout = arithmetic_problems(args.n_eval, seed=args.seed + 10_000).remove_columns("answer")
@@ -163,13 +170,24 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=max(1, args.batch_size // 4),
         ),
     }
+    if args.with_token_keep_low:
+        low = QTuningConfig(sample_ratio=0.25, token_ratio=0.5, mode="two_pass", token_keep="low")
+        runs["qtuning_25x50_keep_low"] = run_one(
+            "qtuning_25x50_keep_low", base, tok, train, heldout, args, [QTuningCallback(low)]
+        )
     full, q = runs["full"], runs["qtuning_25x50"]
     result = {
         "benchmark": "qtuning",
         "model": args.model,
         "data": f"arithmetic_problems: {args.n_train} train, {args.n_eval} held-out (prompt/completion)",
         "settings": {**vars(args), "qtuning": qt.to_dict(), "peft": "LoRA r=8 all-linear", "epochs": 1},
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "loadavg_1_5_15_before": load_before,
+            "loadavg_1_5_15_after": os.getloadavg(),  # other processes share the cores: expect noise
+        },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "heldout_loss_base": base_eval,
         "runs": runs,

@@ -234,14 +234,16 @@ def select_tokens(
     token_ratio: float,
     lam: float = 0.5,
     *,
-    keep: str = "low",
+    keep: str = "high",
     neighbor_mean: bool = False,
 ) -> torch.Tensor:
     """Boolean keep mask [B, T] over tokens: per row, ⌈token_ratio·n⌉ of its n response tokens by :func:`token_scores`.
 
-    ``keep="low"`` keeps the lowest scores (drops isolated high-perplexity spikes and their neighbourhoods; the
-    choice of the only public re-implementation), ``keep="high"`` the highest. Ties go to the earlier position.
-    Non-response positions are never kept.
+    ``keep="high"`` retains the top-scoring tokens (the project page: "only the top-r_token fraction are retained";
+    the abstract: "trim less salient tokens" — the already-predicted, low-perplexity context of a misconception);
+    ``keep="low"`` retains the lowest scores instead (drops high-perplexity spikes and their neighbourhoods, the
+    choice of the unofficial slime re-implementation). Ties go to the earlier position. Non-response positions are
+    never kept.
     """
     _check_ratio("token_ratio", token_ratio)
     if keep not in ("low", "high"):
@@ -339,8 +341,11 @@ class QTuningConfig:
         },
     )
     token_keep: str = field(
-        default="low",
-        metadata={"help": "keep the 'low'est or 'high'est scoring tokens in misconception samples (page ambiguous)"},
+        default="high",
+        metadata={
+            "help": "retain the 'high'est scoring tokens of misconception samples (the page's 'top-r_token fraction', "
+            "trimming the less salient, well-predicted ones) or the 'low'est (the slime re-implementation)"
+        },
     )
     neighbor_mean: bool = field(
         default=False,

@@ -154,14 +154,14 @@ def test_token_scores_match_formula():
     assert half[0, 2].item() == pytest.approx((1 - lam) * p[2] + lam * (p[1] + p[3]) / 2, rel=1e-12)
 
 
-def test_select_tokens_keeps_ratio_of_lowest_scores_per_sample():
+def test_select_tokens_keeps_ratio_of_top_or_bottom_scores_per_sample():
     g = torch.Generator().manual_seed(1)
     nll = torch.rand(5, 12, generator=g) * 4
     mask = torch.zeros(5, 12, dtype=torch.bool)
     for b, (s, e) in enumerate([(2, 12), (0, 5), (6, 7), (3, 10), (0, 0)]):
         mask[b, s:e] = True
     for ratio in (0.5, 0.7, 1.0):
-        keep = select_tokens(nll, mask, ratio, lam=0.5)
+        keep = select_tokens(nll, mask, ratio, lam=0.5, keep="low")
         assert not (keep & ~mask).any()
         scores = token_scores(nll, mask, 0.5)
         for b in range(5):
@@ -170,7 +170,7 @@ def test_select_tokens_keeps_ratio_of_lowest_scores_per_sample():
             assert int(keep[b].sum()) == k
             if 0 < k < n:  # kept scores are the k lowest
                 assert scores[b][keep[b]].max() <= scores[b][mask[b] & ~keep[b]].min()
-        high = select_tokens(nll, mask, ratio, lam=0.5, keep="high")
+        high = select_tokens(nll, mask, ratio, lam=0.5)  # the default: the top-scoring tokens
         for b in range(5):
             if 0 < int(high[b].sum()) < int(mask[b].sum()):
                 assert scores[b][high[b]].min() >= scores[b][mask[b] & ~high[b]].max()
