@@ -16,7 +16,6 @@ and unloads quantized bases to dequantized sparse ``nn.Linear`` layers.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -59,6 +58,9 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return weight.data.float() * scb.to(weight.device).view(-1, 1) * (1.0 / 127.0)
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
 def check_base_layer(base_layer: nn.Module, method: str, name: str | None) -> None:
     """Only float ``nn.Linear`` weights and bitsandbytes 4/8-bit weights are understood; anything else is refused."""
     weight = getattr(base_layer, "weight", None)
@@ -71,9 +73,6 @@ def check_base_layer(base_layer: nn.Module, method: str, name: str | None) -> No
             f"({weight.dtype}): supported bases are torch.nn.Linear with float weights and bitsandbytes "
             "Linear4bit (nf4/fp4) / Linear8bitLt"
         )
-
-
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 class _SparseVariant(LoraVariant):
@@ -560,10 +559,6 @@ def set_sparse_masks(model: nn.Module, masks: dict[str, torch.Tensor], adapter_n
     tuner = getattr(model, "base_model", model)
     if isinstance(tuner, SparseTunerMixin):
         tuner._pp_refresh_card(adapter_name)
-
-
-def warn_once(msg: str) -> None:
-    warnings.warn(msg, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------------- configs
