@@ -31,6 +31,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/oneshot.py
+	$(BIN)/python benchmarks/adapters.py
 
 # 2:4 sparse tensor cores vs dense bf16 (needs an sm80+ GPU; says so and writes nothing otherwise)
 bench-gpu: $(STAMP)
