@@ -68,6 +68,37 @@ def pruned_layer_sparsity(model) -> float:
     return zeros / total
 
 
+NAMES = {
+    "lora": "LoRA (peft)",
+    "sparse_lora": "SparseLoRA, exact grads",
+    "sparse_lora_lors": 'SparseLoRA, `grad_mode="lors"`',
+    "spp": "SPP, fused",
+    "spp_blockwise": "SPP, blockwise",
+}
+
+
+def table(result: dict) -> str:
+    """The README table (markdown) for a finished run."""
+    rows = [
+        "| adapter | step time | peak RSS | training memory | ppl after "
+        f"{result['steps']} steps (merged) | sparsity after merge |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in result["adapters"].items():
+        rows.append(
+            f"| {NAMES.get(name, name)} | {r['step_s']:.1f} s ({r['time_ratio']:.2f}×) | "
+            f"{r['peak_rss_mb'] / 1024:.2f} GB ({r['peak_rss_ratio']:.2f}×) | "
+            f"{r['training_mb'] / 1024:.2f} GB ({r['training_mem_ratio']:.2f}×) | {r['ppl_merged']:.2f} | "
+            f"{r['sparsity_after_merge']:.4f} |"
+        )
+    head = (
+        f"SmolLM2-135M, Wanda 2:4 (sparsity {result['sparsity_pruned']:.4f}), batch {result['batch'][0]} × "
+        f"{result['batch'][1]} tokens, fp32, {result['threads']} CPU threads, rank {result['rank']} for the LoRA "
+        f"types. Held-out perplexity: dense {result['ppl_dense']:.2f}, pruned {result['ppl_pruned']:.2f}."
+    )
+    return head + "\n\n" + "\n".join(rows)
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -207,9 +238,11 @@ def main() -> None:
         print(f"{name}: {per[name]}", flush=True)
     result["adapters"] = per
     result["seconds"] = time.perf_counter() - t_start
+    result["table_md"] = table(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "adapters.json", result)
     print(json.dumps(result, indent=2))
+    print(result["table_md"])
 
 
 if __name__ == "__main__":
