@@ -10,7 +10,7 @@ Measured in one run, batch 4 × 256 tokens of the Shakespeare training split, ra
 * held-out perplexity after the same number of steps, and the sparsity of the pruned layers after merging (plain LoRA
   densifies them; the others keep every zero).
 
-    python benchmarks/adapters.py [--steps 20] [--nsamples 32] [--eval-windows 16]
+    python benchmarks/adapters.py [--steps 20] [--nsamples 32] [--eval-windows 16] [--threads 2]
 
 Writes benchmarks/results/adapters.json. Never run by the tests.
 """
@@ -107,14 +107,14 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def memory_worker(name: str, checkpoint: str, steps: int) -> dict:
+def memory_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
     """Peak RSS of a few training steps, in a fresh process holding only this model."""
     import torch
     from peft import get_peft_model
 
     from prune_peft.models import load_model_and_tokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model, tok = load_model_and_tokenizer(checkpoint)
     model = get_peft_model(model, make_config(name))
     model.train()
@@ -132,8 +132,9 @@ def memory_worker(name: str, checkpoint: str, steps: int) -> dict:
     return {"config": name, "rss_before_mb": before, "peak_rss_mb": peak, "training_mb": peak - before}
 
 
-def run_worker(name: str, checkpoint: str, steps: int) -> dict:
+def run_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--steps", str(steps)]
+    cmd += ["--threads", str(threads)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if result.returncode:
@@ -148,11 +149,12 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32, help="Wanda calibration sequences")
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows of 256 tokens")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(memory_worker(args.worker, args.checkpoint, args.steps)))
+        print(json.dumps(memory_worker(args.worker, args.checkpoint, args.steps, args.threads)))
         return
 
     import torch
@@ -163,7 +165,7 @@ def main() -> None:
     from prune_peft.data import shakespeare_texts
     from prune_peft.models import load_model_and_tokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.perf_counter()
     model, tok = load_model_and_tokenizer("smollm2-135m")
@@ -194,7 +196,7 @@ def main() -> None:
         tok.save_pretrained(ckpt)
         memory = {}
         for name in args.configs:
-            memory[name] = run_worker(name, ckpt, args.memory_steps)
+            memory[name] = run_worker(name, ckpt, args.memory_steps, args.threads)
             print(f"memory {name}: {memory[name]}", flush=True)
 
     # side by side: one step per adapter in turn, same batch, so machine load hits all of them alike
