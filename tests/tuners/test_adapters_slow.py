@@ -10,6 +10,9 @@ def test_demo_sparse_lora_stage_quick(tmp_path):
     from prune_peft.demo import run_demo
 
     report = run_demo(tmp_path, quick=True, stages=["wanda_2:4", "sparse_lora"])
+    # the one-shot stage it builds on (one demo run covers both, to keep CI short)
+    assert report["wanda_2:4"]["2:4_valid"] is True and report["wanda_2:4"]["sparsity"] >= 0.5
+    assert report["wanda_2:4"]["ppl"] > report["load"]["ppl_dense"]
     stage = report["sparse_lora"]
     assert stage["steps"] >= 1 and stage["loss_first"] is not None
     assert stage["sparsity_identical"] and stage["sparsity_before_merge"] == pytest.approx(0.5, abs=0.01)
