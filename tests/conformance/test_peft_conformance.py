@@ -108,7 +108,9 @@ GENERIC = [
     "_test_get_base_model_state_dict",
     "_test_lora_conversion",
     "_test_peft_model_device_map",
+    "_test_add_adapter_no_autocast_adapter_dtype",
 ]
+EXTRA_ARGS = {"_test_add_adapter_no_autocast_adapter_dtype": {"dtype": torch.bfloat16}}
 DECODER_ONLY = [
     "_test_disable_adapter",
     "_test_prepare_for_training",
@@ -127,8 +129,6 @@ NOT_APPLICABLE = {
     "_test_passing_input_embeds_works": "needs a test_name argument specific to peft's decoder matrix; "
     "inputs_embeds is exercised by _test_prepare_for_training",
     "_test_generate_pos_args": "tests PeftModel.generate's argument handling, independent of the adapter type",
-    "_test_add_adapter_no_autocast_adapter_dtype": "the toy models are float32 only (bf16 covered by "
-    "tests/tuners/test_sparse_adapters.py::test_bf16_base_merges_exactly)",
     "_test_disable_adapter[PrunedMLP]": "compares generate() scores, so it needs a generative model; the MLP gets "
     "the same check without generate in test_merged_toy_models_keep_every_zero",
     "_test_weighted_combination_of_adapters[SPP]": "SPP adapters are not B·A products, so add_weighted_adapter "
@@ -162,7 +162,7 @@ class TestPeftConformance(_Tester):
         if not hasattr(self, check):
             pytest.skip(f"{check} is not part of peft {testing_common.__name__}'s harness")
         self._model_id = model_id
-        getattr(self, check)(model_id, config_cls, dict(config_kwargs))
+        getattr(self, check)(model_id, config_cls, dict(config_kwargs), **EXTRA_ARGS.get(check, {}))
 
     def prepare_inputs_for_testing(self):
         if self._model_id == "PrunedMLP":
