@@ -10,12 +10,13 @@ SFTTrainer, completion-only loss, one epoch):
   shape (same optimizer steps, same samples per step) with a random instead of an EU-plane choice;
 - ``qtuning_25x50_keep_low`` (with ``--with-token-keep-low``) the other reading of the token rule.
 
-Reported: wall time and process CPU time per epoch (CPU time is less sensitive to other load on a shared machine),
-their ratios to ``full`` (goal for Q-Tuning: ≤ 0.5×), and the held-out completion loss of each run (and of the base
-model). Writes ``benchmarks/results/qtuning.json`` and the last EU-plane plot next to it.
+Reported: wall time and process CPU time per epoch and their ratios to ``full`` (goal for Q-Tuning: ≤ 0.5×); a
+paired timing (``--pairs`` short full / Q-Tuning runs back to back in alternating order, median ratio), which other
+load on a shared machine distorts less than two long runs minutes apart; the share of Q-Tuning's time spent in its
+scoring forward; and the held-out completion loss of each run (and of the base model). Writes ``benchmarks/results/qtuning.json`` and the last EU-plane plot next to it.
 
     python benchmarks/qtuning.py                 # ≈ 10 min on 2 busy CPU cores
-    python benchmarks/qtuning.py --n-train 32    # quicker, noisier
+    python benchmarks/qtuning.py --n-train 32 --pairs 1   # quicker, noisier
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def run_one(name, base, tok, train, heldout, args, callbacks=(), evaluate=True, 
         result["calibration_samples_per_step"] = sum(h["qtuning/q4_calibration"] for h in logs) / len(logs)
         result["scoring_s"] = sum(h.get("qtuning/scoring_seconds", 0.0) for h in logs)
         plots = sorted(Path(out, "qtuning").glob("eu_plane_step*.png"))
-        if plots:
+        if plots and evaluate:  # the main run's plot, not a timing run's
             RESULTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(plots[-1], RESULTS / "qtuning_eu_plane.png")
     shutil.rmtree(out, ignore_errors=True)
@@ -99,13 +100,15 @@ def run_one(name, base, tok, train, heldout, args, callbacks=(), evaluate=True, 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n-train", type=int, default=96)
+    ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs", type=int, default=3, help="paired timing repeats (0 = skip)")
+    ap.add_argument("--pair-steps", type=int, default=2, help="optimizer steps per paired timing run")
     ap.add_argument(
         "--with-token-keep-low",
         action="store_true",
@@ -175,6 +178,28 @@ def main(argv: list[str] | None = None) -> dict:
         runs["qtuning_25x50_keep_low"] = run_one(
             "qtuning_25x50_keep_low", base, tok, train, heldout, args, [QTuningCallback(low)]
         )
+    # Paired timing: short full / Q-Tuning runs back to back, in alternating order, so that load from other
+    # processes on a shared machine hits both sides of each ratio alike; the median pair ratio is reported.
+    pairs = []
+    chunk = args.pair_steps * args.batch_size
+    for i in range(args.pairs):
+        part = train.select([(i * chunk + j) % len(train) for j in range(chunk)])
+        order = [("full", []), ("qtuning", [QTuningCallback(qt)])]
+        timed = {}
+        for name, cbs in order if i % 2 == 0 else order[::-1]:
+            timed[name] = run_one(f"pair{i}-{name}", base, tok, part, heldout, args, cbs, evaluate=False)
+        pairs.append(
+            {
+                "wall_ratio": timed["qtuning"]["wall_s"] / timed["full"]["wall_s"],
+                "cpu_ratio": timed["qtuning"]["cpu_s"] / timed["full"]["cpu_s"],
+                "scoring_share": timed["qtuning"]["scoring_s"] / timed["qtuning"]["wall_s"],
+            }
+        )
+
+    def median(xs):
+        xs = sorted(xs)
+        return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else None
+
     full, q = runs["full"], runs["qtuning_25x50"]
     result = {
         "benchmark": "qtuning",
@@ -197,12 +222,20 @@ def main(argv: list[str] | None = None) -> dict:
             "random_12.5%_wall": runs["random_12.5%"]["wall_s"] / full["wall_s"],
         },
         "qtuning_scoring_share_of_wall": q["scoring_s"] / q["wall_s"],
+        "paired_timing": {
+            "pairs": pairs,
+            "median_wall_ratio": median([p["wall_ratio"] for p in pairs]),
+            "median_cpu_ratio": median([p["cpu_ratio"] for p in pairs]),
+            "median_scoring_share": median([p["scoring_share"] for p in pairs]),
+        },
         "goal": "qtuning_wall <= 0.5",
     }
     write_json(args.out, result)
-    r = result["ratios_vs_full"]
+    r, pt = result["ratios_vs_full"], result["paired_timing"]
+    paired = f"; paired median {pt['median_wall_ratio']:.2f}x wall" if pairs else ""
     print(
-        f"[qtuning bench] epoch wall time Q-Tuning/full = {r['qtuning_wall']:.2f}x (CPU time {r['qtuning_cpu']:.2f}x); "
+        f"[qtuning bench] epoch wall time Q-Tuning/full = {r['qtuning_wall']:.2f}x (CPU time {r['qtuning_cpu']:.2f}x"
+        f"{paired}); "
         f"held-out loss: base {base_eval:.4f}, full {full['heldout_loss']:.4f}, "
         f"random 12.5% {runs['random_12.5%']['heldout_loss']:.4f}, Q-Tuning 25%x50% {q['heldout_loss']:.4f}, "
         f"random 25% same steps {runs['random_25%_same_steps']['heldout_loss']:.4f}",
