@@ -133,7 +133,7 @@ class _StopForward(Exception):
 @contextmanager
 def _capture_block_inputs(block: nn.Module, store: list):
     def hook(_module, args, kwargs):
-        store.append((args, kwargs))
+        store.append((args, kwargs) if not store else _share_with(store[0], (args, kwargs)))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -141,6 +141,56 @@ def _capture_block_inputs(block: nn.Module, store: list):
         yield
     finally:
         handle.remove()
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return False
+
+
+def _share_with(first: tuple, entry: tuple) -> tuple:
+    """Reuse ``first``'s value for every block argument (except the hidden states) that is equal in ``entry`` —
+    rotary cos/sin, position ids and masks of equal-length batches — so one copy, not one per batch, stays alive."""
+    (first_args, first_kwargs), (args, kwargs) = first, entry
+    if len(args) == len(first_args):
+        args = (args[0], *(f if _same(f, a) else a for a, f in zip(args[1:], first_args[1:]))) if args else args
+    kwargs = {
+        k: first_kwargs[k] if k != "hidden_states" and k in first_kwargs and _same(first_kwargs[k], v) else v
+        for k, v in kwargs.items()
+    }
+    return args, kwargs
+
+
+def _release_freed_memory() -> None:
+    """Hand memory that PyTorch has already freed back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Calibration passes free and re-allocate many MB-sized CPU tensors of varying size; glibc keeps those holes in
+    its heap, and without trimming RSS creeps up block after block (measured on SmolLM2-135M with SparseGPT:
+    +0.53× the model's size at the peak, +0.39× with trimming)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_TRIM: list = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        fn = None
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            fn = getattr(libc, "malloc_trim", None)
+        except OSError:  # not glibc (macOS, Windows, musl without the symbol)
+            fn = None
+        _TRIM.append(fn)
+    return _TRIM[0]
 
 
 def _hidden(args, kwargs) -> torch.Tensor:
@@ -335,13 +385,16 @@ def _prune_calibrated(
                     for handle in handles:
                         handle.remove()
                 for name, mod in layer_targets.items():
-                    new_w, _ = _prune_weight(method, mod.weight, stats[name], sparsity, nm, scope, blocksize, percdamp)
+                    st = stats.pop(name)  # each Hessian is freed as soon as its layer is pruned
+                    new_w, _ = _prune_weight(method, mod.weight, st, sparsity, nm, scope, blocksize, percdamp)
                     mod.weight.copy_(new_w)
+                    del st, new_w
                     report.modules[name] = _module_stats(mod.weight, nm)
-                del stats
+                    _release_freed_memory()
             # the pruned block's outputs feed the next block; replaced in place so only one copy is alive
             for i, (args, kwargs) in enumerate(captured):
                 hidden[i] = _run_block(block, *_with_hidden(args, kwargs, hidden[i]))
+            _release_freed_memory()
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)

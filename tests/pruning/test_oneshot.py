@@ -173,3 +173,27 @@ def test_pruned_outputs_feed_next_block(tiny_model):
     prune(full, "wanda", sparsity=0.5, calibration=CALIB, batch_size=4, progress=False)
     assert (only1.model.layers[0].mlp.up_proj.weight != 0).all()
     assert not torch.equal(only1.model.layers[1].mlp.up_proj.weight == 0, full.model.layers[1].mlp.up_proj.weight == 0)
+
+
+def test_captured_block_inputs_keep_one_copy_of_equal_arguments(tiny_model):
+    """Every calibration batch shares the first batch's rotary cos/sin (equal for equal-length batches), while
+    hidden states and arguments that differ stay per batch."""
+    from prune_peft.pruning.oneshot import _capture_block_inputs, _share_with, _StopForward
+
+    model = tiny_model("llama")
+    store: list = []
+    with _capture_block_inputs(model.model.layers[0], store), torch.no_grad():
+        for i in range(0, CALIB.shape[0], 2):
+            with pytest.raises(_StopForward):
+                model(input_ids=CALIB[i : i + 2], use_cache=False)
+    assert len(store) == 3
+    first = store[0][1]["position_embeddings"]
+    for _args, kwargs in store[1:]:
+        assert all(a is b for a, b in zip(kwargs["position_embeddings"], first))
+        hs = _args[0] if _args else kwargs["hidden_states"]
+        assert hs is not (store[0][0][0] if store[0][0] else store[0][1]["hidden_states"])
+    a, b = torch.zeros(3), torch.ones(3)
+    _, kw = _share_with(
+        ((), {"x": a, "y": a, "hidden_states": a}), ((), {"x": a.clone(), "y": b, "hidden_states": a.clone()})
+    )
+    assert kw["x"] is a and kw["y"] is b and kw["hidden_states"] is not a
