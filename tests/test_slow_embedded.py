@@ -1,6 +1,5 @@
 """A small marked set of tests on the embedded SmolLM2-135M model (CI runs them too)."""
 
-
 import pytest
 
 from prune_peft.models import cache_dir

@@ -73,6 +73,7 @@ from ..sparsity.loraprune import (
 )
 from ..sparsity.masks import parse_pattern
 from ..sparsity.schedules import cubic_schedule, linear_schedule
+from ._trainer import find_trainer
 
 __all__ = [
     "DRIVERS",
@@ -830,18 +831,7 @@ class PruneCallback(TrainerCallback, ExportableState):
         return drivers
 
     def _find_trainer(self):
-        from transformers import Trainer
-
-        frame = inspect.currentframe()
-        try:
-            while frame is not None:
-                obj = frame.f_locals.get("self")
-                if isinstance(obj, Trainer) and any(cb is self for cb in obj.callback_handler.callbacks):
-                    return obj, frame
-                frame = frame.f_back
-        finally:
-            del frame
-        return None, None
+        return find_trainer(self)
 
     def _resume_dir(self, args, state) -> str | None:
         frame = inspect.currentframe()
@@ -861,7 +851,7 @@ class PruneCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise RuntimeError("PruneCallback needs the model in on_train_begin (transformers Trainer passes it)")
-        trainer, _ = self._find_trainer()
+        trainer = self._find_trainer()
         if trainer is not None:
             self._trainer = trainer
             callbacks = trainer.callback_handler.callbacks

@@ -27,7 +27,6 @@ axolotl precedent: a callback holding the trainer): a plain ``callbacks=[QTuning
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -38,6 +37,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from ._trainer import find_trainer
 
 __all__ = [
     "QUADRANT_NAMES",
@@ -525,19 +526,7 @@ class QTuningCallback(TrainerCallback):
                 cfg.plot = False
 
     def _find_trainer(self):
-        """The Trainer whose callback list holds this callback, from the call stack (its __init__ or train())."""
-        from transformers import Trainer
-
-        frame = inspect.currentframe()
-        try:
-            while frame is not None:
-                obj = frame.f_locals.get("self")
-                if isinstance(obj, Trainer) and any(cb is self for cb in obj.callback_handler.callbacks):
-                    return obj
-                frame = frame.f_back
-        finally:
-            del frame
-        return None
+        return find_trainer(self)
 
     # ------------------------------------------------------------------ callback events
     def on_init_end(self, args, state, control, **kwargs):

@@ -14,7 +14,6 @@ This is full (dense-weight) fine-tuning with a dynamic mask; to keep a fixed mas
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..sparsity.sste import MaskFlipTracker, SSTELinear, soft_threshold24
+from ._trainer import find_trainer
 from .prune import PruneDriver, register_driver
 
 __all__ = ["SSTECallback", "SSTEDriver", "apply_sste", "finalize_sste", "sste_layers"]
@@ -140,18 +140,7 @@ class SSTECallback(TrainerCallback):
         return self
 
     def _find_trainer(self):
-        from transformers import Trainer
-
-        frame = inspect.currentframe()
-        try:
-            while frame is not None:
-                obj = frame.f_locals.get("self")
-                if isinstance(obj, Trainer) and any(cb is self for cb in obj.callback_handler.callbacks):
-                    return obj
-                frame = frame.f_back
-        finally:
-            del frame
-        return None
+        return find_trainer(self)
 
     # -------------------------------------------------------------------------------------------------- events
 

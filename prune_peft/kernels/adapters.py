@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..tuners._base import SparseAdapterLayer
+from ..tuners._functional import masked_lora_factor_grads
 from ..tuners._masks import keep_values, unpack_mask
 from .semi_structured import (
     SemiStructuredLinear,
@@ -93,16 +94,9 @@ class _SparseMaskedLora(torch.autograd.Function):
             else:
                 grad_x = gd @ ctx.fused.make_weight()  # recomputed, not kept
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        if need_A or need_B:  # the same formulas as the dense fused path (tuners._functional._MaskedLora)
-            g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
-            if ctx.exact:
-                d = (g2a.t() @ x2a).mul_(keep_values(packed_mask, ctx.width, A.dtype))
-                grad_B = (d @ A.t()).mul_(s) if need_B else None
-                grad_A = (B.t() * s) @ d if need_A else None
-                del d
-            else:
-                grad_B = (g2a.t() @ (x2a @ A.t())).mul_(s) if need_B else None
-                grad_A = ((g2a @ B).t() @ x2a).mul_(s) if need_A else None
+        if need_A or need_B:  # the same gradients as the dense fused path
+            keep = keep_values(packed_mask, ctx.width, A.dtype)
+            grad_A, grad_B = masked_lora_factor_grads(g2, x2, A, B, keep, s, ctx.exact, need_A, need_B)
         if need_bias:
             grad_bias = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_bias, grad_A, grad_B, *([None] * 7)

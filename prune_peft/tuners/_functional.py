@@ -32,6 +32,7 @@ __all__ = [
     "masked_lora",
     "masked_lora_delta",
     "masked_lora_delta_forward",
+    "masked_lora_factor_grads",
     "masked_lora_merged",
     "spp",
     "spp_branch",
@@ -102,20 +103,36 @@ class _MaskedLora(torch.autograd.Function):
             grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
             del w_eff
         if need_A or need_B:
-            g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
-            if ctx.exact:
-                # ∂L/∂ΔW = Gᵀ X restricted to the mask; then the chain rule through s·B A
-                d = (g2a.t() @ x2a).mul_(keep)
-                grad_B = (d @ A.t()).mul_(s) if need_B else None
-                grad_A = (B.t() * s) @ d if need_A else None
-                del d
-            else:
-                # LoRS rearrangement: plain-LoRA gradients, O(r·(d_in + d_out)) per token
-                grad_B = (g2a.t() @ (x2a @ A.t())).mul_(s) if need_B else None
-                grad_A = ((g2a @ B).t() @ x2a).mul_(s) if need_A else None
+            grad_A, grad_B = masked_lora_factor_grads(g2, x2, A, B, keep, s, ctx.exact, need_A, need_B)
         if need_bias:
             grad_bias = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_bias, grad_A, grad_B, None, None, None, None, None
+
+
+def masked_lora_factor_grads(
+    g2: torch.Tensor,
+    x2: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    keep: torch.Tensor,
+    scaling: float,
+    exact: bool,
+    need_A: bool = True,
+    need_B: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(∂L/∂A, ∂L/∂B)`` of ``y = x (W + M ⊙ s·B A)ᵀ`` from ``G`` (tokens×d_out) and ``X`` (tokens×d_in).
+
+    exact: ``D = M ⊙ Gᵀ X`` (∂L/∂ΔW restricted to the mask), ``∂L/∂B = s·D Aᵀ``, ``∂L/∂A = s·Bᵀ D``.
+    LoRS (Hu et al., arXiv 2501.08582): the mask is dropped, ``∂L/∂B = s·Gᵀ (X Aᵀ)``, ``∂L/∂A = s·(G B)ᵀ X`` —
+    plain-LoRA gradients, O(r·(d_in + d_out)) per token. ``keep``: the mask as 0/1 values in A's dtype.
+    """
+    g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
+    if exact:
+        d = (g2a.t() @ x2a).mul_(keep)
+        return ((B.t() * scaling) @ d if need_A else None), ((d @ A.t()).mul_(scaling) if need_B else None)
+    grad_B = (g2a.t() @ (x2a @ A.t())).mul_(scaling) if need_B else None
+    grad_A = ((g2a @ B).t() @ x2a).mul_(scaling) if need_A else None
+    return grad_A, grad_B
 
 
 def masked_lora(
