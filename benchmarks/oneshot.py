@@ -57,8 +57,16 @@ def worker(method: str, nsamples: int, seqlen: int, eval_windows: int) -> dict:
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kwargs = {"pattern": "2:4"} if method == "wanda" else {"sparsity": 0.5}
     t0 = time.perf_counter()
-    report = prune(model, method=method, calibration=calib, tokenizer=tok, nsamples=nsamples, seqlen=seqlen,
-                   progress=False, **kwargs)
+    report = prune(
+        model,
+        method=method,
+        calibration=calib,
+        tokenizer=tok,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        progress=False,
+        **kwargs,
+    )
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.update(
@@ -90,11 +98,26 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     rows = {}
     for method in ("dense", "wanda", "sparsegpt"):
-        proc = subprocess.run([sys.executable, __file__, "--worker", method, "--nsamples", str(args.nsamples),
-                               "--seqlen", str(args.seqlen), "--eval-windows", str(args.eval_windows)],
-                              capture_output=True, text=True, env=env, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                "--nsamples",
+                str(args.nsamples),
+                "--seqlen",
+                str(args.seqlen),
+                "--eval-windows",
+                str(args.eval_windows),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-        rows[method] = json.loads(line[len("RESULT "):])
+        rows[method] = json.loads(line[len("RESULT ") :])
         print(json.dumps(rows[method]), flush=True)
     dense = rows["dense"]["ppl"]
     result = {
@@ -109,13 +132,17 @@ def main() -> None:
     tmp = RESULTS / "oneshot.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, RESULTS / "oneshot.json")
-    print("\n| method | pattern | time (s) | (peak RSS − runtime) / model size | extra RSS while pruning / model | ppl |")
+    print(
+        "\n| method | pattern | time (s) | (peak RSS − runtime) / model size | extra RSS while pruning / model | ppl |"
+    )
     print("|---|---|---|---|---|---|")
     print(f"| dense | – | – | – | – | {dense:.2f} |")
     for m in ("wanda", "sparsegpt"):
         r = rows[m]
-        print(f"| {m} | {r['pattern']} | {r['prune_seconds']:.0f} | {r['peak_rss_over_model']:.2f}× | "
-              f"{r['extra_rss_over_model']:.2f}× | {r['ppl']:.2f} |")
+        print(
+            f"| {m} | {r['pattern']} | {r['prune_seconds']:.0f} | {r['peak_rss_over_model']:.2f}× | "
+            f"{r['extra_rss_over_model']:.2f}× | {r['ppl']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
