@@ -830,9 +830,6 @@ class PruneCallback(TrainerCallback, ExportableState):
             )
         return drivers
 
-    def _find_trainer(self):
-        return find_trainer(self)
-
     def _resume_dir(self, args, state) -> str | None:
         frame = inspect.currentframe()
         try:
@@ -851,7 +848,7 @@ class PruneCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise RuntimeError("PruneCallback needs the model in on_train_begin (transformers Trainer passes it)")
-        trainer = self._find_trainer()
+        trainer = find_trainer(self)
         if trainer is not None:
             self._trainer = trainer
             callbacks = trainer.callback_handler.callbacks

@@ -525,19 +525,16 @@ class QTuningCallback(TrainerCallback):
                 )
                 cfg.plot = False
 
-    def _find_trainer(self):
-        return find_trainer(self)
-
     # ------------------------------------------------------------------ callback events
     def on_init_end(self, args, state, control, **kwargs):
         if self.trainer is None:
-            trainer = self._find_trainer()
+            trainer = find_trainer(self)
             if trainer is not None:
                 self.attach(trainer)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
-            trainer = self._find_trainer()
+            trainer = find_trainer(self)
             if trainer is None:
                 raise RuntimeError(
                     "QTuningCallback could not find its Trainer; call QTuningCallback(...).attach(trainer) before "

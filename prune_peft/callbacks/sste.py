@@ -139,19 +139,16 @@ class SSTECallback(TrainerCallback):
         trainer.log = log
         return self
 
-    def _find_trainer(self):
-        return find_trainer(self)
-
     # -------------------------------------------------------------------------------------------------- events
 
     def on_init_end(self, args, state, control, **kwargs):
-        trainer = self._find_trainer()
+        trainer = find_trainer(self)
         if trainer is not None:
             self.attach(trainer)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self._trainer is None:
-            trainer = self._find_trainer()
+            trainer = find_trainer(self)
             if trainer is not None:
                 self.attach(trainer)
         if model is None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..tuners._base import SparseAdapterLayer
-from ..tuners._functional import masked_lora_factor_grads
+from ..tuners._functional import masked_lora_factor_grads, masked_lora_weight
 from ..tuners._masks import keep_values, unpack_mask
 from .semi_structured import (
     SemiStructuredLinear,
@@ -33,13 +33,6 @@ from .semi_structured import (
 from .sparse24 import is_transposable24
 
 __all__ = ["attach_sparse_fused", "detach_sparse_fused"]
-
-
-def _merged_weight(A, B, keep, weight_fn, scaling) -> torch.Tensor:
-    """``W + M ⊙ s·B A`` in the base dtype, computed like the dense fused path (scale on the d_out×r factor;
-    ``keep``: the mask as 0/1 values in A's dtype)."""
-    weight = weight_fn()
-    return ((B * scaling) @ A).mul_(keep).add_(weight).to(weight.dtype)
 
 
 class _FusedPack:
@@ -140,7 +133,9 @@ class _SemiStructuredFusedMixin:
 
             @torch.no_grad()
             def make_weight() -> torch.Tensor:
-                return _merged_weight(A, B, keep_values(packed, width, A.dtype), self._pp_weight, scaling).to(dtype)
+                return masked_lora_weight(A, B, keep_values(packed, width, A.dtype), self._pp_weight, scaling).to(
+                    dtype
+                )
 
             entry = cache[adapter] = _FusedPack(key, make_weight, backend, base._pp_ss_name)
         return entry

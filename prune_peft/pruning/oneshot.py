@@ -8,7 +8,10 @@ one block's statistics plus the calibration activations — never the activation
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fnmatch
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -175,22 +178,12 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-_TRIM: list = []
-
-
+@functools.cache
 def _malloc_trim():
-    if not _TRIM:
-        fn = None
-        try:
-            import ctypes
-            import ctypes.util
-
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            fn = getattr(libc, "malloc_trim", None)
-        except OSError:  # not glibc (macOS, Windows, musl without the symbol)
-            fn = None
-        _TRIM.append(fn)
-    return _TRIM[0]
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:  # not glibc (macOS, Windows, musl without the symbol)
+        return None
 
 
 def _hidden(args, kwargs) -> torch.Tensor:

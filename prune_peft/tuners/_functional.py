@@ -34,6 +34,7 @@ __all__ = [
     "masked_lora_delta_forward",
     "masked_lora_factor_grads",
     "masked_lora_merged",
+    "masked_lora_weight",
     "spp",
     "spp_branch",
     "spp_delta",
@@ -64,8 +65,16 @@ def masked_lora_merged(weight: torch.Tensor, delta: torch.Tensor, sign: float = 
     return delta.add(weight).to(weight.dtype)
 
 
-def _keep(packed: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    return keep_values(packed, width, dtype)
+def masked_lora_weight(
+    A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, weight_fn: WeightFn | None, scaling: float
+) -> torch.Tensor:
+    """The fused forward's weight ``W + M ⊙ s·B A`` in the base dtype (``keep``: the mask as 0/1 values in A's
+    dtype); with ``weight_fn=None`` only the update ``M ⊙ s·B A``."""
+    delta = _masked_product(A, B, keep, scaling)
+    if weight_fn is None:
+        return delta
+    weight = weight_fn()
+    return delta.add_(weight).to(weight.dtype)  # == masked_lora_merged(weight, delta)
 
 
 class _MaskedLora(torch.autograd.Function):
@@ -74,7 +83,7 @@ class _MaskedLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, A, B, packed, weight_fn, width, scaling, exact):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            w_eff = _MaskedLora._weight(A, B, _keep(packed, width, A.dtype), weight_fn, scaling)
+            w_eff = masked_lora_weight(A, B, keep_values(packed, width, A.dtype), weight_fn, scaling)
             y = F.linear(x.to(w_eff.dtype), w_eff, None if bias is None else bias.to(w_eff.dtype))
         ctx.save_for_backward(x, A, B, packed)
         ctx.weight_fn, ctx.width, ctx.scaling, ctx.exact = weight_fn, width, scaling, exact
@@ -82,24 +91,16 @@ class _MaskedLora(torch.autograd.Function):
         return y
 
     @staticmethod
-    def _weight(A, B, keep, weight_fn, scaling):
-        delta = _masked_product(A, B, keep, scaling)
-        if weight_fn is None:
-            return delta
-        weight = weight_fn()
-        return delta.add_(weight).to(weight.dtype)  # == masked_lora_merged(weight, delta)
-
-    @staticmethod
     def backward(ctx, grad_out):
         x, A, B, packed = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
-        keep = _keep(packed, ctx.width, A.dtype)
+        keep = keep_values(packed, ctx.width, A.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
-            w_eff = _MaskedLora._weight(A, B, keep, ctx.weight_fn, s)  # recomputed, never stored
+            w_eff = masked_lora_weight(A, B, keep, ctx.weight_fn, s)  # recomputed, never stored
             grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
             del w_eff
         if need_A or need_B:
