@@ -1,19 +1,60 @@
-"""Finding the Trainer that runs a callback.
+"""How prune_peft callbacks reach the Trainer: only through documented extension points.
 
-``TrainerCallback`` events receive the model, optimizer and dataloaders but not the Trainer itself, and some
-callbacks must wrap one of its methods (Q-Tuning's batch sampling, S-STE's logging) before training starts. The
-Trainer calls ``on_init_end`` from its own ``__init__`` and the train events from ``train()``, so it is a local
-``self`` on the call stack at those points; the callback list check makes sure it is the Trainer holding *this*
-callback, not an outer one.
+``TrainerCallback`` events receive the model, optimizer and dataloaders but not the Trainer, and the Trainer calls its
+reporters (TensorBoard, W&B, MLflow) before user callbacks in ``on_log``. Rather than walking the call stack or
+re-ordering the Trainer's callback list, prune_peft offers an opt-in mixin that overrides the Trainer's public,
+documented methods:
+
+    class MyTrainer(PruneTrainerMixin, Trainer): ...      # or (PruneTrainerMixin, trl.SFTTrainer)
+
+- ``log``: before the reporters run, every callback that is a :class:`MetricsCallback` adds its ``log_metrics()``.
+
+Without the mixin every callback still works; its metrics are appended to ``state.log_history`` in ``on_log`` (after
+the reporters, so they are absent from TensorBoard/W&B).
 """
 
 from __future__ import annotations
 
-import inspect
+from typing import Any
+
+from transformers import TrainerCallback
+
+__all__ = ["MetricsCallback", "PruneTrainerMixin"]
 
 
-def find_trainer(callback):
-    """The ``transformers.Trainer`` whose callback list holds ``callback``, from the call stack; ``None`` if absent."""
+class MetricsCallback(TrainerCallback):
+    """A callback with metrics for the Trainer's logs (``log_metrics``); see :class:`PruneTrainerMixin`."""
+
+    def log_metrics(self) -> dict[str, float]:
+        return {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Without the mixin: complete the entry Trainer.log appended just before calling on_log.
+        if logs is None or not any(k in logs for k in ("loss", "train_loss")):
+            return
+        metrics = {k: v for k, v in self.log_metrics().items() if k not in logs}
+        if not metrics:
+            return
+        logs.update(metrics)
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step:
+            last.update(metrics)
+
+
+class PruneTrainerMixin:
+    """Mixin for ``transformers.Trainer`` (or trl's trainers) that routes prune_peft metrics to every reporter."""
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if any(k in logs for k in ("loss", "train_loss")):
+            for cb in self.callback_handler.callbacks:  # type: ignore[attr-defined]
+                if isinstance(cb, MetricsCallback):
+                    logs.update(cb.log_metrics())
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def find_trainer(callback):  # TEMPORARY during the re-layout (issue 11): removed once no caller is left.
+    import inspect
+
     from transformers import Trainer
 
     frame = inspect.currentframe()
