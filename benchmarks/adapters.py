@@ -3,16 +3,18 @@
 Measured in one run, batch 4 × 256 tokens of the Shakespeare training split, rank 16 for the LoRA types:
 
 * step time (forward + backward + AdamW) of SparseLoRA (exact and LoRS gradients) and SPP (fused and blockwise) as
-  ratios to plain LoRA. All adapters are trained side by side, one step each in turn on the same batch, so load on
-  the machine hits them alike; the median over the timed steps is reported. Goal ≤ 1.15×.
-* peak memory, each config in its own process: peak RSS during training steps, total and above the loaded model
-  (the training part: activations, gradients, optimizer state, transients). Goal ≤ 1.10×.
+  ratios to plain LoRA. All adapters are trained side by side, one step each in turn on the same batch (the order
+  rotating every round), so load on the machine hits them alike; each round is a pair (adapter step / LoRA step of
+  that round), and the median and spread of those per-round ratios are reported. Goal ≤ 1.15×.
+* peak memory, each config in its own process (``_bench.MEMORY_METHOD``): peak RSS during training steps, total and
+  above the loaded model (the training part: activations, gradients, optimizer state, transients), as ratios to
+  plain LoRA's process. Goal ≤ 1.10×.
 * held-out perplexity after the same number of steps, and the sparsity of the pruned layers after merging (plain LoRA
   densifies them; the others keep every zero).
 
     python benchmarks/adapters.py [--steps 20] [--nsamples 32] [--eval-windows 16] [--threads 2]
 
-Writes benchmarks/results/adapters.json. Never run by the tests.
+Writes benchmarks/results/adapters.json (``--quick``: results/quick/), stamped. Never run by the tests.
 """
 
 from __future__ import annotations
@@ -20,16 +22,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _bench import MEMORY_METHOD, memory_record, paired, rss_mb, run_memory_worker, start_stamp, write_results
+
 BATCH, SEQLEN, RANK = 4, 256, 16
 CONFIGS = ("lora", "sparse_lora", "sparse_lora_lors", "spp", "spp_blockwise")
 LR = {"lora": 5e-4, "sparse_lora": 5e-4, "sparse_lora_lors": 5e-4, "spp": 4e-3, "spp_blockwise": 4e-3}
@@ -99,14 +97,6 @@ def table(result: dict) -> str:
     return head + "\n\n" + "\n".join(rows)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def memory_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
     """Peak RSS of a few training steps, in a fresh process holding only this model."""
     import torch
@@ -123,23 +113,18 @@ def memory_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
     with torch.no_grad():  # page everything in before the baseline
         for p in model.parameters():
             p.add_(0)
-    before = _rss_mb()
+    before = rss_mb()
     for ids in data:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"config": name, "rss_before_mb": before, "peak_rss_mb": peak, "training_mb": peak - before}
+    mem = memory_record(before)
+    return {"config": name, "rss_before_mb": before, "peak_rss_mb": mem["peak_rss_mb"], "training_mb": mem["extra_mb"]}
 
 
 def run_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", checkpoint, "--steps", str(steps)]
-    cmd += ["--threads", str(threads)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if result.returncode:
-        raise RuntimeError(f"memory worker {name} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    cmd = [__file__, "--worker", name, "--checkpoint", checkpoint, "--steps", str(steps), "--threads", str(threads)]
+    return run_memory_worker(cmd, threads)
 
 
 def main() -> None:
@@ -150,6 +135,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows of 256 tokens")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
+    parser.add_argument("--quick", action="store_true", help="3 steps, lora + sparse_lora only; results/quick/")
+    parser.add_argument("--out", default=None, help="results file (default: results/adapters.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,11 +148,16 @@ def main() -> None:
     from peft import get_peft_model
 
     from prune_peft import perplexity, prune
-    from prune_peft.cli import write_json
     from prune_peft.data import shakespeare_texts
     from prune_peft.models import load_model_and_tokenizer
 
+    if args.quick:
+        args.steps, args.nsamples, args.eval_windows, args.memory_steps = 4, 4, 2, 1
+        args.configs = ["lora", "sparse_lora"]
+    if "lora" not in args.configs:
+        raise ValueError(f"--configs must include 'lora' (the denominator of every ratio), got {args.configs}")
     torch.set_num_threads(args.threads)
+    stamp = start_stamp(args.threads, args.quick)
     torch.manual_seed(0)
     t_start = time.perf_counter()
     model, tok = load_model_and_tokenizer("smollm2-135m")
@@ -208,7 +200,9 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in args.configs}
     losses: dict[str, list[float]] = {name: [] for name in args.configs}
     for step, ids in enumerate(batches(tok, args.steps)):
-        for name, m in models.items():
+        order = list(models)[step % len(models) :] + list(models)[: step % len(models)]  # rotate who goes first
+        for name in order:
+            m = models[name]
             t0 = time.perf_counter()
             loss = m(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -225,9 +219,12 @@ def main() -> None:
         m.eval()
         unmerged = ppl(m)
         merged = m.merge_and_unload()
+        rounds = paired([a / b for a, b in zip(times[name][2:], times["lora"][2:])], f"{name} step", "LoRA step")
         per[name] = {
             "step_s": statistics.median(times[name][2:]),
-            "time_ratio": statistics.median(times[name][2:]) / base_time,
+            "time_ratio": rounds["median"],
+            "time_ratio_pairs": rounds,
+            "lora_step_s": base_time,
             "peak_rss_mb": memory[name]["peak_rss_mb"],
             "peak_rss_ratio": memory[name]["peak_rss_mb"] / base_mem["peak_rss_mb"],
             "training_mb": memory[name]["training_mb"],
@@ -239,10 +236,15 @@ def main() -> None:
         }
         print(f"{name}: {per[name]}", flush=True)
     result["adapters"] = per
+    result["memory_method"] = MEMORY_METHOD
+    result["ratios"] = {
+        "time_ratio": "median over timed rounds of (adapter step time / LoRA step time in the same round)",
+        "peak_rss_ratio": "adapter process peak RSS / LoRA process peak RSS (both include the loaded model)",
+        "training_mem_ratio": "adapter process extra_mb / LoRA process extra_mb (memory added by training steps)",
+    }
     result["seconds"] = time.perf_counter() - t_start
     result["table_md"] = table(result)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "adapters.json", result)
+    write_results("adapters", result, stamp, quick=args.quick, out=args.out)
     print(json.dumps(result, indent=2))
     print(result["table_md"])
 
