@@ -1,7 +1,7 @@
 """LoRAPrune benchmark on SmolLM2-135M: cost vs plain LoRA and vs full-weight-gradient importance; quality.
 
 Cost (batch ``--batch`` × ``--seqlen``, default 4 × 256, transformers.Trainer, LoRA r=8 on q/k/v/o/gate/up/down,
-AdamW over the LoRA parameters only; every configuration in its own subprocess of this run):
+AdamW over the LoRA parameters only; all three configurations in this one process, interleaved):
 
 - ``lora``         plain peft LoRA;
 - ``loraprune``    LoRAPrune + PruneCallback: importance from LoRA weights and gradients at every step, pruning
@@ -9,11 +9,13 @@ AdamW over the LoRA parameters only; every configuration in its own subprocess o
 - ``grad``         the same with importance from the *true* base-weight gradients (LLM-Pruner style: the base weights
                    of the adapted layers require grad; the optimizer still only updates LoRA).
 
-Time: median wall and process-CPU time per step after ``--warmup-steps`` (goal: LoRAPrune ≤ 1.10× LoRA).
-Memory: separate runs with glibc's mmap threshold pinned to 64 KiB, so freed tensors leave the process and the peak
-RSS tracks peak live memory; reported as peak RSS and as "training memory" (peak RSS minus the RSS with the model
-loaded), at the benchmark shape and at 1 × 128, where weights rather than activations dominate (goals: LoRAPrune
-≤ 1.05× LoRA; ≤ 0.6× the full-gradient baseline — the paper reports −52.6 % on LLaMA-7B).
+Time: ``--rounds`` rounds; in each, every configuration runs ``--steps-per-run`` Trainer steps (the first untimed),
+in an order that rotates every round, so machine load hits all alike. Each round gives one pair per ratio; the
+median and spread over the rounds are reported (goal: LoRAPrune ≤ 1.10× LoRA).
+Memory: one fresh process per configuration, measured as ``_bench.MEMORY_METHOD`` says (peak RSS, and "training
+memory" = peak RSS minus the RSS with the model loaded), at the benchmark shape and at 1 × 128, where weights rather
+than activations dominate (goals: LoRAPrune ≤ 1.05× LoRA; ≤ 0.6× the full-gradient baseline — the paper reports
+−52.6 % on LLaMA-7B).
 
 Quality (``--quality-steps`` optimizer steps of batch ``--quality-batch`` × ``--seqlen`` on Shakespeare, then held-out
 perplexity of the compacted model) at 20 % and 50 % structured sparsity (GQA units + MLP channels, first 10 % and last
@@ -21,7 +23,9 @@ block kept): LoRAPrune vs one-shot structured magnitude pruning (|W| per unit/ch
 normalisation) followed by LoRA with the same steps.
 
     python benchmarks/loraprune.py                  # ≈ 10 min on 2 busy CPU cores
-    python benchmarks/loraprune.py --quick          # a smoke run
+    python benchmarks/loraprune.py --quick          # a smoke run (results/quick/)
+
+Writes benchmarks/results/loraprune.json, stamped by ``_bench.write_results``.
 """
 
 from __future__ import annotations
@@ -29,28 +33,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from _bench import (
+    MEMORY_METHOD,
+    memory_record,
+    paired,
+    results_path,
+    rss_mb,
+    run_memory_worker,
+    start_stamp,
+    write_results,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _windows(tokenizer, seqlen: int, n: int):
@@ -75,111 +75,164 @@ def _targets():
 
 # ------------------------------------------------------------------------------------------------------------ cost
 
+CONFIGS = ("lora", "loraprune", "grad")
 
-def cost_worker(config: str, args) -> dict:
-    """One configuration, in a fresh process: step times and peak memory."""
+
+def _peft_model(config: str, base):
+    """``config`` on a copy of ``base``: (peft model, callbacks, optimizer over the LoRA parameters only)."""
+    import copy
+
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from prune_peft import LoRAPruneConfig, PruneCallback
+
+    base = copy.deepcopy(base)
+    if config == "lora":
+        return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=_targets())), []
+    importance = "grad" if config == "grad" else "lora"
+    cfg = LoRAPruneConfig(r=8, target_sparsity=0.5, importance=importance, prune_every=2, warmup=0.0)
+    model = get_peft_model(base, cfg)
+    if config == "grad":  # LLM-Pruner style: the base weights of the adapted layers get gradients
+        for name, p in model.named_parameters():
+            if "base_layer.weight" in name:
+                p.requires_grad_(True)
+    del torch
+    return model, [PruneCallback]
+
+
+def _train(model, callback_types, data, batch: int, steps: int, optimizer, clock=None):
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=batch, report_to=[], save_strategy="no",
+            logging_steps=steps, disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
+        )  # fmt: skip
+        callbacks = [cb() for cb in callback_types] + ([clock] if clock is not None else [])
+        trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=_collate, callbacks=callbacks,
+                          optimizers=(optimizer, None))  # fmt: skip
+        trainer.train()
+    return trainer
+
+
+def run_timing(args) -> dict:
+    """All three configurations in this one process, interleaved: ``--rounds`` rounds, each running every
+    configuration for ``--steps-per-run`` Trainer steps (the first untimed) in an order that rotates every round.
+    Each round gives one pair per ratio (median step time of the numerator / of the denominator in that round)."""
+    import torch
+    from transformers import TrainerCallback
+
     from prune_peft.models import load_model_and_tokenizer
 
     torch.manual_seed(0)
-    model, tok = load_model_and_tokenizer("smollm2-135m")
-    steps = args.warmup_steps + args.timed_steps
+    base, tok = load_model_and_tokenizer("smollm2-135m")
+    steps = args.steps_per_run
     data = _windows(tok, args.seqlen, args.batch * steps)
-    callbacks: list = []
-    if config == "lora":
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=_targets()))
-    else:
-        importance = "grad" if config == "grad" else "lora"
-        cfg = LoRAPruneConfig(r=8, target_sparsity=0.5, importance=importance, prune_every=2, warmup=0.0)
-        model = get_peft_model(model, cfg)
-        if config == "grad":  # LLM-Pruner style: the base weights of the adapted layers get gradients
-            for name, p in model.named_parameters():
-                if "base_layer.weight" in name:
-                    p.requires_grad_(True)
-        callbacks.append(PruneCallback())
-    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
-    optimizer = torch.optim.AdamW(lora_params, lr=2e-4)  # same optimizer state in every configuration
-
-    times: list[float] = []
-    cpu_times: list[float] = []
+    setups = {}
+    for config in CONFIGS:
+        model, cbs = _peft_model(config, base)
+        lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+        setups[config] = (model, cbs, torch.optim.AdamW(lora_params, lr=2e-4))  # same optimizer state everywhere
+    del base
 
     class Clock(TrainerCallback):
+        def __init__(self):
+            self.wall, self.cpu = [], []
+
         def on_step_begin(self, *a, **k):
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
-            cpu_times.append(time.process_time() - self.c0)
+            self.wall.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
 
-    base_rss = _rss_mb()
-    with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=args.batch, report_to=[],
-            save_strategy="no", logging_steps=steps, disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
-        )  # fmt: skip
-        trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=_collate,
-                          callbacks=[*callbacks, Clock()], optimizers=(optimizer, None))  # fmt: skip
-        trainer.train()
-    timed = times[args.warmup_steps :]
-    result = {
-        "config": config,
-        "step_seconds_median": statistics.median(timed),
-        "step_seconds": timed,
-        "step_cpu_seconds_median": statistics.median(cpu_times[args.warmup_steps :]),
-        "peak_rss_mb": _peak_rss_mb(),
-        "model_rss_mb": base_rss,
-        "training_mb": _peak_rss_mb() - base_rss,
+    per_round: list[dict] = []
+    step_times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    cpu_times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    pruned = {}
+    for r in range(args.rounds):
+        order = list(CONFIGS[r % 3 :] + CONFIGS[: r % 3])
+        medians = {}
+        for config in order:
+            model, cbs, opt = setups[config]
+            clock = Clock()
+            trainer = _train(model, cbs, data, args.batch, steps, opt, clock)
+            timed_wall, timed_cpu = clock.wall[1:], clock.cpu[1:]  # first step of each run: warm-up
+            step_times[config] += timed_wall
+            cpu_times[config] += timed_cpu
+            medians[config] = (statistics.median(timed_wall), statistics.median(timed_cpu))
+            if cbs:
+                logged = [h for h in trainer.state.log_history if "prune/pruned_channels" in h]
+                pruned[config] = logged[-1]["prune/pruned_channels"] if logged else None
+        per_round.append({"order": order, "median_step_s": {c: m[0] for c, m in medians.items()},
+                          "median_step_cpu_s": {c: m[1] for c, m in medians.items()}})  # fmt: skip
+        print(f"[time] round {r}: " + ", ".join(f"{c} {medians[c][0]:.2f}s" for c in CONFIGS), flush=True)
+
+    def pairs(num: str, den: str, key: str = "median_step_s") -> dict:
+        return paired([x[key][num] / x[key][den] for x in per_round], f"{num} step", f"{den} step")
+
+    return {
+        "time": {
+            c: {
+                "step_seconds_median": statistics.median(step_times[c]),
+                "step_seconds": step_times[c],
+                "step_cpu_seconds_median": statistics.median(cpu_times[c]),
+                **({"pruned_channels": pruned[c]} if c in pruned else {}),
+            }
+            for c in CONFIGS
+        },
+        "rounds": per_round,
+        "paired": {
+            "loraprune_vs_lora_time": pairs("loraprune", "lora"),
+            "loraprune_vs_lora_cpu_time": pairs("loraprune", "lora", "median_step_cpu_s"),
+            "loraprune_vs_grad_time": pairs("loraprune", "grad"),
+        },
     }
-    if config != "lora":
-        logged = [h for h in trainer.state.log_history if "prune/pruned_channels" in h]
-        result["pruned_channels"] = logged[-1]["prune/pruned_channels"] if logged else None
-    return result
 
 
-def _worker(config: str, batch: int, seqlen: int, warmup: int, timed: int, threads: int, exact_memory: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", config, "--batch", str(batch), "--seqlen", str(seqlen),
-           "--warmup-steps", str(warmup), "--timed-steps", str(timed)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if exact_memory:
-        # blocks ≥ 64 KiB come from mmap and go back to the OS when freed, so the peak RSS is the peak of live
-        # memory rather than of glibc's arenas (page faults make these runs slower: no timings from them)
-        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"{config} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def memory_worker(config: str, args) -> dict:
+    """One configuration in a fresh process (``_bench.MEMORY_METHOD``): peak RSS of a 2-step training run."""
+    import torch
 
+    from prune_peft.models import load_model_and_tokenizer
 
-CONFIGS = ("lora", "loraprune", "grad")
+    torch.manual_seed(0)
+    base, tok = load_model_and_tokenizer("smollm2-135m")
+    model, cbs = _peft_model(config, base)
+    del base
+    with torch.no_grad():  # page the weights in before the baseline
+        for p in model.parameters():
+            p.add_(0)
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=2e-4)
+    data = _windows(tok, args.seqlen, args.batch * 2)
+    baseline = rss_mb()
+    _train(model, cbs, data, args.batch, 2, optimizer)
+    mem = memory_record(baseline)
+    return {
+        "config": config,
+        "peak_rss_mb": mem["peak_rss_mb"],
+        "model_rss_mb": baseline,
+        "training_mb": mem["extra_mb"],
+    }
 
 
 def run_cost(args) -> dict:
-    """Timing runs (default allocator), then memory runs (mmap allocator) at the benchmark shape and at 1 × 128."""
-    results: dict = {"time": {}, "memory": {}}
-    for config in CONFIGS:
-        r = _worker(config, args.batch, args.seqlen, args.warmup_steps, args.timed_steps, args.threads, False)
-        results["time"][config] = r
-        print(f"[time] {config:10s} step {r['step_seconds_median']:.2f}s (CPU {r['step_cpu_seconds_median']:.2f}s)",
-              flush=True)  # fmt: skip
-    shapes = [(args.batch, args.seqlen), (1, 128)]
-    for batch, seqlen in shapes:
+    """Interleaved timing in this process, then one memory process per configuration at 4 × 256 and at 1 × 128."""
+    results = run_timing(args)
+    results["memory"] = {}
+    for batch, seqlen in [(args.batch, args.seqlen), (1, 128)]:
         key = f"{batch}x{seqlen}"
         results["memory"][key] = {}
         for config in CONFIGS:
-            r = _worker(config, batch, seqlen, 1, 1, args.threads, True)
+            cmd = [__file__, "--worker", config, "--batch", str(batch), "--seqlen", str(seqlen)]
+            r = run_memory_worker(cmd, args.threads)
             results["memory"][key][config] = {k: r[k] for k in ("peak_rss_mb", "model_rss_mb", "training_mb")}
             print(f"[memory {key}] {config:10s} peak RSS {r['peak_rss_mb']:.0f} MB (training {r['training_mb']:.0f} MB)",
                   flush=True)  # fmt: skip
-    t = results["time"]
-    ratios = {
-        "loraprune_vs_lora_time": t["loraprune"]["step_seconds_median"] / t["lora"]["step_seconds_median"],
-        "loraprune_vs_lora_cpu_time": t["loraprune"]["step_cpu_seconds_median"] / t["lora"]["step_cpu_seconds_median"],
-        "loraprune_vs_grad_time": t["loraprune"]["step_seconds_median"] / t["grad"]["step_seconds_median"],
-    }
+    ratios = {k: v["median"] for k, v in results["paired"].items()}
     for key, m in results["memory"].items():
         for other in ("lora", "grad"):
             ratios[f"loraprune_vs_{other}_peak_rss@{key}"] = m["loraprune"]["peak_rss_mb"] / m[other]["peak_rss_mb"]
@@ -187,6 +240,12 @@ def run_cost(args) -> dict:
                 m["loraprune"]["training_mb"] / m[other]["training_mb"]
             )
     results["ratios"] = ratios
+    results["memory_method"] = MEMORY_METHOD
+    results["ratio_definitions"] = {
+        "*_time": "median over rounds of (numerator's median step time / denominator's, same round, same process)",
+        "*_peak_rss@BxT": "numerator process peak RSS / denominator process peak RSS (both include the model)",
+        "*_training_memory@BxT": "numerator extra_mb / denominator extra_mb (peak RSS − RSS with the model loaded)",
+    }
     return results
 
 
@@ -248,43 +307,38 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--warmup-steps", type=int, default=2)
-    ap.add_argument("--timed-steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (one pair per ratio each)")
+    ap.add_argument("--steps-per-run", type=int, default=3, help="Trainer steps per configuration per round")
     ap.add_argument("--quality-steps", type=int, default=24)
     ap.add_argument("--quality-batch", type=int, default=2)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip-quality", action="store_true")
-    ap.add_argument("--skip-cost", action="store_true", help="keep the cost section of an existing results file")
+    ap.add_argument("--quick", action="store_true", help="a smoke run into results/quick/")
+    ap.add_argument("--skip-quality", action="store_true", help="no quality section in the results file")
+    ap.add_argument("--skip-cost", action="store_true", help="no cost section in the results file")
+    ap.add_argument("--out", default=None, help="results file (default: results/loraprune.json)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        print(json.dumps(cost_worker(args.worker, args)))
+        print(json.dumps(memory_worker(args.worker, args)))
         return 0
     if args.quick:
-        args.timed_steps, args.quality_steps, args.eval_windows, args.seqlen = 2, 4, 2, 128
+        args.rounds, args.steps_per_run, args.quality_steps, args.eval_windows, args.seqlen = 2, 2, 4, 2, 128
+    if args.steps_per_run < 2 or args.rounds < 1:
+        raise ValueError(f"--steps-per-run must be ≥ 2 (the first is untimed) and --rounds ≥ 1, got {vars(args)}")
     import torch
 
     torch.set_num_threads(args.threads)
+    stamp = start_stamp(args.threads, args.quick)
     start = time.perf_counter()
-    name = "loraprune_quick.json" if args.quick else "loraprune.json"
-    previous = json.loads((RESULTS / name).read_text()) if (RESULTS / name).exists() else {}
-    report = {
-        "model": "smollm2-135m",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads},
-        "torch": torch.__version__,
-        "load_average_at_start": os.getloadavg(),
-    }
-    settings = {k: v for k, v in vars(args).items() if k != "worker"}
+    report: dict = {"model": "smollm2-135m"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "out")}
     if not args.skip_cost:
         report["cost"] = run_cost(args)
         report["cost"]["settings"] = settings
-    elif "cost" in previous:
-        report["cost"] = previous["cost"]
     if not args.skip_quality:
         from prune_peft.data import shakespeare_texts
         from prune_peft.evaluation import perplexity
@@ -299,16 +353,11 @@ def main(argv=None) -> int:
                 quality[f"{method}@{sparsity:.0%}"] = run_quality(args, sparsity, method, tok, base, heldout)
         quality["settings"] = settings
         report["quality"] = quality
-    elif "quality" in previous:
-        report["quality"] = previous["quality"]
     report["total_seconds"] = time.perf_counter() - start
-    r = report.get("cost", {}).get("ratios")
-    if r:
-        for k, v in r.items():
-            print(f"{k:48s} {v:.3f}×")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS / name} in {report['total_seconds']:.0f}s")
+    for k, v in report.get("cost", {}).get("ratios", {}).items():
+        print(f"{k:48s} {v:.3f}×")
+    write_results("loraprune", report, stamp, quick=args.quick, out=args.out)
+    print(f"{results_path('loraprune', args.quick, args.out)} in {report['total_seconds']:.0f}s")
     return 0
 
 
