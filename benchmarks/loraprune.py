@@ -79,10 +79,9 @@ CONFIGS = ("lora", "loraprune", "grad")
 
 
 def _peft_model(config: str, base):
-    """``config`` on a copy of ``base``: (peft model, callbacks, optimizer over the LoRA parameters only)."""
+    """``config`` on a copy of ``base``: (peft model, callback classes to instantiate per Trainer run)."""
     import copy
 
-    import torch
     from peft import LoraConfig, get_peft_model
 
     from prune_peft import LoRAPruneConfig, PruneCallback
@@ -97,7 +96,6 @@ def _peft_model(config: str, base):
         for name, p in model.named_parameters():
             if "base_layer.weight" in name:
                 p.requires_grad_(True)
-    del torch
     return model, [PruneCallback]
 
 
