@@ -17,6 +17,10 @@ scoring forward; and the held-out completion loss of each run (and of the base m
 
     python benchmarks/qtuning.py                 # ≈ 10 min on 2 busy CPU cores
     python benchmarks/qtuning.py --n-train 32 --pairs 1   # quicker, noisier
+    python benchmarks/qtuning.py --quick         # smoke run into results/quick/
+
+The headline ratio is the paired median (with its spread); the single long-epoch ratio is kept as an alternative.
+Stamped by ``_bench.write_results``.
 """
 
 from __future__ import annotations
@@ -24,16 +28,16 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from _bench import RESULTS, start_stamp, write_results
+from _bench import paired as paired_stats
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_one(name, base, tok, train, heldout, args, callbacks=(), evaluate=True, batch_size=None) -> dict:
@@ -90,8 +94,9 @@ def run_one(name, base, tok, train, heldout, args, callbacks=(), evaluate=True, 
         result["scoring_s"] = sum(h.get("qtuning/scoring_seconds", 0.0) for h in logs)
         plots = sorted(Path(out, "qtuning").glob("eu_plane_step*.png"))
         if plots and evaluate:  # the main run's plot, not a timing run's
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(plots[-1], RESULTS / "qtuning_eu_plane.png")
+            dest = RESULTS / "quick" if args.quick else RESULTS
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy(plots[-1], dest / "qtuning_eu_plane.png")
     shutil.rmtree(out, ignore_errors=True)
     print(f"[qtuning bench] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()), flush=True)
     return result
@@ -114,8 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="also run Q-Tuning with token_keep='low' (the other reading of the paper's token rule)",
     )
-    ap.add_argument("--out", default=str(RESULTS / "qtuning.json"))
+    ap.add_argument("--quick", action="store_true", help="16 samples, 1 pair; results/quick/")
+    ap.add_argument("--out", default=None, help="results file (default: results/qtuning.json)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_eval, args.pairs, args.pair_steps = 16, 8, 1, 1
+    if args.pairs < 1:
+        raise ValueError(f"--pairs must be ≥ 1 (the headline ratio is the paired median), got {args.pairs}")
 
     import torch
     import transformers
@@ -123,12 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from prune_peft import QTuningCallback, QTuningConfig
-    from prune_peft.cli import write_json
     from prune_peft.models import load_model_and_tokenizer
     from prune_peft.sft_data import arithmetic_problems
 
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    stamp = start_stamp(args.threads, args.quick)
     base, tok = load_model_and_tokenizer(args.model)
     train = arithmetic_problems(args.n_train, seed=args.seed).remove_columns("answer")
     heldout = arithmetic_problems(args.n_eval, seed=args.seed + 10_000).remove_columns("answer")
@@ -205,13 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "qtuning",
         "model": args.model,
         "data": f"arithmetic_problems: {args.n_train} train, {args.n_eval} held-out (prompt/completion)",
-        "settings": {**vars(args), "qtuning": qt.to_dict(), "peft": "LoRA r=8 all-linear", "epochs": 1},
-        "machine": {
-            "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "loadavg_1_5_15_before": load_before,
-            "loadavg_1_5_15_after": os.getloadavg(),  # other processes share the cores: expect noise
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "qtuning": qt.to_dict(),
+            "peft": "LoRA r=8 all-linear",
+            "epochs": 1,
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "heldout_loss_base": base_eval,
@@ -227,10 +234,13 @@ def main(argv: list[str] | None = None) -> dict:
             "median_wall_ratio": median([p["wall_ratio"] for p in pairs]),
             "median_cpu_ratio": median([p["cpu_ratio"] for p in pairs]),
             "median_scoring_share": median([p["scoring_share"] for p in pairs]),
+            "wall": paired_stats([p["wall_ratio"] for p in pairs], "Q-Tuning wall time", "full-data wall time"),
+            "cpu": paired_stats([p["cpu_ratio"] for p in pairs], "Q-Tuning CPU time", "full-data CPU time"),
         },
+        "headline": "paired_timing.median_wall_ratio (ratios_vs_full.qtuning_wall is one long pair, an alternative)",
         "goal": "qtuning_wall <= 0.5",
     }
-    write_json(args.out, result)
+    write_results("qtuning", result, stamp, quick=args.quick, out=args.out)
     r, pt = result["ratios_vs_full"], result["paired_timing"]
     paired = f"; paired median {pt['median_wall_ratio']:.2f}x wall" if pairs else ""
     print(
