@@ -9,7 +9,8 @@
     python benchmarks/distill.py                 # ≈ 10 minutes on 2 shared CPU cores
     python benchmarks/distill.py --quick         # tiny random model, smoke test
 
-Writes benchmarks/results/distill.json.
+Writes benchmarks/results/distill.json (``--quick``: results/quick/), stamped by ``_bench.write_results``. The
+speedup is the median (and spread) over ``--repeats`` loop/batched/loop triples, each one pair.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from _bench import paired, start_stamp, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,7 +52,7 @@ def _timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def throughput(model, tok, n: int, batch_size: int, max_new_tokens: int) -> dict:
+def throughput(model, tok, n: int, batch_size: int, max_new_tokens: int, repeats: int = 1) -> dict:
     ds = arithmetic_problems(n, seed=1)
     chat = bool(tok.chat_template)
     prompts = [build_prompt(tok, TEMPLATES["math"], q, a, chat) for q, a in zip(ds["prompt"], ds["completion"])]
@@ -61,13 +63,19 @@ def throughput(model, tok, n: int, batch_size: int, max_new_tokens: int) -> dict
     def loop(part):
         return lambda: generate_texts(model, tok, part, batch_size=1, max_new_tokens=max_new_tokens)
 
-    # per-sample loop in two halves around the batched run, so a change in machine load hits both sides
-    loop_a, wa, ca = _timed(loop(ids[:half]))
-    batched, t_batched, c_batched = _timed(
-        lambda: generate_texts(model, tok, ids, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    )
-    loop_b, wb, cb = _timed(loop(ids[half:]))
-    t_loop, c_loop = wa + wb, ca + cb
+    # per-sample loop in two halves around the batched run, so a change in machine load hits both sides; each such
+    # triple is one pair (loop time / batched time), repeated
+    wall_pairs, cpu_pairs, identical = [], [], []
+    for _ in range(repeats):
+        loop_a, wa, ca = _timed(loop(ids[:half]))
+        batched, t_batched, c_batched = _timed(
+            lambda: generate_texts(model, tok, ids, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        )
+        loop_b, wb, cb = _timed(loop(ids[half:]))
+        t_loop, c_loop = wa + wb, ca + cb
+        wall_pairs.append(t_loop / t_batched)
+        cpu_pairs.append(c_loop / c_batched)
+        identical.append(sum(a == b for a, b in zip(loop_a + loop_b, batched)) / n)
     # where the time goes: prefill is compute-bound on a CPU (batching barely helps), decode steps are not
     from prune_peft.distill.generation import TransformersBackend
 
@@ -87,11 +95,13 @@ def throughput(model, tok, n: int, batch_size: int, max_new_tokens: int) -> dict
         "batched_s": round(t_batched, 2),
         "per_sample_rows_per_s": round(n / t_loop, 3),
         "batched_rows_per_s": round(n / t_batched, 3),
-        "speedup_wall": round(t_loop / t_batched, 2),
-        "speedup_cpu_time": round(c_loop / c_batched, 2),
+        "speedup_wall": round(paired(wall_pairs, "x", "y")["median"], 2),
+        "speedup_cpu_time": round(paired(cpu_pairs, "x", "y")["median"], 2),
+        "speedup_wall_pairs": paired(wall_pairs, "per-sample loop wall time", "batched wall time"),
+        "speedup_cpu_pairs": paired(cpu_pairs, "per-sample loop CPU time", "batched CPU time"),
         "prefill_speedup_cpu_time": round(parts[1]["prefill"] / parts[batch_size]["prefill"], 2),
         "decode_step_speedup_cpu_time": round(parts[1]["decode_step"] / parts[batch_size]["decode_step"], 2),
-        "identical_outputs": sum(a == b for a, b in zip(loop_a + loop_b, batched)) / n,
+        "identical_outputs": min(identical),
     }
 
 
@@ -101,9 +111,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on a shared, loaded CPU)")
     p.add_argument("--tp-prompts", type=int, default=24)
     p.add_argument("--tp-tokens", type=int, default=40)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill.json"))
+    p.add_argument("--repeats", type=int, default=3, help="loop/batched/loop triples (pairs) for the speedup")
+    p.add_argument("--out", default=None, help="results file (default: results/distill.json)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be ≥ 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
+    stamp = start_stamp(args.threads, args.quick)
     started = time.perf_counter()
     example = _example_module()
     import tempfile
@@ -120,13 +134,12 @@ def main(argv=None) -> int:
         from prune_peft.models import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer("smollm2-135m")
-    tp = throughput(model, tok, args.tp_prompts, args.tp_prompts, args.tp_tokens)
+    tp = throughput(model, tok, args.tp_prompts, args.tp_prompts, args.tp_tokens, args.repeats)
     print(json.dumps({"throughput": tp}, indent=2), flush=True)
     del model
     quality = example.run(example.parse_args(ex_argv))
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform()},
-        "versions": {"torch": torch.__version__},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "model": "toy (quick)" if args.quick else "smollm2-135m",
         "throughput": tp,
         "quality": {k: quality[k] for k in ("config", "layer_drop", "distill_stats", "timings_s") if k in quality},
@@ -138,11 +151,7 @@ def main(argv=None) -> int:
             k: r.get(k) for k in ("accuracy", "correct", "n", "ppl", "accuracy_retention", "train_losses", "sample")
         }
     result["seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
+    out = write_results("distill", result, stamp, quick=args.quick, out=args.out)
     q = result["quality"]
     print(
         f"throughput: batched {tp['speedup_wall']}x the per-sample loop in wall time ({tp['batched_rows_per_s']} "
