@@ -1,0 +1,508 @@
+"""Regenerate every published benchmark figure from ``benchmarks/results/*.json``.
+
+README.md and docs/*.md hold generated sections between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``;
+this script rewrites them from the results files (never anything outside the markers).
+
+    python benchmarks/report.py            # rewrite the marked sections
+    python benchmarks/report.py --check    # exit 1, printing a diff, when a doc disagrees with the results
+
+Conventions: headlines are the default settings (alternatives are labelled "alternative"); a goal is shown as met or
+**missed**; ratios measured as pairs show their median and spread; every section says which run it comes from
+(commit, load) or "(unstamped run)" for a results file written before the stamp existed. Quick runs
+(``results/quick/``) are never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/adapters.md", "docs/distill.md", "docs/kernels.md", "docs/loraprune.md", "docs/qtuning.md")
+MARKER = re.compile(r"<!-- report:(?P<name>[a-z0-9-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
+
+Results = dict[str, dict | None]
+
+
+# ------------------------------------------------------------------------------------------------------ formatting
+
+
+def x(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}×"
+
+
+def spread(p: dict | None, digits: int = 2) -> str:
+    """'1.18× (1.10–1.25, 5 pairs)' from a ``_bench.paired`` record."""
+    if not p:
+        return ""
+    return f" ({p['min']:.{digits}f}–{p['max']:.{digits}f} over {p['n']} pair{'s' if p['n'] != 1 else ''})"
+
+
+def paired_from_list(ratios: list[float]) -> dict | None:
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
+
+
+def goal(value: float | None, op: str, target: str) -> str:
+    """'≤ 1.15× — met' / '≤ 1.15× — **missed**' (judged on the unrounded value; ``target`` as printed)."""
+    if value is None:
+        return f"{op} {target}× — not measured"
+    ok = value <= float(target) if op == "≤" else value >= float(target)
+    return f"{op} {target}× — " + ("met" if ok else "**missed**")
+
+
+def run_note(data: dict | None) -> str:
+    """Where a figure comes from: commit, dirty flag, load; '(unstamped run)' for files without a stamp."""
+    if data is None:
+        return "no results file"
+    stamp = data.get("stamp")
+    if not stamp:
+        return "(unstamped run)"
+    commit = (stamp.get("git_commit") or "unknown")[:7] + ("+dirty" if stamp.get("git_dirty") else "")
+    load = f"load {stamp.get('load_1min_start', 0):.1f}→{stamp.get('load_1min_end', 0):.1f}"
+    note = f"commit {commit}, {stamp.get('threads')} threads, {load}"
+    if stamp.get("loaded"):
+        note += ", **loaded machine**"
+    return note
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def missing(what: str, how: str) -> str:
+    return f"**not yet measured** — no `benchmarks/results/{what}.json`; `{how}` produces it."
+
+
+# ------------------------------------------------------------------------------------------------------- sections
+
+
+def _adapter_rows(a: dict) -> dict[str, dict]:
+    return a["adapters"]
+
+
+def _time_ratio(r: dict) -> tuple[float, str]:
+    return r["time_ratio"], spread(r.get("time_ratio_pairs"))
+
+
+def readme_benchmarks(res: Results) -> str:
+    rows: list[list[str]] = []
+    o = res.get("oneshot")
+    if o:
+        w, s = o["runs"]["wanda"], o["runs"]["sparsegpt"]
+        ppl = o["ppl"]
+        rows += [
+            ["one-shot (`benchmarks/oneshot.py`)",
+             f"held-out ppl dense → Wanda 2:4 / SparseGPT 50 % ({o['calibration']})",
+             f"{ppl['dense']:.1f} → {ppl['wanda_2:4']:.1f} / {ppl['sparsegpt_50%']:.1f}", "–", run_note(o)],
+            ["", "(peak RSS − runtime) ÷ model bytes while pruning: Wanda / SparseGPT",
+             f"{x(w['peak_rss_over_model'])} / {x(s['peak_rss_over_model'])}",
+             goal(max(w["peak_rss_over_model"], s["peak_rss_over_model"]), "≤", "1.5"), ""],
+            ["", "wall time of `prune`: Wanda / SparseGPT", f"{w['prune_seconds']:.0f} s / {s['prune_seconds']:.0f} s",
+             "–", ""],
+        ]  # fmt: skip
+    else:
+        rows.append(["one-shot", "ppl, memory, time", missing("oneshot", "make bench"), "≤ 1.5×", ""])
+    a = res.get("adapters")
+    if a:
+        ad = _adapter_rows(a)
+        sl, t = _time_ratio(ad["sparse_lora"])
+        head = f"adapters (`benchmarks/adapters.py`, 2:4 base, {a['batch'][0]} × {a['batch'][1]}, r={a['rank']})"
+        rows.append([head, "SparseLoRA (default `grad_mode=\"exact\"`) step time ÷ LoRA", f"{x(sl)}{t}",
+                     goal(sl, "≤", "1.15"), run_note(a)])  # fmt: skip
+        rows.append(["", "SparseLoRA training memory ÷ LoRA's (extra RSS above the loaded model)",
+                     x(ad["sparse_lora"]["training_mem_ratio"]), goal(ad["sparse_lora"]["training_mem_ratio"], "≤", "1.10"),
+                     ""])  # fmt: skip
+        if "sparse_lora_lors" in ad:
+            lt, lts = _time_ratio(ad["sparse_lora_lors"])
+            rows.append(["", 'alternative: SparseLoRA `grad_mode="lors"` step time / training memory ÷ LoRA',
+                         f"{x(lt)}{lts} / {x(ad['sparse_lora_lors']['training_mem_ratio'])}", "–", ""])  # fmt: skip
+        if "spp" in ad:
+            st, sts = _time_ratio(ad["spp"])
+            rows.append(["", "SPP (default fused) step time / training memory ÷ LoRA",
+                         f"{x(st)}{sts} / {x(ad['spp']['training_mem_ratio'])}",
+                         f"time {goal(st, '≤', "1.15")}; memory {goal(ad['spp']['training_mem_ratio'], '≤', "1.10")}",
+                         ""])  # fmt: skip
+        if "spp_blockwise" in ad:
+            bt, bts = _time_ratio(ad["spp_blockwise"])
+            rows.append(["", "alternative: SPP `forward_mode=\"blockwise\"` step time / training memory ÷ LoRA",
+                         f"{x(bt)}{bts} / {x(ad['spp_blockwise']['training_mem_ratio'])}", "–", ""])  # fmt: skip
+        spars = " / ".join(f"{ad[k]['sparsity_after_merge']:.0%}" for k in ("lora", "sparse_lora", "spp") if k in ad)
+        rows.append(["", "sparsity after merge: LoRA / SparseLoRA / SPP", spars, "keep zeros", ""])
+    else:
+        rows.append(["adapters", "step time, memory", missing("adapters", "make bench"), "≤ 1.15× / ≤ 1.10×", ""])
+    lp = res.get("loraprune")
+    if lp and "cost" in lp:
+        c = lp["cost"]
+        tr, ts = _loraprune_time(c)
+        m = c["ratios"]
+        rows.append(["LoRAPrune (`benchmarks/loraprune.py`, 4 × 256)", "step wall time ÷ plain LoRA",
+                     f"{x(tr)}{ts}", goal(tr, "≤", "1.10"), run_note(lp)])  # fmt: skip
+        rows.append(["", "peak RSS ÷ plain LoRA's (4 × 256)", x(m["loraprune_vs_lora_peak_rss@4x256"]),
+                     goal(m["loraprune_vs_lora_peak_rss@4x256"], "≤", "1.05"), ""])  # fmt: skip
+        g1, g2 = m["loraprune_vs_grad_training_memory@4x256"], m["loraprune_vs_grad_training_memory@1x128"]
+        rows.append(["", "training memory ÷ full-weight-gradient importance's: 4 × 256 / 1 × 128",
+                     f"{x(g1)} / {x(g2)}", goal(min(g1, g2), "≤", "0.6"), ""])  # fmt: skip
+    if lp and "quality" in lp:
+        q = lp["quality"]
+        rows.append(["" if lp and "cost" in lp else "LoRAPrune",
+                     f"held-out ppl after {q['settings']['quality_steps']} steps (dense {q['dense_ppl']:.1f}): "
+                     "LoRAPrune vs one-shot structured magnitude + LoRA",
+                     f"20 %: {q['loraprune@20%']['ppl']:.1f} vs {q['magnitude+lora@20%']['ppl']:.1f}; "
+                     f"50 %: {q['loraprune@50%']['ppl']:.1f} vs {q['magnitude+lora@50%']['ppl']:.1f}", "report", ""])  # fmt: skip
+    if not lp:
+        rows.append(["LoRAPrune", "step time, memory", missing("loraprune", "make bench"), "≤ 1.10×", ""])
+    qt = res.get("qtuning")
+    if qt:
+        pt = _qtuning_paired(qt)
+        rows.append([f"Q-Tuning (`benchmarks/qtuning.py`, {qt['settings']['n_train']} samples, LoRA r=8)",
+                     "two-pass 25 % × 50 % ÷ full-data SFT, wall time (paired median)",
+                     f"{x(pt['median'])}{spread(pt)}", goal(pt["median"], "≤", "0.5"), run_note(qt)])  # fmt: skip
+        rows.append(["", "alternative: one full epoch each (a single pair)", x(qt["ratios_vs_full"]["qtuning_wall"]),
+                     "–", ""])  # fmt: skip
+        r = qt["runs"]
+        rows.append(["", "held-out loss: base / full / Q-Tuning 25 % × 50 % / random 25 % same steps / random 12.5 %",
+                     f"{qt['heldout_loss_base']:.2f} / {r['full']['heldout_loss']:.2f} / "
+                     f"{r['qtuning_25x50']['heldout_loss']:.2f} / {r['random_25%_same_steps']['heldout_loss']:.2f} / "
+                     f"{r['random_12.5%']['heldout_loss']:.2f}", "report", ""])  # fmt: skip
+    else:
+        rows.append(["Q-Tuning", "epoch time", missing("qtuning", "make bench"), "≤ 0.5×", ""])
+    d = res.get("distill")
+    if d:
+        tp = d["throughput"]
+        rows.append([f"distillation (`benchmarks/distill.py`, {tp['prompts']} prompts of ≈ {tp['mean_prompt_tokens']:.0f}"
+                     f" tokens, {tp['max_new_tokens']} new tokens)",
+                     "batched ÷ per-sample generation, wall time",
+                     f"{x(tp['speedup_wall'])}{spread(tp.get('speedup_wall_pairs'))} (identical outputs: "
+                     f"{tp['identical_outputs']:.0%}; decode step {x(tp['decode_step_speedup_cpu_time'])}, "
+                     f"prefill {x(tp['prefill_speedup_cpu_time'])})", goal(tp["speedup_wall"], "≥", "5"), run_note(d)])  # fmt: skip
+        q = d["quality"]
+        rows.append(["", f"{q['layer_drop']['n']} of {q['layer_drop']['num_blocks_before']} blocks dropped, accuracy "
+                     "after equal LoRA steps: original vs distilled data",
+                     f"{q['sft_original']['accuracy']:.1%} vs {q['sft_distilled']['accuracy']:.1%} "
+                     f"({q['sft_original']['n']} problems)", "report", ""])  # fmt: skip
+    else:
+        rows.append(["distillation", "generation speedup", missing("distill", "make bench"), "≥ 5×", ""])
+    g = res.get("sparse24_gpu")
+    if g:
+        s = g["summary"]
+        rows.append(["2:4 kernels (`benchmarks/sparse24_gpu.py`, " + g["env"]["gpu"] + ")",
+                     "linear forward ÷ dense bf16 at the named shapes (worst of them) / SFT step",
+                     f"{x(s.get('goal_fwd_min_speedup'))} / {x(s.get('sft_step_speedup'))}",
+                     f"{_gpu_goal(s.get('goal_fwd_1.6x_met'), 1.6)}; {_gpu_goal(s.get('goal_sft_1.2x_met'), 1.2)}",
+                     run_note(g)])  # fmt: skip
+    else:
+        rows.append(["2:4 kernels (`benchmarks/sparse24_gpu.py`)", "linear fwd speedup, SFT step",
+                     "**not yet measured** (needs an Ampere/Hopper GPU; `make bench-gpu`)", "≥ 1.6× / ≥ 1.2×", ""])  # fmt: skip
+    return table(["area", "measurement", "result", "goal", "run"], rows)
+
+
+def _gpu_goal(met: bool | None, target: float) -> str:
+    if met is None:
+        return f"≥ {target:g}× — named configuration not measured"
+    return f"≥ {target:g}× — " + ("met" if met else "**missed**")
+
+
+def _loraprune_time(c: dict) -> tuple[float, str]:
+    p = c.get("paired", {}).get("loraprune_vs_lora_time")
+    if p:
+        return p["median"], spread(p)
+    return c["ratios"]["loraprune_vs_lora_time"], " (medians of separate runs, not paired)"
+
+
+def _qtuning_paired(q: dict) -> dict:
+    pt = q["paired_timing"]
+    return pt.get("wall") or paired_from_list([p["wall_ratio"] for p in pt["pairs"]])
+
+
+def loraprune_cost(res: Results) -> str:
+    lp = res.get("loraprune")
+    if not lp or "cost" not in lp:
+        return missing("loraprune", "make bench")
+    c = lp["cost"]
+    t, mem = c["time"], c["memory"]
+    shapes = list(mem)
+    names = {
+        "lora": "LoRA",
+        "loraprune": "LoRAPrune (LoRA-guided importance)",
+        "grad": "full-weight-gradient importance",
+    }
+    header = ["configuration", "step wall", "step CPU"]
+    for k in shapes:
+        header += [f"peak RSS {k}", f"training mem {k}"]
+    rows = []
+    for cfg, label in names.items():
+        row = [label, f"{t[cfg]['step_seconds_median']:.2f} s", f"{t[cfg]['step_cpu_seconds_median']:.2f} s"]
+        for k in shapes:
+            row += [f"{mem[k][cfg]['peak_rss_mb']:.0f} MB", f"{mem[k][cfg]['training_mb']:.0f} MB"]
+        rows.append(row)
+    r = c["ratios"]
+    tr, ts = _loraprune_time(c)
+    cpu = c.get("paired", {}).get("loraprune_vs_lora_cpu_time")
+    cpu_v = cpu["median"] if cpu else r["loraprune_vs_lora_cpu_time"]
+    ratio_rows = [
+        ["LoRAPrune / LoRA, step wall time", f"{x(tr, 3)}{ts}", goal(tr, "≤", "1.10")],
+        ["LoRAPrune / LoRA, step CPU time", f"{x(cpu_v, 3)}{spread(cpu)}", "–"],
+    ]
+    for k in shapes:
+        ratio_rows.append([f"LoRAPrune / LoRA, peak RSS {k}",
+                           f"{x(r[f'loraprune_vs_lora_peak_rss@{k}'], 3)} (training memory "
+                           f"{x(r[f'loraprune_vs_lora_training_memory@{k}'], 3)})",
+                           goal(r[f"loraprune_vs_lora_peak_rss@{k}"], "≤", "1.05")])  # fmt: skip
+    for k in shapes:
+        ratio_rows.append([f"LoRAPrune / full-gradient, training memory {k}",
+                           f"{x(r[f'loraprune_vs_grad_training_memory@{k}'], 3)} (peak RSS "
+                           f"{x(r[f'loraprune_vs_grad_peak_rss@{k}'], 3)})",
+                           goal(r[f"loraprune_vs_grad_training_memory@{k}"], "≤", "0.6")])  # fmt: skip
+    s = c.get("settings", {})
+    head = (
+        f"Run: {run_note(lp)}. Batch {s.get('batch', '?')} × {s.get('seqlen', '?')}, {s.get('threads', '?')} torch "
+        "threads. Training memory = peak RSS minus the RSS with the model loaded, each configuration in its own "
+        "process; a ratio's denominator is the configuration named after the slash."
+    )
+    return head + "\n\n" + table(header, rows) + "\n\n" + table(["ratio", "measured", "goal"], ratio_rows)
+
+
+def loraprune_quality(res: Results) -> str:
+    lp = res.get("loraprune")
+    if not lp or "quality" not in lp:
+        return missing("loraprune", "make bench")
+    q = lp["quality"]
+    rows = []
+    for sp in ("20%", "50%"):
+        a, b = q[f"loraprune@{sp}"], q[f"magnitude+lora@{sp}"]
+        rows.append([f"{sp} ({a['pruned_kv_units']} KV units, {a['pruned_channels']} channels)",
+                     f"{a['params'] / 1e6:.1f} M", f"{a['ppl']:.1f}", f"{b['ppl']:.1f}"])  # fmt: skip
+    s = q["settings"]
+    head = (
+        f"Run: {run_note(lp)}. {s['quality_steps']} optimizer steps of {s['quality_batch']} × {s['seqlen']} tokens, "
+        f"held-out perplexity of the compacted model ({s['eval_windows']} windows of 512; dense {q['dense_ppl']:.2f})."
+    )
+    header = ["sparsity (of prunable groups)", "params after compaction", "LoRAPrune",
+              "one-shot structured magnitude → LoRA"]  # fmt: skip
+    return head + "\n\n" + table(header, rows)
+
+
+def distill_throughput(res: Results) -> str:
+    d = res.get("distill")
+    if not d:
+        return missing("distill", "make bench")
+    tp = d["throughput"]
+    rows = [
+        ["per-sample `generate` loop", f"{tp['per_sample_rows_per_s']:.3f}", "1×"],
+        [f"batched ({tp['batch_size']} per call, length-bucketed, left-padded)", f"{tp['batched_rows_per_s']:.3f}",
+         f"{x(tp['speedup_wall'])}{spread(tp.get('speedup_wall_pairs'))} wall, {x(tp['speedup_cpu_time'])} CPU time"],
+    ]  # fmt: skip
+    head = (
+        f"Run: {run_note(d)}. {tp['prompts']} math rewrite prompts (mean {tp['mean_prompt_tokens']:.0f} prompt "
+        f"tokens), greedy, `max_new_tokens={tp['max_new_tokens']}`."
+    )
+    tail = (
+        f"Outputs identical: {tp['identical_outputs']:.0%}. Goal {goal(tp['speedup_wall'], '≥', '5')}. Decode step "
+        f"{x(tp['decode_step_speedup_cpu_time'])} faster batched, prefill {x(tp['prefill_speedup_cpu_time'])} "
+        "(CPU time)."
+    )
+    return head + "\n\n" + table(["path", "rows/s", "speedup"], rows) + "\n\n" + tail
+
+
+def distill_quality(res: Results) -> str:
+    d = res.get("distill")
+    if not d:
+        return missing("distill", "make bench")
+    q = d["quality"]
+    ld = q["layer_drop"]
+    labels = {
+        "teacher": f"teacher ({ld['num_blocks_before']} blocks)",
+        "pruned": f"pruned, no fine-tuning ({ld['num_blocks_after']} blocks)",
+        "sft_original": "+ SFT on original answers",
+        "sft_distilled": "+ SFT on self-distilled answers",
+    }
+    rows = []
+    for k, label in labels.items():
+        r = q[k]
+        ret = "—" if r.get("accuracy_retention") is None else f"{r['accuracy_retention']:.0%}"
+        ppl = "–" if r.get("ppl") is None else f"{r['ppl']:.1f}"
+        rows.append([label, f"{r['correct']}/{r['n']} = {r['accuracy']:.1%}", ret, ppl])
+    head = (
+        f"Run: {run_note(d)}. Blocks {', '.join(map(str, ld['removed']))} dropped; rewrites accepted {q['distill_stats']['accepted']}/"
+        + (f"{q['distill_stats']['rows']}.")
+    )
+    return head + "\n\n" + table(["model", "held-out accuracy", "retention vs teacher", "Shakespeare ppl"], rows)
+
+
+def adapters_section(res: Results) -> str:
+    a = res.get("adapters")
+    if not a:
+        return missing("adapters", "make bench")
+    labels = {
+        "lora": "LoRA (peft)",
+        "sparse_lora": "SparseLoRA (default, exact gradients)",
+        "sparse_lora_lors": 'alternative: SparseLoRA `grad_mode="lors"`',
+        "spp": "SPP (default, fused)",
+        "spp_blockwise": 'alternative: SPP `forward_mode="blockwise"`',
+    }
+    rows = []
+    for name, r in a["adapters"].items():
+        t, ts = _time_ratio(r)
+        rows.append([labels.get(name, name), f"{r['step_s']:.2f} s ({x(t)}{ts})",
+                     f"{r['peak_rss_mb'] / 1024:.2f} GB ({x(r['peak_rss_ratio'])})",
+                     f"{r['training_mb'] / 1024:.2f} GB ({x(r['training_mem_ratio'])})", f"{r['ppl_merged']:.2f}",
+                     f"{r['sparsity_after_merge']:.4f}"])  # fmt: skip
+    head = (
+        f"Run: {run_note(a)}. SmolLM2-135M, Wanda 2:4 (sparsity {a['sparsity_pruned']:.4f}), batch {a['batch'][0]} × "
+        f"{a['batch'][1]}, {a['dtype']}, {a['threads']} threads, rank {a['rank']} for the LoRA types, {a['steps']} "
+        f"steps. Held-out ppl: dense {a['ppl_dense']:.2f}, pruned {a['ppl_pruned']:.2f}. Ratios are to plain LoRA; "
+        "training memory = peak RSS minus the RSS with the model loaded, each adapter in its own process. Goals: step "
+        "time ≤ 1.15×, memory ≤ 1.10×."
+    )
+    header = ["adapter", "step time (÷ LoRA)", "peak RSS (÷ LoRA)", "training memory (÷ LoRA)",
+              f"ppl after {a['steps']} steps (merged)", "sparsity after merge"]  # fmt: skip
+    ad = a["adapters"]
+    verdicts = []
+    for k in ("sparse_lora", "spp"):
+        if k in ad:
+            verdicts.append(f"{labels[k]}: time {goal(ad[k]['time_ratio'], '≤', "1.15")}, memory "
+                            f"{goal(ad[k]['training_mem_ratio'], '≤', "1.10")}")  # fmt: skip
+    return head + "\n\n" + table(header, rows) + "\n\n" + "; ".join(verdicts) + "."
+
+
+def qtuning_section(res: Results) -> str:
+    q = res.get("qtuning")
+    if not q:
+        return missing("qtuning", "make bench")
+    pt = _qtuning_paired(q)
+    cpu = q["paired_timing"].get("cpu") or paired_from_list([p["cpu_ratio"] for p in q["paired_timing"]["pairs"]])
+    s = q["settings"]
+    rows = [
+        ["Q-Tuning ÷ full-data SFT, wall time, paired median (headline)", f"{x(pt['median'])}{spread(pt)}",
+         goal(pt["median"], "≤", "0.5")],
+        ["Q-Tuning ÷ full-data SFT, CPU time, paired median", f"{x(cpu['median'])}{spread(cpu)}", "–"],
+        ["alternative: one full epoch each (a single pair), wall time", x(q["ratios_vs_full"]["qtuning_wall"]), "–"],
+        ["share of Q-Tuning's wall time in its scoring forward (paired median)",
+         f"{q['paired_timing']['median_scoring_share']:.0%}", "–"],
+    ]  # fmt: skip
+    r = q["runs"]
+    loss_rows = [["base (no training)", "–", "–", f"{q['heldout_loss_base']:.4f}"]]
+    for k in ("full", "qtuning_25x50", "random_25%_same_steps", "random_12.5%", "qtuning_25x50_keep_low"):
+        if k in r:
+            loss_rows.append([k, str(r[k]["samples_in_epoch"]), str(r[k]["optimizer_steps"]),
+                              f"{r[k]['heldout_loss']:.4f}"])  # fmt: skip
+    head = (
+        f"Run: {run_note(q)}. {s['n_train']} training samples, batch {s['batch_size']}, {s['pairs']} timing pairs of "
+        f"{s['pair_steps']} steps (alternating order), {s['threads']} threads."
+    )
+    return (
+        head
+        + "\n\n"
+        + table(["ratio", "measured", "goal"], rows)
+        + "\n\n"
+        + table(["run", "samples in epoch", "optimizer steps", "held-out loss"], loss_rows)
+    )
+
+
+def sparse24_gpu_section(res: Results) -> str:
+    g = res.get("sparse24_gpu")
+    if not g:
+        rows = [
+            ["linear forward, 4096→11008 / 4096→14336, 16384 tokens", "≥ 1.6× (limit 2×)", "**not yet measured**"],
+            ["linear forward + input gradient, same shapes, transposable mask", "–", "**not yet measured**"],
+            ["one SFT step, SmolLM2-135M 2:4 + SparseLoRA, batch 8 × 512, sparse vs dense", "≥ 1.2×",
+             "**not yet measured**"],
+        ]  # fmt: skip
+        return table(["measurement (bf16, dense ÷ sparse time)", "goal", "result"], rows)
+    s = g["summary"]
+    lin = g["linear"]
+    fb = [r["fwd_bwd_speedup"] for r in lin if r["tokens"] == 16384 and r["transposable"]]
+    fwd = ", ".join(f"{k}: {x(v)}" for k, v in s.get("goal_fwd_speedups", {}).items()) or "–"
+    rows = [
+        ["linear forward, 4096→11008 / 4096→14336, 16384 tokens", _gpu_goal(s.get("goal_fwd_1.6x_met"), 1.6), fwd],
+        ["linear forward + input gradient, same tokens, transposable mask (best / worst shape)", "–",
+         f"{x(max(fb))} / {x(min(fb))}" if fb else "–"],
+        ["one SFT step, SmolLM2-135M 2:4 + SparseLoRA, batch 8 × 512, sparse vs dense",
+         _gpu_goal(s.get("goal_sft_1.2x_met"), 1.2), x(s.get("sft_step_speedup"))],
+    ]  # fmt: skip
+    head = f"Run: {run_note(g)}, {g['env']['gpu']} ({g['env']['capability']})."
+    return head + "\n\n" + table(["measurement (bf16, dense ÷ sparse time)", "goal", "result"], rows)
+
+
+SECTIONS: dict[str, Callable[[Results], str]] = {
+    "readme-benchmarks": readme_benchmarks,
+    "adapters": adapters_section,
+    "loraprune-cost": loraprune_cost,
+    "loraprune-quality": loraprune_quality,
+    "distill-throughput": distill_throughput,
+    "distill-quality": distill_quality,
+    "qtuning": qtuning_section,
+    "sparse24-gpu": sparse24_gpu_section,
+}
+BENCHMARKS = ("oneshot", "adapters", "loraprune", "qtuning", "distill", "sparse24_gpu")
+
+
+# ----------------------------------------------------------------------------------------------------------- driver
+
+
+def load_results(results_dir: Path) -> Results:
+    out: Results = {}
+    for name in BENCHMARKS:
+        path = results_dir / f"{name}.json"
+        out[name] = json.loads(path.read_text()) if path.exists() else None
+    return out
+
+
+def render(text: str, results: Results, where: str = "<doc>") -> str:
+    """``text`` with every marked section regenerated."""
+
+    def sub(m: re.Match) -> str:
+        name = m["name"]
+        if name not in SECTIONS:
+            raise ValueError(f"{where}: unknown report section {name!r}; known: {sorted(SECTIONS)}")
+        return f"<!-- report:{name} -->\n{SECTIONS[name](results).rstrip()}\n<!-- /report:{name} -->"
+
+    opened = re.findall(r"<!-- report:([a-z0-9-]+) -->", text)
+    closed = re.findall(r"<!-- /report:([a-z0-9-]+) -->", text)
+    if sorted(opened) != sorted(closed):
+        raise ValueError(f"{where}: unbalanced report markers: opened {opened}, closed {closed}")
+    return MARKER.sub(sub, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="do not write; exit 1 with a diff if any doc is stale")
+    ap.add_argument("--root", type=Path, default=ROOT, help="repository root holding the docs")
+    ap.add_argument("--results", type=Path, default=None, help="results folder (default: <root>/benchmarks/results)")
+    args = ap.parse_args(argv)
+    results = load_results(args.results or args.root / "benchmarks" / "results")
+    stale = 0
+    for rel in DOCS:
+        path = args.root / rel
+        if not path.exists():
+            continue
+        old = path.read_text()
+        new = render(old, results, rel)
+        if new == old:
+            continue
+        if args.check:
+            stale += 1
+            sys.stdout.writelines(
+                difflib.unified_diff(old.splitlines(True), new.splitlines(True), rel, rel + " (from results)")
+            )
+        else:
+            path.write_text(new)
+            print(f"updated {rel}")
+    if stale:
+        print(f"\n{stale} doc(s) disagree with benchmarks/results; run `python benchmarks/report.py`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
