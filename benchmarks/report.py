@@ -130,7 +130,7 @@ def readme_benchmarks(res: Results) -> str:
             st, sts = _time_ratio(ad["spp"])
             rows.append(["", "SPP (default fused) step time / training memory ÷ LoRA",
                          f"{x(st)}{sts} / {x(ad['spp']['training_mem_ratio'])}",
-                         f"time {goal(st, '≤', "1.15")}; memory {goal(ad['spp']['training_mem_ratio'], '≤', "1.10")}",
+                         f"time {goal(st, '≤', '1.15')}; memory {goal(ad['spp']['training_mem_ratio'], '≤', '1.10')}",
                          ""])  # fmt: skip
         if "spp_blockwise" in ad:
             bt, bts = _time_ratio(ad["spp_blockwise"])
@@ -370,8 +370,8 @@ def adapters_section(res: Results) -> str:
     verdicts = []
     for k in ("sparse_lora", "spp"):
         if k in ad:
-            verdicts.append(f"{labels[k]}: time {goal(ad[k]['time_ratio'], '≤', "1.15")}, memory "
-                            f"{goal(ad[k]['training_mem_ratio'], '≤', "1.10")}")  # fmt: skip
+            verdicts.append(f"{labels[k]}: time {goal(ad[k]['time_ratio'], '≤', '1.15')}, memory "
+                            f"{goal(ad[k]['training_mem_ratio'], '≤', '1.10')}")  # fmt: skip
     return head + "\n\n" + table(header, rows) + "\n\n" + "; ".join(verdicts) + "."
 
 
