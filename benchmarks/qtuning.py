@@ -43,10 +43,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def run_one(name, base, tok, train, heldout, args, callbacks=(), evaluate=True, batch_size=None) -> dict:
     import torch
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from prune_peft import QTuningSFTTrainer  # SFTTrainer + Q-Tuning (plain SFTTrainer when no QTuningCallback)
 
     out = tempfile.mkdtemp(prefix=f"qtuning-bench-{name}-")
-    trainer = SFTTrainer(
+    trainer = QTuningSFTTrainer(
         copy.deepcopy(base),
         args=SFTConfig(
             output_dir=out,

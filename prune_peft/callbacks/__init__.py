@@ -1,27 +1,26 @@
-"""Trainer callbacks: Q-Tuning data pruning (and, from the LoRAPrune work, PruneCallback)."""
+"""Trainer callbacks (PruneCallback, Q-Tuning, S-STE) and the Trainer mixins that apply them.
 
+The Q-Tuning selection math is in :mod:`prune_peft.sparsity.qtuning`, the S-STE projection in
+:mod:`prune_peft.sparsity.sste`.
+"""
+
+from ._trainer import MetricsCallback, PruneTrainerMixin
 from .prune import PruneCallback, PruneDriver, register_driver
-from .qtuning import (
-    QTuningCallback,
-    QTuningConfig,
-    eu_triage,
-    select_samples,
-    select_tokens,
-    token_scores,
-)
+from .qtuning import QTuningCallback, QTuningConfig, QTuningSFTTrainer, QTuningTrainer, QTuningTrainerMixin
 from .sste import SSTECallback, apply_sste, finalize_sste  # registers the "s-ste" PruneCallback driver
 
 __all__ = [
+    "MetricsCallback",
     "PruneCallback",
     "PruneDriver",
+    "PruneTrainerMixin",
     "QTuningCallback",
     "QTuningConfig",
+    "QTuningSFTTrainer",
+    "QTuningTrainer",
+    "QTuningTrainerMixin",
     "SSTECallback",
     "apply_sste",
-    "eu_triage",
     "finalize_sste",
     "register_driver",
-    "select_samples",
-    "select_tokens",
-    "token_scores",
 ]

@@ -1,33 +1,29 @@
-"""Q-Tuning: joint sample and token pruning for supervised fine-tuning on the Error-Uncertainty plane.
+"""Q-Tuning in the Trainer: :class:`QTuningCallback` + :class:`QTuningTrainerMixin`.
 
-Wang et al., "Winning the Pruning Gamble: A Unified Approach to Joint Sample and Token Pruning for Efficient
-Supervised Fine-Tuning", arXiv 2509.23873. No official code exists; this follows the project page and fills the
-gaps with documented, configurable choices (see ``docs/qtuning.md``).
+Q-Tuning (Wang et al., arXiv 2509.23873) keeps, per optimizer step, the misconception and calibration samples of the
+Error-Uncertainty plane and prunes the less salient tokens of the misconception samples; the selection math is the
+pure tensor code of :mod:`prune_peft.sparsity.qtuning`.
 
-Per batch, with the *current* model, every sample gets two coordinates over its response tokens T
-(labels != -100)::
+Selecting samples and tokens changes the batch and the loss, which a ``TrainerCallback`` cannot do. So the work is
+split along the Trainer's documented extension points:
 
-    PPL(x) = exp( (1/|T|) Σ_{i∈T} −log p(y_i | x, y_<i) )          (error)
-    Ent(x) = (1/|T|) Σ_{i∈T} H(p(· | x, y_<i))                       (uncertainty)
+- :class:`QTuningCallback` (a :class:`~prune_peft.callbacks._trainer.MetricsCallback`) holds the configuration,
+  triages each pool of samples (:meth:`QTuningCallback.triage`), keeps the per-step metrics and writes the EU-plane
+  plots;
+- :class:`QTuningTrainerMixin` overrides the public ``Trainer.get_batch_samples`` (two-pass: score, triage and prune
+  the step's micro-batches, recount ``num_items_in_batch``), ``Trainer.compute_loss`` (single-pass masked loss; a zero
+  loss for an emptied micro-batch) and, through :class:`~prune_peft.callbacks._trainer.PruneTrainerMixin`,
+  ``Trainer.log`` (metrics reach every reporter). :class:`QTuningTrainer` and :class:`QTuningSFTTrainer` are the
+  mixin on ``transformers.Trainer`` and ``trl.SFTTrainer``::
 
-Quadrants: Q1 harmful noise (high PPL, high Ent) and Q3 redundant knowledge (low PPL, low Ent) are dropped;
-Q2 valuable misconceptions (high PPL, low Ent) are kept with their less salient tokens pruned; Q4 calibration data
-(low PPL, high Ent) are kept whole. Inside Q2 samples each response token gets the context-aware score::
+    trainer = QTuningSFTTrainer(model, args=cfg, train_dataset=ds, peft_config=lora,
+                                callbacks=[QTuningCallback(QTuningConfig(sample_ratio=0.25, token_ratio=0.5))])
 
-    s_i = (1−λ)·PPL_i + λ·(PPL_{i−1} + PPL_{i+1}),   PPL_i = exp(−log p(y_i | ·))
-
-and ⌈token_ratio·|T|⌉ tokens are kept; pruned tokens get label −100 (they stay in the context).
-
-The module has two halves: pure tensor functions (:func:`token_nll_entropy`, :func:`sample_ppl_entropy`,
-:func:`eu_triage`, :func:`select_samples`, :func:`token_scores`, :func:`select_tokens`), and the Hugging Face
-wiring (:class:`QTuningConfig`, :class:`QTuningCallback`). The callback patches the trainer it is passed to (the
-axolotl precedent: a callback holding the trainer): a plain ``callbacks=[QTuningCallback(...)]`` is enough for
-``transformers.Trainer`` and ``trl.SFTTrainer``; :meth:`QTuningCallback.attach` does the same explicitly.
+A ``QTuningCallback`` in a Trainer without the mixin raises a ``ValueError`` at ``on_train_begin`` naming the fix.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -36,234 +32,29 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer
+from trl import SFTTrainer
 
-from ._trainer import find_trainer
+from ..sparsity.qtuning import (
+    IGNORE_INDEX,
+    QUADRANT_NAMES,
+    EUTriage,
+    check_ratio,
+    eu_triage,
+    sample_ppl_entropy,
+    select_tokens,
+    token_nll_entropy,
+)
+from ._trainer import MetricsCallback, PruneTrainerMixin
 
 __all__ = [
-    "QUADRANT_NAMES",
-    "EUTriage",
     "QTuningCallback",
     "QTuningConfig",
-    "eu_triage",
+    "QTuningSFTTrainer",
+    "QTuningTrainer",
+    "QTuningTrainerMixin",
     "plot_eu_plane",
-    "sample_ppl_entropy",
-    "select_samples",
-    "select_tokens",
-    "token_nll_entropy",
-    "token_scores",
 ]
-
-IGNORE_INDEX = -100
-QUADRANT_NAMES = {1: "noise", 2: "misconception", 3: "redundant", 4: "calibration"}
-_MAX_NLL = 80.0  # exp(80) ≈ 5.5e34 still fits float32; beyond that PPL_i would overflow to inf
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pure tensor functions
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def token_nll_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token NLL and predictive entropy of a causal LM, aligned with the shifted labels.
-
-    ``logits`` [B, L, V] and ``labels`` [B, L] → ``nll``, ``entropy``, ``mask``, each [B, L−1], where position j
-    scores ``labels[:, j+1]`` from ``logits[:, j]``. ``mask`` marks response tokens (label != ignore_index); nll and
-    entropy are 0 elsewhere. ``nll`` keeps the graph of ``logits``; ``entropy`` does too (detach it if unneeded).
-    """
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = target != ignore_index
-    logp = logits.log_softmax(-1)
-    nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    zero = nll.new_zeros(())
-    return torch.where(mask, nll, zero), torch.where(mask, entropy, zero), mask
-
-
-def sample_ppl_entropy(
-    token_nll: torch.Tensor, token_entropy: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample ``PPL = exp(mean NLL)`` and mean entropy over the response tokens (``mask``), float64.
-
-    Rows without response tokens get NaN in both (they carry no learning signal and are never selected).
-    """
-    mask = mask.to(torch.float64)
-    n = mask.sum(-1)
-    mean_nll = (token_nll.double() * mask).sum(-1) / n
-    mean_ent = (token_entropy.double() * mask).sum(-1) / n
-    return mean_nll.exp(), mean_ent
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Integer rank of each value, 0 = smallest; ties are broken by position."""
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(x.numel(), device=x.device)
-    return ranks
-
-
-@dataclass
-class EUTriage:
-    """Result of :func:`eu_triage`.
-
-    ``keep`` [n] bool; ``quadrant`` [n] long in 1..4 (0: no response tokens); ``level`` the quantile level t found by
-    bisection; ``thresholds`` the value-space quantiles at t (``ppl_low = q_t(PPL)``, ``ppl_high = q_{1−t}(PPL)``,
-    ``ent_low = q_t(Ent)``, ``ent_high = q_{1−t}(Ent)``); ``target`` the number of samples to keep.
-    """
-
-    keep: torch.Tensor
-    quadrant: torch.Tensor
-    level: float
-    thresholds: dict[str, float]
-    target: int
-
-
-def eu_triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float, iters: int = 60) -> EUTriage:
-    """Sample triage on the Error-Uncertainty plane with quantile thresholds found by bisection.
-
-    At quantile level t ∈ [0, 1] the thresholds are ``ppl_low = q_t(PPL)``, ``ppl_high = q_{1−t}(PPL)``,
-    ``ent_low = q_t(Ent)``, ``ent_high = q_{1−t}(Ent)`` (quantiles over the batch), and a sample is kept when it is a
-
-    - misconception (Q2): ``PPL ≥ ppl_high`` and ``Ent ≤ ent_low``, or a
-    - calibration sample (Q4): ``PPL ≤ ppl_low`` and ``Ent ≥ ent_high``.
-
-    The kept share grows monotonically with t; t is bisected so that exactly ``k = max(1, round(sample_ratio·n))``
-    samples are kept (n = samples with response tokens). For t ≤ ½ the two regions are disjoint corners of the plane
-    (the median split at t = ½); if the off-diagonal quadrants hold fewer than k samples, t passes ½ and the regions
-    grow into Q1/Q3 starting with the samples closest to Q2/Q4, so the budget is always met. Samples tied at the
-    final level are broken by distance from the diagonal (|rank PPL − rank Ent|, larger first), then by index.
-
-    Labels: kept samples are Q2 or Q4 by the condition they met first (Q4 on a tie: kept whole); dropped samples are
-    Q1 if they lie on the high side of the anti-diagonal (rank PPL + rank Ent ≥ 1), else Q3. Samples with NaN
-    statistics (no response tokens) are never kept and get label 0.
-    """
-    if ppl.shape != entropy.shape or ppl.dim() != 1:
-        raise ValueError(
-            f"ppl and entropy must be 1-D of equal length, got {tuple(ppl.shape)}, {tuple(entropy.shape)}"
-        )
-    _check_ratio("sample_ratio", sample_ratio)
-    device = ppl.device
-    valid = ~(torch.isnan(ppl) | torch.isnan(entropy))
-    n = int(valid.sum())
-    if n == 0:
-        raise ValueError(
-            "Q-Tuning: no sample in the batch has response tokens (every label is -100), so there is nothing to "
-            "score or train on; check max_length (completions truncated away?) and the completion/assistant masks"
-        )
-    k = max(1, math.floor(sample_ratio * n + 0.5))
-    idx = valid.nonzero().squeeze(1)
-    p, e = ppl[idx].double(), entropy[idx].double()
-    # Rank coordinates u = U/m, v = V/m in [0, 1]; u ≥ 1−t ⟺ PPL ≥ q_{1−t}(PPL) for linearly interpolated quantiles.
-    m = max(n - 1, 1)
-    U, V = _ranks(p), _ranks(e)
-    # Entry level (×m, exact integers) of each sample: in Q2 at level t iff u ≥ 1−t and v ≤ t, i.e.
-    # t ≥ max(1−u, v); in Q4 iff t ≥ max(u, 1−v).
-    T2 = torch.maximum(m - U, V) if n > 1 else torch.zeros_like(U)
-    T4 = torch.maximum(U, m - V) if n > 1 else torch.zeros_like(U)
-    T = torch.minimum(T2, T4)
-    lo, hi = 0.0, 1.0
-    if int((T == 0).sum()) >= k:
-        hi = lo
-    else:
-        for _ in range(iters):  # smallest level whose kept set reaches k
-            mid = (lo + hi) / 2
-            if int((T <= mid * m).sum()) >= k:
-                hi = mid
-            else:
-                lo = mid
-    kept = T <= hi * m
-    level_int = int(T[kept].max())
-    extra = int(kept.sum()) - k
-    if extra > 0:  # several samples enter at the same level: keep the deepest (most off-diagonal) ones
-        boundary = (kept & (T == level_int)).nonzero().squeeze(1)
-        order = torch.argsort(-(U - V).abs()[boundary], stable=True)
-        kept[boundary[order[len(order) - extra :]]] = False
-    quad_local = torch.where(kept, torch.where(T2 < T4, 2, 4), torch.where(U + V >= m, 1, 3))
-    keep = torch.zeros(ppl.shape, dtype=torch.bool, device=device)
-    quadrant = torch.zeros(ppl.shape, dtype=torch.long, device=device)
-    keep[idx] = kept
-    quadrant[idx] = quad_local.long()
-    level = level_int / m
-    q = torch.tensor([level, 1 - level], dtype=torch.float64, device=device)
-    pq, eq = torch.quantile(p, q), torch.quantile(e, q)
-    thresholds = {
-        "ppl_low": float(pq[0]),
-        "ppl_high": float(pq[1]),
-        "ent_low": float(eq[0]),
-        "ent_high": float(eq[1]),
-    }
-    return EUTriage(keep=keep, quadrant=quadrant, level=level, thresholds=thresholds, target=k)
-
-
-def select_samples(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean keep mask over the batch and quadrant labels (1..4, 0 = no response tokens); see :func:`eu_triage`.
-
-    >>> keep, quadrant = select_samples(ppl, entropy, sample_ratio=0.25)
-    """
-    t = eu_triage(ppl, entropy, sample_ratio)
-    return t.keep, t.quadrant
-
-
-def token_scores(
-    token_nll: torch.Tensor, response_mask: torch.Tensor, lam: float = 0.5, neighbor_mean: bool = False
-) -> torch.Tensor:
-    """Context-aware token scores ``s_i = (1−λ)·PPL_i + λ·(PPL_{i−1} + PPL_{i+1})`` over response tokens.
-
-    ``PPL_i = exp(nll_i)`` (nll clamped at 80 against overflow). Neighbours are the adjacent positions when they are
-    response tokens too; a missing neighbour (response boundary) is replaced by the token's own PPL, so boundary
-    tokens are on the same scale. ``neighbor_mean=True`` uses ½(PPL_{i−1} + PPL_{i+1}) (the slime re-implementation)
-    instead of the sum (the project page's formula). Non-response positions get NaN. Shape [B, T], float64.
-    """
-    m = response_mask.bool()
-    ppl = token_nll.detach().double().clamp(max=_MAX_NLL).exp()
-    false = torch.zeros_like(m[:, :1])
-    prev_ok = torch.cat([false, m[:, :-1]], 1) & m
-    next_ok = torch.cat([m[:, 1:], false], 1) & m
-    prev = torch.where(prev_ok, torch.cat([ppl[:, :1], ppl[:, :-1]], 1), ppl)
-    nxt = torch.where(next_ok, torch.cat([ppl[:, 1:], ppl[:, -1:]], 1), ppl)
-    neighbours = (prev + nxt) / 2 if neighbor_mean else prev + nxt
-    s = (1 - lam) * ppl + lam * neighbours
-    return torch.where(m, s, torch.full_like(s, float("nan")))
-
-
-def select_tokens(
-    token_nll: torch.Tensor,
-    response_mask: torch.Tensor,
-    token_ratio: float,
-    lam: float = 0.5,
-    *,
-    keep: str = "high",
-    neighbor_mean: bool = False,
-) -> torch.Tensor:
-    """Boolean keep mask [B, T] over tokens: per row, ⌈token_ratio·n⌉ of its n response tokens by :func:`token_scores`.
-
-    ``keep="high"`` retains the top-scoring tokens (the project page: "only the top-r_token fraction are retained";
-    the abstract: "trim less salient tokens" — the already-predicted, low-perplexity context of a misconception);
-    ``keep="low"`` retains the lowest scores instead (drops high-perplexity spikes and their neighbourhoods, the
-    choice of the unofficial slime re-implementation). Ties go to the earlier position. Non-response positions are
-    never kept.
-    """
-    _check_ratio("token_ratio", token_ratio)
-    if keep not in ("low", "high"):
-        raise ValueError(f"keep must be 'low' or 'high', got {keep!r}")
-    m = response_mask.bool()
-    s = token_scores(token_nll, m, lam, neighbor_mean)
-    key = s if keep == "low" else -s
-    key = torch.where(m, key, torch.full_like(key, float("inf")))
-    n = m.sum(-1)
-    k = torch.ceil(n.double() * token_ratio - 1e-9).long()  # the epsilon keeps 0.7·10 from rounding up to 8
-    order = torch.argsort(key, dim=-1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order).contiguous())
-    return (rank < k.unsqueeze(-1)) & m
-
-
-def _check_ratio(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < float(value) <= 1):
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +112,7 @@ class QTuningConfig:
     """Q-Tuning settings. Every ratio is a kept share in (0, 1]; ``sample_ratio=0.25, token_ratio=0.5`` is the
     paper's "25% × 50%" budget (12.5% of the samples' worth of data).
 
-    >>> QTuningCallback(QTuningConfig(sample_ratio=0.25, token_ratio=0.5))
+    >>> QTuningCallback(QTuningConfig(sample_ratio=0.25, token_ratio=0.5))  # in a QTuningTrainer/QTuningSFTTrainer
     """
 
     sample_ratio: float = field(
@@ -362,8 +153,8 @@ class QTuningConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_ratio("sample_ratio", self.sample_ratio)
-        _check_ratio("token_ratio", self.token_ratio)
+        check_ratio("sample_ratio", self.sample_ratio)
+        check_ratio("token_ratio", self.token_ratio)
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0 <= self.lam <= 1:
             raise ValueError(f"lam must be a number in [0, 1], got {self.lam!r}")
         if self.mode not in MODES:
@@ -407,7 +198,7 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_sft_trainer(trainer) -> bool:
-    if not any(c.__name__ == "SFTTrainer" for c in type(trainer).__mro__):
+    if not isinstance(trainer, SFTTrainer):
         return False
     try:  # the fused LM head (per-token log-probs and entropy, no full logits) arrived with trl 1.x
         from trl.trainer.utils import add_fused_lm_head  # noqa: F401
@@ -418,27 +209,35 @@ def _is_sft_trainer(trainer) -> bool:
 
 _SKIP_KEY = "_qtuning_skip"  # marks a micro-batch whose samples were all dropped
 _NON_MODEL_KEYS = {"labels", "shift_labels", "num_items_in_batch", "use_cache", _SKIP_KEY}
+_NEEDS_MIXIN = (
+    "QTuningCallback selects samples and tokens, which changes the batches and the loss, and a TrainerCallback cannot "
+    "do that: train with a Trainer that has QTuningTrainerMixin, i.e. prune_peft.QTuningTrainer (for "
+    "transformers.Trainer), prune_peft.QTuningSFTTrainer (for trl.SFTTrainer), or your own "
+    "`class MyTrainer(QTuningTrainerMixin, SomeTrainer)`, with callbacks=[QTuningCallback(...)]"
+)
 
 
-class QTuningCallback(TrainerCallback):
-    """Q-Tuning for ``transformers.Trainer`` and ``trl.SFTTrainer``; one line::
+class QTuningCallback(MetricsCallback):
+    """Q-Tuning settings, triage bookkeeping, ``qtuning/*`` metrics and EU-plane plots.
 
-        trainer = SFTTrainer(model, args=cfg, train_dataset=ds, peft_config=lora,
-                             callbacks=[QTuningCallback(QTuningConfig(sample_ratio=0.25, token_ratio=0.5))])
+    Use it with a Trainer that has :class:`QTuningTrainerMixin` (``QTuningTrainer``, ``QTuningSFTTrainer``)::
 
-    A callback cannot change the batch or the loss, so this one patches the trainer it is registered with
-    (found at ``on_init_end``; or call :meth:`attach` yourself, e.g. after ``trainer.add_callback``):
+        trainer = QTuningSFTTrainer(model, args=cfg, train_dataset=ds, peft_config=lora,
+                                    callbacks=[QTuningCallback(QTuningConfig(sample_ratio=0.25, token_ratio=0.5))])
 
-    - two-pass mode wraps ``trainer.get_batch_samples``: every micro-batch of the optimizer step is scored with a
-      no-grad forward, the whole step (all micro-batches, all ranks) is triaged at once, dropped samples are removed,
-      pruned tokens get label −100, trailing columns no kept label needs are cut, and ``num_items_in_batch`` is
-      recounted from the pruned labels — so the trainer's own loss (trl's NLL/DFT, ``compute_loss_func``, label
-      smoothing) is the exact masked mean over the kept tokens, gradient accumulation included;
-    - single-pass mode wraps ``trainer.compute_loss``: the training forward gives per-token NLL and entropy, the
-      micro-batch is triaged and the loss is the masked mean over kept tokens (exact with one micro-batch per step;
-      with gradient accumulation each micro-batch is normalised by its own kept-token count);
-    - ``trainer.log`` is wrapped so per-step quadrant counts and kept shares land in ``log_history`` *and* the
-      reporters (TensorBoard, W&B) — keys added in ``on_log`` would reach neither reliably.
+    - two-pass mode: every micro-batch of the optimizer step is scored with a no-grad forward, the whole step (all
+      micro-batches, all ranks) is triaged at once, dropped samples are removed, pruned tokens get label −100,
+      trailing columns no kept label needs are cut, and ``num_items_in_batch`` is recounted from the pruned labels —
+      so the trainer's own loss (trl's NLL/DFT, ``compute_loss_func``, label smoothing) is the exact masked mean over
+      the kept tokens, gradient accumulation included;
+    - single-pass mode: the training forward gives per-token NLL and entropy, the micro-batch is triaged and the loss
+      is the masked mean over kept tokens (exact with one micro-batch per step; with gradient accumulation each
+      micro-batch is normalised by its own kept-token count);
+    - per-step quadrant counts and kept shares are returned by :meth:`log_metrics`, so they reach ``log_history``
+      and (with the mixin's ``log``) the reporters (TensorBoard, W&B).
+
+    The mixin calls :meth:`bind` when the trainer is built or ``train()`` starts; that is where the Trainer's
+    settings are checked. Without the mixin, :meth:`on_train_begin` raises a ``ValueError``.
     """
 
     def __init__(self, config: QTuningConfig | None = None, **overrides: Any) -> None:
@@ -446,38 +245,26 @@ class QTuningCallback(TrainerCallback):
             raise ValueError(f"config must be a QTuningConfig, got {type(config).__name__}")
         base = asdict(config) if config is not None else {}
         self.config = QTuningConfig(**{**base, **overrides})
-        self.trainer = None
+        self.trainer: Trainer | None = None  # the QTuningTrainerMixin trainer this callback serves (set by bind)
         self.records: deque[dict[str, Any]] = deque(maxlen=16)  # last triage results (debugging, tests)
         self._acc: dict[str, float] = {}
         self._points: deque[tuple[float, float, int]] = deque(maxlen=4096)  # (ppl, ent, quadrant) for the plot
         self._last_thresholds: dict[str, float] | None = None
         self._warned_empty = False
 
-    # ------------------------------------------------------------------ attaching
-    def attach(self, trainer) -> QTuningCallback:
-        """Patch ``trainer`` (idempotent) and register this callback with it if needed; returns ``self``."""
+    # ------------------------------------------------------------------ binding (called by QTuningTrainerMixin)
+    def bind(self, trainer: Trainer) -> None:
+        """Check ``trainer``'s settings and serve it; called by :class:`QTuningTrainerMixin` (idempotent)."""
         if self.trainer is trainer:
-            return self
+            return
         if self.trainer is not None:
-            raise ValueError("this QTuningCallback is already attached to another trainer; make a new one")
-        other = getattr(trainer, "_qtuning_callback", None)
-        if other is not None and other is not self:
-            raise ValueError("the trainer already has a QTuningCallback; use only one")
+            raise ValueError("this QTuningCallback already serves another trainer; make a new QTuningCallback")
+        if not isinstance(trainer, QTuningTrainerMixin):
+            raise ValueError(_NEEDS_MIXIN)
         self._validate(trainer)
-        if not any(cb is self for cb in trainer.callback_handler.callbacks):
-            trainer.add_callback(self)
         self.trainer = trainer
-        trainer._qtuning_callback = self
-        self._orig_compute_loss = trainer.compute_loss
-        self._orig_get_batch_samples = trainer.get_batch_samples
-        self._orig_log = trainer.log
-        trainer.compute_loss = self._compute_loss
-        trainer.log = self._log
-        if self.config.mode == "two_pass":
-            trainer.get_batch_samples = self._get_batch_samples
-        return self
 
-    def _validate(self, trainer) -> None:
+    def _validate(self, trainer: Trainer) -> None:
         cfg, args = self.config, trainer.args
         for flag in ("packing", "padding_free"):
             if getattr(args, flag, False):
@@ -502,7 +289,7 @@ class QTuningCallback(TrainerCallback):
                 f"selection is possible; {hint}, or sample_ratio=1.0 for token pruning only"
             )
         if cfg.mode == "single_pass":
-            if getattr(trainer, "compute_loss_func", None) is not None or getattr(args, "label_smoothing_factor", 0):
+            if trainer.compute_loss_func is not None or getattr(args, "label_smoothing_factor", 0):
                 raise ValueError(
                     "mode='single_pass' computes the (masked NLL) loss itself and cannot apply compute_loss_func or "
                     "label smoothing; use mode='two_pass', which keeps the trainer's own loss"
@@ -526,21 +313,10 @@ class QTuningCallback(TrainerCallback):
                 cfg.plot = False
 
     # ------------------------------------------------------------------ callback events
-    def on_init_end(self, args, state, control, **kwargs):
-        if self.trainer is None:
-            trainer = find_trainer(self)
-            if trainer is not None:
-                self.attach(trainer)
-
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer is None:
-            trainer = find_trainer(self)
-            if trainer is None:
-                raise RuntimeError(
-                    "QTuningCallback could not find its Trainer; call QTuningCallback(...).attach(trainer) before "
-                    "trainer.train()"
-                )
-            self.attach(trainer)
+        # The Trainer passes its own `args` to every event: a bound trainer with other args is another trainer.
+        if self.trainer is None or self.trainer.args is not args:
+            raise ValueError(_NEEDS_MIXIN)
         self._acc = {}
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -567,14 +343,12 @@ class QTuningCallback(TrainerCallback):
             title=f"Q-Tuning EU plane, step {step} ({len(pts)} recent samples)",
         )
 
-    # ------------------------------------------------------------------ logging
-    def _log(self, logs: dict[str, float], *args: Any, **kwargs: Any):
-        if "loss" in logs and self._acc.get("steps"):
-            logs.update(self._flush_metrics())
-        return self._orig_log(logs, *args, **kwargs)
-
-    def _flush_metrics(self) -> dict[str, float]:
+    # ------------------------------------------------------------------ metrics
+    def log_metrics(self) -> dict[str, float]:
+        """Per-step means since the last log (empty when no step ran); resets the accumulators."""
         acc, steps = self._acc, self._acc.get("steps", 0)
+        if not steps:
+            return {}
         out: dict[str, float] = {}
         if acc.get("samples"):
             for q, name in QUADRANT_NAMES.items():
@@ -591,11 +365,18 @@ class QTuningCallback(TrainerCallback):
         self._acc = {}
         return out
 
+    def add_scoring_time(self, seconds: float) -> None:
+        """Two-pass: wall time of one step's scoring forwards (logged as ``qtuning/scoring_seconds``)."""
+        self._acc["scoring_seconds"] = self._acc.get("scoring_seconds", 0.0) + seconds
+
     # ------------------------------------------------------------------ triage of one pool
-    def _triage(self, nll: list[torch.Tensor], ent: list[torch.Tensor], mask: list[torch.Tensor]):
+    def triage(
+        self, nll: list[torch.Tensor], ent: list[torch.Tensor], mask: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Triage the samples of several micro-batches (and of all ranks) with one rule.
 
-        Returns per micro-batch (row keep [B] bool, token keep [B, T] bool) for this rank.
+        Per micro-batch, ``nll``/``ent``/``mask`` are [B, L−1] (:func:`~prune_peft.sparsity.qtuning.token_nll_entropy`).
+        Returns per micro-batch (row keep [B] bool, token keep [B, L−1] bool) for this rank.
         """
         cfg = self.config
         ppl_l, ent_l = zip(*(sample_ppl_entropy(a, b, m) for a, b, m in zip(nll, ent, mask)))
@@ -664,22 +445,68 @@ class QTuningCallback(TrainerCallback):
             }
         )
 
-    # ------------------------------------------------------------------ scoring forward (two-pass)
-    def _scoring_model(self):
-        model = self.trainer.model
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+class QTuningTrainerMixin(PruneTrainerMixin):
+    """Mixin for ``transformers.Trainer`` or trl's trainers that applies the Trainer's :class:`QTuningCallback`.
+
+    Overrides only public, documented Trainer methods: ``get_batch_samples`` (two-pass pruning of the step's
+    micro-batches), ``compute_loss`` (single-pass loss, zero loss for an emptied micro-batch), ``train`` (binds a
+    callback added with ``add_callback`` after construction) and, from :class:`PruneTrainerMixin`, ``log``. Without
+    a ``QTuningCallback`` among its callbacks the trainer behaves exactly like its base class::
+
+        class QTuningSFTTrainer(QTuningTrainerMixin, SFTTrainer): ...
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._bind_qtuning()  # bad settings fail at construction, before any work
+
+    @property
+    def qtuning_callback(self) -> QTuningCallback | None:
+        """The trainer's :class:`QTuningCallback`, or ``None``."""
+        found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, QTuningCallback)]  # type: ignore[attr-defined]
+        if len(found) > 1:
+            raise ValueError(f"the trainer has {len(found)} QTuningCallbacks; use only one")
+        return found[0] if found else None
+
+    def _bind_qtuning(self) -> QTuningCallback | None:
+        cb = self.qtuning_callback
+        if cb is not None:
+            cb.bind(self)  # type: ignore[arg-type]
+        return cb
+
+    def train(self, *args: Any, **kwargs: Any):
+        self._bind_qtuning()
+        return super().train(*args, **kwargs)  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ two-pass: prune the step's micro-batches
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        cb = self._bind_qtuning()
+        if cb is None or cb.config.mode != "two_pass" or not batches:
+            return batches, num_items
+        batches = [_to_device(b, device) for b in batches]
+        t0 = time.perf_counter()
+        scored = [self._qtuning_score(b) for b in batches]
+        cb.add_scoring_time(time.perf_counter() - t0)
+        plan = cb.triage(*zip(*scored))
+        pruned = [_prune_batch(b, k, t) for b, (k, t) in zip(batches, plan)]
+        if num_items is not None:  # recount from the pruned labels, with the trainer's own rules (shift, ranks)
+            _, num_items = super().get_batch_samples(iter(pruned), len(pruned), device)  # type: ignore[misc]
+        return pruned, num_items
 
     @torch.no_grad()
-    def _score(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qtuning_score(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """No-grad per-token NLL and entropy [B, L−1] of a micro-batch, projecting only response positions."""
-        model = self._scoring_model()
+        model = self.model  # type: ignore[attr-defined]
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
         labels = batch["labels"]
         mask = labels[:, 1:] != IGNORE_INDEX
         inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
         was_training = model.training
         model.eval()  # deterministic scores: no dropout (LoRA dropout included)
         try:
-            with self.trainer.accelerator.autocast():
+            with self.accelerator.autocast():  # type: ignore[attr-defined]
                 backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
                 head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
                 cfg = getattr(model, "config", None)
@@ -710,58 +537,23 @@ class QTuningCallback(TrainerCallback):
             model.train(was_training)
         return nll, ent, mask
 
-    # ------------------------------------------------------------------ two-pass: prune the step's micro-batches
-    def _get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, num_items = self._orig_get_batch_samples(epoch_iterator, num_batches, device)
-        if not batches:
-            return batches, num_items
-        batches = [self._to_device(b, device) for b in batches]
-        t0 = time.perf_counter()
-        scored = [self._score(b) for b in batches]
-        self._acc["scoring_seconds"] = self._acc.get("scoring_seconds", 0.0) + time.perf_counter() - t0
-        plan = self._triage(*zip(*scored))
-        pruned = [self._prune_batch(b, k, t) for b, (k, t) in zip(batches, plan)]
-        if num_items is not None:  # recount from the pruned labels, with the trainer's own rules (shift, ranks)
-            _, num_items = self._orig_get_batch_samples(iter(pruned), len(pruned), device)
-        return pruned, num_items
-
-    @staticmethod
-    def _to_device(batch, device):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    @staticmethod
-    def _prune_batch(batch: dict[str, Any], keep_rows: torch.Tensor, keep_tokens: torch.Tensor) -> dict[str, Any]:
-        """Keep the selected rows, label −100 on pruned tokens, and cut the trailing columns no kept label needs."""
-        labels = batch["labels"]
-        bsz, length = labels.shape
-        new_labels = labels.clone()
-        new_labels[:, 1:] = torch.where(keep_tokens, labels[:, 1:], IGNORE_INDEX)
-        rows = keep_rows.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            # Nothing kept: a 1-row, 2-column stand-in the loss turns into a zero (runs a tiny forward only under
-            # DDP, where every rank must reach backward)
-            out = {k: _slice(v, bsz, length, torch.arange(1, device=labels.device), 2) for k, v in batch.items()}
-            out["labels"] = torch.full_like(out["labels"], IGNORE_INDEX)
-            out[_SKIP_KEY] = True
-            return out
-        sub = new_labels[rows]
-        has = (sub != IGNORE_INDEX).any(0)
-        cut = int(has.nonzero().max()) + 1 if has.any() else 2
-        out = {k: _slice(v, bsz, length, rows, cut) for k, v in batch.items()}
-        out["labels"] = sub[:, :cut]
-        return out
-
     # ------------------------------------------------------------------ compute_loss
-    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        cb = self.qtuning_callback
+        if cb is None:
+            return super().compute_loss(  # type: ignore[misc]
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+            )
+        cb.bind(self)  # type: ignore[arg-type]
         if inputs.pop(_SKIP_KEY, False):
-            return self._zero_loss(model, inputs, return_outputs)
-        if self.config.mode == "single_pass" and model.training and "labels" in inputs:
-            return self._single_pass_loss(model, inputs, return_outputs, num_items_in_batch)
-        return self._orig_compute_loss(
+            return self._qtuning_zero_loss(model, inputs, return_outputs)
+        if cb.config.mode == "single_pass" and model.training and "labels" in inputs:
+            return self._qtuning_single_pass_loss(cb, model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(  # type: ignore[misc]
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
         )
 
-    def _zero_loss(self, model, inputs, return_outputs):
+    def _qtuning_zero_loss(self, model, inputs, return_outputs):
         if _world()[1] > 1:  # every DDP rank must run forward/backward so the gradient all-reduce lines up
             fwd = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
             outputs = model(**fwd, use_cache=False)
@@ -771,21 +563,20 @@ class QTuningCallback(TrainerCallback):
             loss = torch.zeros((), device=inputs["input_ids"].device, requires_grad=True)
         return (loss, outputs) if return_outputs else loss
 
-    def _trainer_divides_by_ga(self, num_items_in_batch) -> bool:
-        t = self.trainer
-        flag = getattr(t, "loss_is_scaled_for_ga", None)
+    def _qtuning_trainer_divides_by_ga(self, num_items_in_batch) -> bool:
+        # Trainer.training_step divides the loss by the accumulation steps unless it is "scaled for GA"
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
         if flag is not None:
             return not flag
-        scaled = (getattr(t, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or getattr(
-            t, "compute_loss_func", None
+        scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or getattr(
+            self, "compute_loss_func", None
         ) is not None
         return not scaled
 
-    def _single_pass_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        trainer = self.trainer
+    def _qtuning_single_pass_loss(self, cb: QTuningCallback, model, inputs, return_outputs, num_items_in_batch):
         labels = inputs["labels"]
-        dft = getattr(trainer.args, "loss_type", None) == "dft"
-        if _is_sft_trainer(trainer):
+        dft = getattr(self.args, "loss_type", None) == "dft"  # type: ignore[attr-defined]
+        if _is_sft_trainer(self):
             outputs = model(**{**inputs, "use_cache": False, "fused_lm_head": True})
             logp = outputs.log_probs  # [B, L−1], zero on ignored positions
             mask = labels[:, 1:] != IGNORE_INDEX
@@ -795,14 +586,48 @@ class QTuningCallback(TrainerCallback):
             outputs = model(**fwd, use_cache=False)
             nll, ent, mask = token_nll_entropy(outputs.logits, labels)
             ent = ent.detach()
-        ((_, keep_tok),) = self._triage([nll.detach()], [ent], [mask])
+        ((_, keep_tok),) = cb.triage([nll.detach()], [ent], [mask])
         per_token = nll * (-nll.detach()).exp() if dft else nll  # DFT: NLL weighted by sg(p)
         kept = _all_sum(keep_tok.sum().to(torch.float64))
         # Masked mean over the kept tokens of all ranks (×world: DDP averages gradients over ranks)
         loss = (per_token * keep_tok).sum() / kept.clamp(min=1).to(per_token.dtype) * _world()[1]
-        if not self._trainer_divides_by_ga(num_items_in_batch):
-            loss = loss / trainer.current_gradient_accumulation_steps
+        if not self._qtuning_trainer_divides_by_ga(num_items_in_batch):
+            loss = loss / self.current_gradient_accumulation_steps  # type: ignore[attr-defined]
         return (loss, outputs) if return_outputs else loss
+
+
+class QTuningTrainer(QTuningTrainerMixin, Trainer):
+    """``transformers.Trainer`` with Q-Tuning: pass ``callbacks=[QTuningCallback(...)]``."""
+
+
+class QTuningSFTTrainer(QTuningTrainerMixin, SFTTrainer):
+    """``trl.SFTTrainer`` with Q-Tuning: pass ``callbacks=[QTuningCallback(...)]``."""
+
+
+def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _prune_batch(batch: dict[str, Any], keep_rows: torch.Tensor, keep_tokens: torch.Tensor) -> dict[str, Any]:
+    """Keep the selected rows, label −100 on pruned tokens, and cut the trailing columns no kept label needs."""
+    labels = batch["labels"]
+    bsz, length = labels.shape
+    new_labels = labels.clone()
+    new_labels[:, 1:] = torch.where(keep_tokens, labels[:, 1:], IGNORE_INDEX)
+    rows = keep_rows.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        # Nothing kept: a 1-row, 2-column stand-in the loss turns into a zero (runs a tiny forward only under
+        # DDP, where every rank must reach backward)
+        out = {k: _slice(v, bsz, length, torch.arange(1, device=labels.device), 2) for k, v in batch.items()}
+        out["labels"] = torch.full_like(out["labels"], IGNORE_INDEX)
+        out[_SKIP_KEY] = True
+        return out
+    sub = new_labels[rows]
+    has = (sub != IGNORE_INDEX).any(0)
+    cut = int(has.nonzero().max()) + 1 if has.any() else 2
+    out = {k: _slice(v, bsz, length, rows, cut) for k, v in batch.items()}
+    out["labels"] = sub[:, :cut]
+    return out
 
 
 def _slice(v: Any, bsz: int, length: int, rows: torch.Tensor, cut: int) -> Any:

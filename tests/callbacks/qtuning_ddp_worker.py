@@ -11,9 +11,9 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from prune_peft.callbacks.qtuning import QTuningCallback
+from prune_peft.callbacks.qtuning import QTuningCallback, QTuningTrainer
 from prune_peft.testing import byte_tokenizer, tiny_causal_lm
 
 
@@ -61,7 +61,7 @@ def main(out: str) -> None:
             seed=0,
         )
         cb = QTuningCallback(sample_ratio=ratio, token_ratio=0.5, mode=mode, plot=False)
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[cb])
+        trainer = QTuningTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[cb])
         trainer.train()
         rank = torch.distributed.get_rank()
         result = {

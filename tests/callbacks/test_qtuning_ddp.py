@@ -7,7 +7,7 @@ import pytest
 import torch
 from ddp_testlib import run_two_ranks
 
-from prune_peft.callbacks.qtuning import select_samples
+from prune_peft.sparsity.qtuning import select_samples
 
 WORKER = Path(__file__).with_name("qtuning_ddp_worker.py")
 

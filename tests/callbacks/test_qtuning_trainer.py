@@ -1,4 +1,4 @@
-"""Q-Tuning wired into transformers.Trainer and trl.SFTTrainer (tiny models, a few steps)."""
+"""Q-Tuning in transformers.Trainer and trl.SFTTrainer through QTuningTrainerMixin (tiny models, a few steps)."""
 
 import math
 import os
@@ -10,12 +10,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from prune_peft.callbacks.qtuning import (
     QTuningCallback,
-    sample_ppl_entropy,
-    select_samples,
-    select_tokens,
-    token_nll_entropy,
+    QTuningConfig,
+    QTuningSFTTrainer,
+    QTuningTrainer,
+    QTuningTrainerMixin,
 )
 from prune_peft.sft_data import arithmetic_problems, to_messages
+from prune_peft.sparsity.qtuning import sample_ppl_entropy, select_samples, select_tokens, token_nll_entropy
 
 CPU = torch.device("cpu")
 
@@ -40,7 +41,7 @@ def make_batch(tokenizer, n, seed=0, empty_rows=()):
     return {"input_ids": ids, "attention_mask": att, "labels": labels}
 
 
-def make_trainer(tmp_path, model, callback, bs=4, ga=1, **kwargs):
+def make_trainer(tmp_path, model, callback, bs=4, ga=1, trainer_cls=QTuningTrainer, **kwargs):
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=bs,
@@ -51,7 +52,8 @@ def make_trainer(tmp_path, model, callback, bs=4, ga=1, **kwargs):
         logging_steps=1,
         disable_tqdm=True,
     )
-    return Trainer(model=model, args=args, callbacks=[callback], **kwargs)
+    callbacks = callback if isinstance(callback, list) else [callback]
+    return trainer_cls(model=model, args=args, callbacks=callbacks, **kwargs)
 
 
 def oracle_keep(model, batches, sample_ratio, token_ratio, lam=0.5):
@@ -79,7 +81,9 @@ def test_single_pass_loss_is_hand_computed_masked_mean(tmp_path, tiny_model, tok
     model = tiny_model()
     cb = QTuningCallback(sample_ratio=0.5, token_ratio=0.5, mode="single_pass", plot=False)
     trainer = make_trainer(tmp_path, model, cb, bs=8)
-    assert cb.trainer is trainer  # found from callbacks= alone
+    assert cb.trainer is trainer  # bound by the mixin from callbacks= alone
+    # only documented extension points: the trainer's methods are its class's, none set on the instance
+    assert not {"compute_loss", "get_batch_samples", "log", "_qtuning_callback"} & set(vars(trainer))
     batch = make_batch(tokenizer, 8)
     [(tok, nll, _)], keep, _ = oracle_keep(model, [batch], 0.5, 0.5)
     expected = nll[tok].sum() / tok.sum()
@@ -173,11 +177,10 @@ def _sft_args(tmp_path, **kw):
 
 def test_sft_trainer_lora_two_pass_end_to_end(tmp_path, tiny_model, tokenizer):
     from peft import LoraConfig
-    from trl import SFTTrainer
 
     rec = Recorder()
     cb = QTuningCallback(sample_ratio=0.25, token_ratio=0.5, plot_steps=1)
-    trainer = SFTTrainer(
+    trainer = QTuningSFTTrainer(
         tiny_model(num_hidden_layers=2),
         args=_sft_args(tmp_path, gradient_accumulation_steps=2),
         train_dataset=arithmetic_problems(16).remove_columns("answer"),
@@ -203,11 +206,9 @@ def test_sft_trainer_lora_two_pass_end_to_end(tmp_path, tiny_model, tokenizer):
 
 
 def test_sft_trainer_single_pass_conversational_completion_only(tmp_path, tiny_model, tokenizer):
-    from trl import SFTTrainer
-
     data = to_messages(arithmetic_problems(8).remove_columns("answer"))
     cb = QTuningCallback(sample_ratio=0.5, token_ratio=0.5, mode="single_pass", plot=False)
-    trainer = SFTTrainer(
+    trainer = QTuningSFTTrainer(
         tiny_model(num_hidden_layers=2),
         args=_sft_args(tmp_path, max_steps=1),
         train_dataset=data,
@@ -224,7 +225,6 @@ def test_sft_trainer_single_pass_conversational_completion_only(tmp_path, tiny_m
 
 def test_sft_trainer_two_pass_assistant_only_loss(tmp_path, tiny_model):
     from datasets import Dataset
-    from trl import SFTTrainer
 
     from prune_peft.testing import byte_tokenizer
 
@@ -243,7 +243,7 @@ def test_sft_trainer_two_pass_assistant_only_loss(tmp_path, tiny_model):
         }
     )
     cb = QTuningCallback(sample_ratio=0.5, token_ratio=0.5, plot=False)
-    trainer = SFTTrainer(
+    trainer = QTuningSFTTrainer(
         tiny_model(num_hidden_layers=2),
         args=_sft_args(tmp_path, max_steps=1, assistant_only_loss=True),
         train_dataset=data,
@@ -261,7 +261,7 @@ def test_sft_trainer_two_pass_assistant_only_loss(tmp_path, tiny_model):
         assert 0.5 <= h["qtuning/misconception_token_share"] <= 0.55
 
 
-def test_add_callback_after_construction_attaches_at_train_begin(tmp_path, tiny_model, tokenizer):
+def test_add_callback_after_construction_binds_at_train(tmp_path, tiny_model, tokenizer):
     class ListData(torch.utils.data.Dataset):
         def __init__(self, batch):
             self.rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
@@ -280,7 +280,9 @@ def test_add_callback_after_construction_attaches_at_train_begin(tmp_path, tiny_
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, disable_tqdm=True,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=ListData(make_batch(tokenizer, 8)), data_collator=collate)
+    trainer = QTuningTrainer(
+        model=model, args=args, train_dataset=ListData(make_batch(tokenizer, 8)), data_collator=collate
+    )
     cb = QTuningCallback(sample_ratio=0.5, token_ratio=0.7, plot=False)
     trainer.add_callback(cb)
     assert cb.trainer is None
@@ -305,10 +307,8 @@ def test_batch_size_one_single_pass_is_rejected_at_construction(tmp_path, tiny_m
 
 
 def test_incompatible_trainer_settings_are_rejected(tmp_path, tiny_model, tokenizer):
-    from trl import SFTTrainer
-
     with pytest.raises(ValueError, match="packing=True mixes samples"):
-        SFTTrainer(
+        QTuningSFTTrainer(
             tiny_model(num_hidden_layers=1),
             args=_sft_args(tmp_path, packing=True),
             train_dataset=arithmetic_problems(8).remove_columns("answer"),
@@ -319,9 +319,12 @@ def test_incompatible_trainer_settings_are_rejected(tmp_path, tiny_model, tokeni
         make_trainer(
             tmp_path, tiny_model(), QTuningCallback(mode="single_pass"), compute_loss_func=lambda o, la, **k: o.loss
         )
-    trainer = make_trainer(tmp_path, tiny_model(), QTuningCallback())
-    with pytest.raises(ValueError, match="already has a QTuningCallback"):
-        QTuningCallback().attach(trainer)
+    with pytest.raises(ValueError, match="the trainer has 2 QTuningCallbacks; use only one"):
+        make_trainer(tmp_path, tiny_model(), [QTuningCallback(), QTuningCallback()])
+    cb = QTuningCallback()
+    make_trainer(tmp_path, tiny_model(), cb)
+    with pytest.raises(ValueError, match="already serves another trainer"):
+        make_trainer(tmp_path, tiny_model(), cb)
 
 
 def test_batches_without_response_tokens(tmp_path, tiny_model, tokenizer):
@@ -337,3 +340,67 @@ def test_batches_without_response_tokens(tmp_path, tiny_model, tokenizer):
     assert any("no response tokens" in str(w.message) for w in caught)
     rec = cb.records[-1]
     assert rec["quadrant"][1] == 0 and not rec["keep"][1] and sum(rec["keep"]) == 2  # 50 % of the 3 valid rows
+
+
+def test_plain_trainer_with_the_callback_is_rejected_at_train_begin(tmp_path, tiny_model, tokenizer):
+    from trl import SFTTrainer
+
+    model = tiny_model(num_hidden_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, use_cpu=True, report_to=[],
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    rows = [{k: v[i] for k, v in make_batch(tokenizer, 4).items()} for i in range(4)]
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[QTuningCallback(plot=False)])
+    with pytest.raises(ValueError, match=r"QTuningTrainerMixin.*QTuningTrainer.*QTuningSFTTrainer"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # rejected before any step
+    sft = SFTTrainer(
+        tiny_model(num_hidden_layers=1),
+        args=_sft_args(tmp_path / "sft", max_steps=1),
+        train_dataset=arithmetic_problems(8).remove_columns("answer"),
+        processing_class=tokenizer,
+        callbacks=[QTuningCallback(plot=False)],
+    )
+    with pytest.raises(ValueError, match="a TrainerCallback cannot do that"):
+        sft.train()
+
+
+def test_mixin_without_the_callback_is_the_plain_trainer(tmp_path, tiny_model, tokenizer):
+    model = tiny_model()
+    mixed = make_trainer(tmp_path / "a", model, [])
+    plain = make_trainer(tmp_path / "b", model, [], trainer_cls=Trainer)
+    assert isinstance(mixed, QTuningTrainerMixin) and mixed.qtuning_callback is None
+    batches = [make_batch(tokenizer, 4, seed=0), make_batch(tokenizer, 4, seed=1)]
+    got, n_got = mixed.get_batch_samples(iter([dict(b) for b in batches]), 2, CPU)
+    ref, n_ref = plain.get_batch_samples(iter([dict(b) for b in batches]), 2, CPU)
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(got, ref)) and n_got == n_ref
+    model.train()
+    for t in (mixed, plain):
+        t.current_gradient_accumulation_steps = 1
+    loss_mixed = mixed.compute_loss(model, dict(batches[0]), num_items_in_batch=n_got)
+    loss_plain = plain.compute_loss(model, dict(batches[0]), num_items_in_batch=n_ref)
+    assert loss_mixed.item() == loss_plain.item()
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.5", None])
+def test_bad_config_ratios_are_rejected(bad):
+    with pytest.raises(ValueError, match="sample_ratio must be a number in \\(0, 1\\]"):
+        QTuningConfig(sample_ratio=bad)
+    with pytest.raises(ValueError, match="token_ratio must be a number in \\(0, 1\\]"):
+        QTuningConfig(token_ratio=bad)
+
+
+def test_other_config_fields_are_validated():
+    with pytest.raises(ValueError, match="mode must be one of \\['two_pass', 'single_pass'\\]"):
+        QTuningConfig(mode="fast")
+    with pytest.raises(ValueError, match="lam must be a number in \\[0, 1\\]"):
+        QTuningConfig(lam=1.5)
+    with pytest.raises(ValueError, match="token_keep must be 'low' or 'high'"):
+        QTuningConfig(token_keep="middle")
+    with pytest.raises(ValueError, match="plot_steps"):
+        QTuningConfig(plot_steps=-1)
+    with pytest.raises(ValueError, match="sample_ratio"):
+        QTuningCallback(sample_ratio=2.0)
+    assert QTuningCallback(QTuningConfig(sample_ratio=0.25), token_ratio=0.5).config.token_ratio == 0.5
