@@ -1,14 +1,19 @@
-"""Sharing sparse adapters: model cards, Hub pushes, and exports any transformers/peft user can load.
+"""Sharing sparse adapters: every model card prune_peft writes, Hub pushes, and exports any transformers/peft
+user can load. Cards are built with ``huggingface_hub.ModelCard`` / ``ModelCardData``.
 
 * ``model.save_pretrained(dir)`` on a SparseLoRA/SPP model writes the adapter weights *and* masks
   (``lora_sparse_mask``, bit-packed) plus a model card with base model, sparsity pattern and ratio, method, and the
-  ``import prune_peft`` load snippet (see ``tuners/_base.py::write_card``).
-* ``model.push_to_hub(repo)``: transformers' ``PushToHubMixin`` replaces ``README.md`` with the card found on the Hub
-  (or a generic template) after ``save_pretrained``. For prune_peft adapters the sparsity section is written back just
-  before the upload (:func:`install_push_to_hub_card`, a wrapper on ``PeftModel._upload_modified_files`` that only acts
-  on models with prune_peft adapters).
+  ``import prune_peft`` load snippet (:func:`write_adapter_card`, called from the adapter config's own
+  ``save_pretrained``).
+* :func:`push_to_hub`: save (card included) and upload. Plain ``model.push_to_hub(repo)`` uploads the same adapter
+  and masks, but transformers' ``PushToHubMixin`` replaces ``README.md`` with the Hub's card after saving, so the
+  sparsity section is only kept by this helper.
 * :func:`export`: ``format="merged"`` — a plain, sparse transformers checkpoint (the adapters merged with every zero
-  kept); ``format="lora"`` — a standard LoRA adapter, only when the adapter really is plain LoRA.
+  kept) with its own card (:func:`merged_card`); ``format="lora"`` — a standard LoRA adapter, only when the adapter
+  really is plain LoRA.
+
+Imports from ``prune_peft.tuners`` happen inside functions: the tuners call :func:`write_adapter_card` at save time,
+so neither side needs the other at import time.
 """
 
 from __future__ import annotations
@@ -22,7 +27,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["FORMATS", "export", "install_push_to_hub_card", "is_plain_lora"]
+from ._io import atomic_dir, atomic_write_text, check_output_dir
+
+__all__ = [
+    "FORMATS",
+    "card_section",
+    "export",
+    "is_plain_lora",
+    "merged_card",
+    "push_to_hub",
+    "write_adapter_card",
+]
 
 FORMATS = ("merged", "lora")
 
@@ -46,30 +61,92 @@ def is_plain_lora(config) -> bool:
     )
 
 
-def _atomic_dir(out: Path, overwrite: bool):
-    """A temp sibling of ``out`` to fill; ``_commit`` renames it into place (complete or absent, never half)."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"out={str(out)!r} exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+# ------------------------------------------------------------------------------------------------- model cards
+
+_CARD_BEGIN = "<!-- prune_peft:begin -->"
+_CARD_END = "<!-- prune_peft:end -->"
+_METHOD_NAMES = {"sparse_lora": "SparseLoRA (SQFT SparsePEFT)", "spp": "SPP"}
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+def card_section(config) -> str | None:
+    """The model-card text describing a prune_peft adapter (None when no summary is known).
+
+    The summary (``config._pp_card``: method, pattern, sparsity, counts) is filled by the tuner when it injects.
+    """
+    card = getattr(config, "_pp_card", None)
+    if not card:
+        return None
+    base = config.base_model_name_or_path or "<base model>"
+    name = _METHOD_NAMES.get(card["method"], card["method"])
+    return (
+        "## Sparsity-preserving adapter (prune_peft)\n\n"
+        f"- method: {name} (`{config.peft_type.value}`)\n"
+        f"- base model: `{base}`\n"
+        f"- sparsity pattern: {card['pattern']}\n"
+        f"- sparsity ratio of the adapted weights: {card['sparsity']:.4f} "
+        f"({card['modules']} modules, {card['weights']} weights)\n"
+        "- merging (`merge_and_unload`) keeps every zero of the pruned base; the masks travel in "
+        "`adapter_model.safetensors` (`lora_sparse_mask`, bit-packed).\n\n"
+        "Load it (the adapter type is registered by `import prune_peft`):\n\n"
+        "```python\n"
+        "import prune_peft  # registers the adapter type with peft\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")  # the same pruned base\n'
+        'model = PeftModel.from_pretrained(base, "<this repo or folder>")\n'
+        "merged = model.merge_and_unload()  # sparse, same zeros as the base\n"
+        "```\n"
+    )
 
 
-def _merged_card(summary: dict, base: str | None, methods: list[str]) -> str:
+def write_adapter_card(directory: str | os.PathLike, config) -> None:
+    """Add (or refresh) the prune_peft section and tags of ``README.md`` in ``directory``, atomically.
+
+    Called by the prune_peft adapter configs' ``save_pretrained`` (peft saves the config after writing its own
+    card), so ``PeftModel.save_pretrained`` and :func:`push_to_hub` both produce it. Idempotent: a second save
+    replaces the section between its markers instead of adding another.
+    """
+    section = card_section(config)
+    if section is None:
+        return
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = Path(directory) / "README.md"
+    card = ModelCard.load(path) if path.exists() else ModelCard.from_template(ModelCardData())
+    summary = config._pp_card
+    tags = set(card.data.tags or []) | {"prune_peft", "sparse", summary["method"].replace("_", "-"), "peft"}
+    if summary["pattern"] != "unstructured":
+        tags.add(f"sparsity-{summary['pattern'].replace(':', 'of')}")
+    card.data.tags = sorted(tags)
+    card.data.library_name = card.data.library_name or "peft"
+    if config.base_model_name_or_path and not card.data.base_model:
+        card.data.base_model = config.base_model_name_or_path
+    text = card.text
+    block = f"{_CARD_BEGIN}\n{section}{_CARD_END}"
+    if _CARD_BEGIN in text and _CARD_END in text:
+        head, _, rest = text.partition(_CARD_BEGIN)
+        _, _, tail = rest.partition(_CARD_END)
+        text = head + block + tail
+    else:
+        lines = text.split("\n")
+        title = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
+        if title is None:
+            text = block + "\n\n" + text
+        else:
+            lines.insert(title + 1, "\n" + block + "\n")
+            text = "\n".join(lines)
+    card.text = text
+    atomic_write_text(path, str(card))
+
+
+def merged_card(summary: dict, base: str | None, methods: list[str]):
+    """The ``huggingface_hub.ModelCard`` of a merged sparse checkpoint written by :func:`export`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        library_name="transformers", tags=["prune_peft", "sparse", *(m.replace("_", "-") for m in methods)]
+    )
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- prune_peft",
-        "- sparse",
-        *(f"- {m.replace('_', '-')}" for m in methods),
-        "---",
-        "",
         "# Sparse model (adapters merged by prune_peft)",
         "",
         f"- base model: `{base or 'unknown'}`",
@@ -88,7 +165,20 @@ def _merged_card(summary: dict, base: str | None, methods: list[str]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------- export, push
+
+
+def _check_peft_model(model, fn: str) -> dict:
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict) or not peft_config:
+        raise ValueError(
+            f"{fn} expects a PeftModel (the result of get_peft_model / PeftModel.from_pretrained), "
+            f"got model={type(model).__name__}"
+        )
+    return peft_config
 
 
 def export(
@@ -112,10 +202,8 @@ def export(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    peft_config = getattr(model, "peft_config", None)
-    if not isinstance(peft_config, dict) or not peft_config:
-        raise ValueError("export expects a PeftModel (the result of get_peft_model / PeftModel.from_pretrained)")
-    out = Path(out)
+    peft_config = _check_peft_model(model, "export")
+    out = check_output_dir(out, overwrite=overwrite)  # before any work (a merge copies the whole model)
     if format == "lora":
         bad = {name: cfg.peft_type.value for name, cfg in peft_config.items() if not is_plain_lora(cfg)}
         if bad:
@@ -124,24 +212,18 @@ def export(
                 "SPP's (Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W): published as LoRA, a loader would apply a dense update and "
                 "silently break the base's sparsity. Use format='merged' (a sparse checkpoint) instead."
             )
-        tmp = _atomic_dir(out, overwrite)
-        try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            _commit(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return {"format": "lora", "path": str(out), "adapters": sorted(peft_config)}
 
     from .evaluation import sparsity_report
+    from .tuners import SparseAdapterLayer, dense_weight, sparse_layers
 
     methods = sorted({cfg.peft_type.value.lower() for cfg in peft_config.values()})
-    tmp = _atomic_dir(out, overwrite)
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         work = copy.deepcopy(model)
-        from .tuners import SparseAdapterLayer, dense_weight, sparse_layers
-
         zeros = {
             n.removeprefix("base_model.model."): dense_weight(m.get_base_layer()) == 0
             for n, m in sparse_layers(work).items()
@@ -157,10 +239,7 @@ def export(
             tokenizer.save_pretrained(tmp)
         summary = sparsity_report(merged)
         base = next(iter(peft_config.values())).base_model_name_or_path
-        (tmp / "README.md").write_text(_merged_card(summary, base, methods))
-        _commit(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        merged_card(summary, base, methods).save(tmp / "README.md")
     return {
         "format": "merged",
         "path": str(out),
@@ -170,29 +249,42 @@ def export(
     }
 
 
-def install_push_to_hub_card() -> None:
-    """Keep the prune_peft card section when ``PeftModel.push_to_hub`` uploads (idempotent).
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload prune_peft adapter",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Upload a ``PeftModel``'s adapters, masks and model card (with the prune_peft section) to the Hub.
 
-    transformers' ``push_to_hub`` saves the model, then overwrites ``README.md`` with the Hub's card, then calls
-    ``self._upload_modified_files(folder, ...)``. The wrapper rewrites our section into the README files of the
-    folder right before that upload, for models carrying prune_peft adapters only.
+    ``model.push_to_hub`` works too, but transformers replaces ``README.md`` with the repository's card after saving,
+    which drops the sparsity section; this helper saves with :meth:`save_pretrained` (which writes the card) on top of
+    the repository's existing card, and uploads the folder with ``huggingface_hub.HfApi.upload_folder``.
+    Returns the ``CommitInfo``.
+
+    >>> prune_peft.hub.push_to_hub(model, "me/llama-2of4-sparse-lora")
     """
-    from peft import PeftModel
+    _check_peft_model(model, "push_to_hub")
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"repo_id must be a Hub repository id like 'me/my-adapter', got {repo_id!r}")
+    import huggingface_hub
 
-    from .tuners._base import write_card
-
-    current = PeftModel.__dict__.get("_upload_modified_files")
-    if current is not None and getattr(current, "_prune_peft", False):
-        return
-    original = PeftModel._upload_modified_files  # inherited from transformers' PushToHubMixin
-
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        for name, config in getattr(self, "peft_config", {}).items():
-            if getattr(config, "_pp_card", None):
-                folder = working_dir if name == "default" else os.path.join(working_dir, name)
-                if os.path.isdir(folder):
-                    write_card(folder, config)
-        return original(self, working_dir, *args, **kwargs)
-
-    _upload_modified_files._prune_peft = True
-    PeftModel._upload_modified_files = _upload_modified_files
+    api = huggingface_hub.HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        if api.file_exists(repo_id, "README.md", revision=revision):
+            # start from the repository's card, as transformers' push_to_hub does; our section is refreshed in it
+            existing = api.hf_hub_download(repo_id, "README.md", revision=revision)
+            shutil.copyfile(existing, os.path.join(tmp, "README.md"))
+        model.save_pretrained(tmp)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )

@@ -2,7 +2,9 @@
 
 import re
 import sys
+import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -59,35 +61,89 @@ def test_model_card_and_masks_on_save(kind, tmp_path):
     assert len(masks) == 14 and all(v.dtype == torch.uint8 for v in masks.values())
 
 
-def test_push_to_hub_uploads_masks_and_card(tmp_path, monkeypatch):
+class FakeHubApi:
+    """Stands in for ``huggingface_hub.HfApi``: records the uploaded folder; optionally serves an existing card."""
+
+    uploaded: ClassVar[dict] = {}
+    existing_card: str | None = None
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def file_exists(self, repo_id, filename, revision=None):
+        return filename == "README.md" and self.existing_card is not None
+
+    def hf_hub_download(self, repo_id, filename, revision=None):
+        path = Path(tempfile.mkdtemp()) / filename
+        path.write_text(self.existing_card)
+        return str(path)
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, revision=None, create_pr=False):
+        for f in Path(folder_path).rglob("*"):
+            if f.is_file():
+                FakeHubApi.uploaded[str(f.relative_to(folder_path))] = f.read_bytes()
+        return "commit"
+
+
+@pytest.mark.parametrize("existing", [None, "generic"])
+def test_push_to_hub_uploads_masks_and_card(existing, tmp_path, monkeypatch):
     import huggingface_hub
-    import transformers.utils.hub as th
 
-    uploaded = {}
+    from prune_peft.hub import push_to_hub
 
-    class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            return type("Repo", (), {"repo_id": repo_id})()
-
-        def create_commit(self, repo_id, operations, **kwargs):
-            for op in operations:
-                uploaded[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
-            return "commit"
-
-    def new_repo_card(repo_id, tags=None, token=None):  # what transformers does for a repo without a README
-        data = huggingface_hub.ModelCardData(tags=tags or [], library_name="transformers")
-        return huggingface_hub.ModelCard.from_template(data, model_description="generic")
-
-    monkeypatch.setattr(th, "hf_api", lambda: FakeApi())
-    monkeypatch.setattr(th, "create_and_tag_model_card", new_repo_card)
+    monkeypatch.setattr(FakeHubApi, "uploaded", {})
+    if existing:  # a repository that already has a card: its text is kept, our section added
+        data = huggingface_hub.ModelCardData(tags=["mine"], library_name="transformers")
+        card = huggingface_hub.ModelCard.from_template(data, model_description="generic description")
+        monkeypatch.setattr(FakeHubApi, "existing_card", str(card))
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
     model = get_peft_model(pruned_model(), CONFIGS["sparse_lora"]())
-    model.push_to_hub("me/x")
+    assert push_to_hub(model, "me/x") == "commit"
+    uploaded = FakeHubApi.uploaded
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(uploaded)
     card = uploaded["README.md"].decode()
     assert "Sparsity-preserving adapter (prune_peft)" in card and "import prune_peft" in card
+    assert card.count("prune_peft:begin") == 1
     assert "prune_peft" in front_matter(card)["tags"]
+    if existing:
+        assert "generic description" in card
     (tmp_path / "w.safetensors").write_bytes(uploaded["adapter_model.safetensors"])
     assert any("lora_sparse_mask" in k for k in load_file(tmp_path / "w.safetensors"))
+
+
+def test_push_to_hub_refuses_bad_input_before_any_upload(monkeypatch):
+    import huggingface_hub
+
+    from prune_peft.hub import push_to_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", None)  # any Hub call would fail differently
+    with pytest.raises(ValueError, match=r"push_to_hub expects a PeftModel.*model=LlamaForCausalLM"):
+        push_to_hub(pruned_model(), "me/x")
+    model = get_peft_model(pruned_model(), CONFIGS["spp"]())
+    with pytest.raises(ValueError, match="repo_id must be a Hub repository id"):
+        push_to_hub(model, "")
+
+
+def test_no_library_method_is_patched_for_cards():
+    """The card is written by the adapter config's own save path, not by wrapping peft/transformers methods."""
+    from peft import PeftModel
+    from transformers.utils.hub import PushToHubMixin
+
+    assert "_upload_modified_files" not in PeftModel.__dict__
+    assert PeftModel._upload_modified_files is PushToHubMixin._upload_modified_files
+
+
+def test_merged_card_is_a_model_card():
+    from prune_peft.hub import merged_card
+
+    summary = {"sparsity": 0.5, "zeros": 8, "numel": 16, "modules": {"a": {}, "b": {}}, "2:4_valid_modules": 2}
+    card = merged_card(summary, "me/base", ["sparse_lora"])
+    meta = front_matter(str(card))
+    assert meta == {"library_name": "transformers", "tags": ["prune_peft", "sparse", "sparse-lora"]}
+    assert "- 2:4-valid linear layers: 2 of 2" in card.text and "`me/base`" in card.text
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))

@@ -24,8 +24,8 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..sparsity import nm_violations
-from ._masks import AdapterBuffers, PackedMasks, mask_mismatch
+from ..sparsity.masks import describe_pattern, mask_mismatch
+from ._buffers import AdapterBuffers, PackedMasks
 from ._registry import current_injection, injecting, layer_takes_config
 
 __all__ = ["SparseAdapterLayer", "SparseTunerMixin", "dense_weight", "set_sparse_masks", "sparse_layers"]
@@ -217,7 +217,7 @@ class SparseAdapterLayer:
             )
         if self.merged or self.get_base_layer().weight.device.type == "meta":
             return None
-        from ._masks import unpack_mask
+        from ..sparsity.packing import unpack_mask
 
         mask = unpack_mask(packed.to(self.get_base_layer().weight.device), self.in_features)
         return mask_mismatch(
@@ -335,19 +335,18 @@ def sparse_layers(model: nn.Module) -> dict[str, SparseAdapterLayer]:
 
 def _sparsity_summary(layers: Iterable[SparseAdapterLayer], adapter: str) -> dict:
     kept = numel = count = 0
-    valid = {"1:4": True, "2:4": True, "4:8": True}
-    for layer in layers:
-        if adapter not in layer.lora_sparse_mask:
-            continue
-        mask = layer.sparse_mask(adapter)
-        kept += int(mask.sum().item())
-        numel += mask.numel()
-        count += 1
-        for pattern in valid:
-            n, m = (int(v) for v in pattern.split(":"))
-            if valid[pattern] and (mask.shape[-1] % m or nm_violations(mask, n, m)):
-                valid[pattern] = False
-    pattern = next((p for p in ("1:4", "2:4", "4:8") if valid[p]), "unstructured") if count else "unstructured"
+
+    def masks():  # one unpacked mask at a time; describe_pattern reads them all exactly once
+        nonlocal kept, numel, count
+        for layer in layers:
+            if adapter in layer.lora_sparse_mask:
+                mask = layer.sparse_mask(adapter)
+                kept += int(mask.sum().item())
+                numel += mask.numel()
+                count += 1
+                yield mask
+
+    pattern = describe_pattern(masks())
     return {"sparsity": 1.0 - kept / max(numel, 1), "pattern": pattern, "modules": count, "weights": numel}
 
 
@@ -610,80 +609,3 @@ def layer_mapping(plain: type, make_4bit, make_8bit) -> dict:
         mapping[bnb.nn.Linear8bitLt] = make_8bit()
     mapping[nn.Linear] = plain
     return mapping
-
-
-def card_section(config) -> str | None:
-    """The model-card text describing a prune_peft adapter (None when no summary is known)."""
-    card = getattr(config, "_pp_card", None)
-    if not card:
-        return None
-    base = config.base_model_name_or_path or "<base model>"
-    name = {"sparse_lora": "SparseLoRA (SQFT SparsePEFT)", "spp": "SPP"}.get(card["method"], card["method"])
-    return (
-        "## Sparsity-preserving adapter (prune_peft)\n\n"
-        f"- method: {name} (`{config.peft_type.value}`)\n"
-        f"- base model: `{base}`\n"
-        f"- sparsity pattern: {card['pattern']}\n"
-        f"- sparsity ratio of the adapted weights: {card['sparsity']:.4f} "
-        f"({card['modules']} modules, {card['weights']} weights)\n"
-        "- merging (`merge_and_unload`) keeps every zero of the pruned base; the masks travel in "
-        "`adapter_model.safetensors` (`lora_sparse_mask`, bit-packed).\n\n"
-        "Load it (the adapter type is registered by `import prune_peft`):\n\n"
-        "```python\n"
-        "import prune_peft  # registers the adapter type with peft\n"
-        "from peft import PeftModel\n"
-        "from transformers import AutoModelForCausalLM\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")  # the same pruned base\n'
-        'model = PeftModel.from_pretrained(base, "<this repo or folder>")\n'
-        "merged = model.merge_and_unload()  # sparse, same zeros as the base\n"
-        "```\n"
-    )
-
-
-_CARD_BEGIN = "<!-- prune_peft:begin -->"
-_CARD_END = "<!-- prune_peft:end -->"
-
-
-def write_card(directory: str, config) -> None:
-    """Add (or refresh) the prune_peft section and tags of ``README.md`` in ``directory``, atomically."""
-    import os
-    import tempfile
-
-    section = card_section(config)
-    if section is None:
-        return
-    from huggingface_hub import ModelCard, ModelCardData
-
-    path = os.path.join(directory, "README.md")
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
-    tags = set(card.data.tags or [])
-    tags |= {"prune_peft", "sparse", config._pp_card["method"].replace("_", "-"), "peft"}
-    if config._pp_card["pattern"] != "unstructured":
-        tags.add(f"sparsity-{config._pp_card['pattern'].replace(':', 'of')}")
-    card.data.tags = sorted(tags)
-    card.data.library_name = card.data.library_name or "peft"
-    if config.base_model_name_or_path and not card.data.base_model:
-        card.data.base_model = config.base_model_name_or_path
-    text = card.text
-    block = f"{_CARD_BEGIN}\n{section}{_CARD_END}"
-    if _CARD_BEGIN in text and _CARD_END in text:
-        head, _, rest = text.partition(_CARD_BEGIN)
-        _, _, tail = rest.partition(_CARD_END)
-        text = head + block + tail
-    else:
-        lines = text.split("\n")
-        title = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
-        if title is None:
-            text = block + "\n\n" + text
-        else:
-            lines.insert(title + 1, "\n" + block + "\n")
-            text = "\n".join(lines)
-    card.text = text
-    fd, tmp = tempfile.mkstemp(prefix=".README.", dir=directory)
-    os.close(fd)
-    try:
-        card.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -44,9 +44,11 @@ def save(root: Path) -> list[str]:
     from prune_peft.tuners import SparseLoraConfig, register_adapter_type
     from prune_peft.tuners.sparse_lora import SparseLoraModel
 
-    # registration is idempotent: again by hand, and through a module reload
+    # registration is idempotent: again by hand, again through the package's call, and after a module reload
     register_adapter_type("sparse_lora", SparseLoraConfig, SparseLoraModel)
+    prune_peft.register_adapter_types()
     importlib.reload(importlib.import_module("prune_peft.tuners.spp"))
+    prune_peft.register_adapter_types()
     assert list(peft.utils.PeftType.__members__).count("SPARSE_LORA") == 1
     configs = {
         "sparse_lora": prune_peft.SparseLoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),

@@ -1,10 +1,7 @@
 """LoRAPrune (Zhang et al., ACL Findings 2024, arXiv 2305.18403) as a peft adapter type (``LORAPRUNE``)."""
 
-from .._registry import register_adapter_type
 from .config import LoRAPruneConfig
 from .layer import LoRAPruneLinear
 from .model import LoRAPruneModel, PruneBlock, default_excluded_layers
 
 __all__ = ["LoRAPruneConfig", "LoRAPruneLinear", "LoRAPruneModel", "PruneBlock", "default_excluded_layers"]
-
-register_adapter_type("loraprune", LoRAPruneConfig, LoRAPruneModel, prefix="lora_")

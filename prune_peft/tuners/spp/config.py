@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from .._base import validate_lora_fields, write_card
+from .._base import validate_lora_fields
 from .._registry import ensure_peft_type
 
 __all__ = ["SPPConfig"]
@@ -73,5 +73,8 @@ class SPPConfig(LoraConfig):
         self._register_custom_module(layer_mapping_spp())
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's ``save_pretrained``, then the model card's prune_peft section (peft writes its card first)."""
+        from ...hub import write_adapter_card  # hub owns every card; imported here so tuners never need it at import
+
         super().save_pretrained(save_directory, **kwargs)
-        write_card(save_directory, self)
+        write_adapter_card(save_directory, self)
