@@ -1,26 +1,28 @@
 """SparseLoRA over a 2:4 base on sparse tensor cores.
 
 SparseLoRA's update ``ΔW = M ⊙ s·B A`` has the base's mask, so ``W + ΔW`` is 2:4 with the *same* pattern. Its fused
-path (one GEMM with ``W + ΔW``, see :mod:`prune_peft.tuners._functional`) therefore maps onto one sparse GEMM: the
+path (one GEMM with ``W + ΔW``, see :mod:`prune_peft.sparsity.adapters`) therefore maps onto one sparse GEMM: the
 merged weight is compressed once per optimizer step (cached while W, A, B, M and s are unchanged, so gradient
-accumulation, activation checkpointing and generation reuse it) and multiplied on sparse tensor cores. ``∂L/∂x = G (W + ΔW)`` is sparse too when the mask is transposable. The adapter
-gradients are exactly those of :class:`~prune_peft.tuners._functional._MaskedLora` (``grad_mode`` respected).
+accumulation, activation checkpointing and generation reuse it) and multiplied on sparse tensor cores.
+``∂L/∂x = G (W + ΔW)`` is sparse too when the mask is transposable. The adapter gradients are exactly those of
+:class:`~prune_peft.sparsity.adapters._MaskedLora` (``grad_mode`` respected).
 
 Running the frozen base sparse and the masked branch ``x (M ⊙ s·BA)ᵀ`` separately would add a dense GEMM per
 layer (the masked branch cannot be factored into low-rank products), which is slower than the dense fused path.
-Plain LoRA does not have this problem: its branch is low-rank, so only the base layer is swapped.
-"""
+Plain LoRA does not have this problem: its branch is low-rank, so only the base layer is replaced.
+
+Wiring: nothing here knows the adapter layers. A SparseLoRA layer whose base is a :class:`SemiStructuredLinear`
+calls :func:`masked_lora_24` from its fused forward; the caches live on that base (dropped when it is copied or
+pickled)."""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from ..tuners._base import SparseAdapterLayer
-from ..tuners._functional import masked_lora_factor_grads, masked_lora_weight
-from ..tuners._masks import keep_values, unpack_mask
+from ..sparsity.adapters import masked_lora, masked_lora_factor_grads, masked_lora_weight
+from ..sparsity.packing import keep_values, unpack_mask
 from .semi_structured import (
     SemiStructuredLinear,
     _compute_dtype,
@@ -32,7 +34,7 @@ from .semi_structured import (
 )
 from .sparse24 import is_transposable24
 
-__all__ = ["attach_sparse_fused", "detach_sparse_fused"]
+__all__ = ["fused_problem", "masked_lora_24"]
 
 
 class _FusedPack:
@@ -48,7 +50,7 @@ class _FusedPack:
         self._bwd: _Packed | None = None
 
     def fwd(self) -> _Packed:
-        if self._fwd is None:  # 2:4 by construction (checked in _pp_fused_forward)
+        if self._fwd is None:  # 2:4 by construction (checked in masked_lora_24)
             self._fwd = pack(self.make_weight(), self.backend, self.name, check=False)
         return self._fwd
 
@@ -95,110 +97,71 @@ class _SparseMaskedLora(torch.autograd.Function):
         return grad_x, grad_bias, grad_A, grad_B, *([None] * 7)
 
 
-class _SemiStructuredFusedMixin:
-    """Placed before a SparseLoRA layer class: its fused forward runs the merged 2:4 weight sparse."""
+def masked_lora_24(
+    x: torch.Tensor,
+    base: SemiStructuredLinear,
+    weight: Callable[[], torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    packed_mask: torch.Tensor,
+    width: int,
+    scaling: float,
+    exact: bool,
+    adapter: str,
+) -> torch.Tensor:
+    """SparseLoRA's fused forward ``x (W + M ⊙ s·B A)ᵀ + b`` over a 2:4 ``base``: one sparse GEMM on the merged weight
+    when the backend and the mask allow it, else the dense fused path
+    (:func:`~prune_peft.sparsity.adapters.masked_lora`, same arguments) with one warning per reason.
 
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state.pop("_pp_ss_fused_cache", None)  # compressed copies and closures: a cache, not state
-        state.pop("_pp_ss_checked", None)
-        return state
-
-    def _pp_fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        base = self.get_base_layer()
-        if not isinstance(base, SemiStructuredLinear):
-            return super()._pp_fused_forward(x, adapter)
-        backend, reason = base.semi_structured_backend(x)
-        if backend == "dense":
-            if reason:
-                _warn_once(reason)
-            return super()._pp_fused_forward(x, adapter)
-        A, B, packed, width, scaling, exact = self._pp_args(adapter)
-        problem = self._pp_ss_problem(base, packed, width)
-        if problem:
-            _warn_once(f"{base._pp_ss_name}: {problem}")
-            return super()._pp_fused_forward(x, adapter)
-        dtype = _compute_dtype(x)
-        fused = self._pp_ss_fused(adapter, backend, dtype, A, B, packed, width, scaling, base)
-        return _SparseMaskedLora.apply(
-            x, base.bias, A, B, packed, width, scaling, exact, fused, dtype, base._pp_ss_transposable
-        )
-
-    def _pp_ss_fused(self, adapter, backend, dtype, A, B, packed, width, scaling, base) -> _FusedPack:
-        w = base.weight
-        key = (backend, dtype, float(scaling), *((t.data_ptr(), t._version) for t in (A, B, w, packed)))
-        cache = self.__dict__.setdefault("_pp_ss_fused_cache", {})
-        entry = cache.get(adapter)
-        if entry is None or entry.key != key:
-
-            @torch.no_grad()
-            def make_weight() -> torch.Tensor:
-                return masked_lora_weight(A, B, keep_values(packed, width, A.dtype), self._pp_weight, scaling).to(
-                    dtype
-                )
-
-            entry = cache[adapter] = _FusedPack(key, make_weight, backend, base._pp_ss_name)
-        return entry
-
-    def _pp_ss_problem(self, base: SemiStructuredLinear, packed: torch.Tensor, width: int) -> str | None:
-        """Why ``W + M ⊙ s·BA`` might not be 2:4 (None when it is): checked once per (weight, mask) version.
-
-        supp(W + M ⊙ ΔW) ⊆ M ∪ supp(W) = M when the base has no non-zero outside M, and M is 2:4.
-        """
-        w = base.weight
-        key = (w.data_ptr(), w._version, packed.data_ptr(), packed._version)
-        cache = self.__dict__.setdefault("_pp_ss_checked", {})
-        if key not in cache:
-            mask = unpack_mask(packed, width)
-            bad = _violations(mask)
-            if bad:
-                cache[key] = f"the adapter mask is not 2:4 ({bad} groups of 4 keep more than 2 weights)"
-            elif bool((w.detach()[~mask] != 0).any()):
-                cache[key] = "the base has non-zero weights outside the adapter mask"
-            else:
-                cache[key] = None
-                base._pp_ss_transposable = is_transposable24(mask)
-            if len(cache) > 4:
-                cache.pop(next(iter(cache)))
-        return cache[key]
+    ``weight`` gives the base weight ``W`` (the adapter layer's ``_pp_weight``); ``packed_mask``/``width`` are the
+    bit-packed adapter mask ``M`` and the number of input features; ``adapter`` names the cache entry on ``base``.
+    """
+    backend, reason = base.semi_structured_backend(x)
+    problem = None if backend == "dense" else fused_problem(base, packed_mask, width)
+    if backend == "dense" or problem:
+        if reason or problem:
+            _warn_once(reason or f"{base._pp_ss_name}: {problem}")
+        return masked_lora(x, weight, base.bias, A, B, packed_mask, width, scaling, exact)
+    dtype = _compute_dtype(x)
+    fused = _fused_pack(base, adapter, backend, dtype, weight, A, B, packed_mask, width, scaling)
+    return _SparseMaskedLora.apply(
+        x, base.bias, A, B, packed_mask, width, scaling, exact, fused, dtype, base._pp_ss_transposable
+    )
 
 
-@functools.cache
-def _fused_class(cls: type) -> type:
-    name = f"SemiStructured{cls.__name__}"
-    new = type(name, (_SemiStructuredFusedMixin, cls), {"__module__": __name__, "__qualname__": name})
-    globals().setdefault(name, new)  # importable by name, so pickling works
-    return new
+def _fused_pack(base, adapter, backend, dtype, weight, A, B, packed, width, scaling) -> _FusedPack:
+    """The cached pack of ``W + M ⊙ s·BA`` for this adapter, made anew when any operand changed."""
+    w = base.weight
+    key = (backend, dtype, float(scaling), *((t.data_ptr(), t._version) for t in (A, B, w, packed)))
+    entry = base._pp_ss_fused.get(adapter)
+    if entry is None or entry.key != key:
+
+        @torch.no_grad()
+        def make_weight() -> torch.Tensor:
+            return masked_lora_weight(A, B, keep_values(packed, width, A.dtype), weight, scaling).to(dtype)
+
+        entry = base._pp_ss_fused[adapter] = _FusedPack(key, make_weight, backend, base._pp_ss_name)
+    return entry
 
 
-def _predefine() -> None:
-    from ..tuners.sparse_lora.layer import SparseLoraLinear
+def fused_problem(base: SemiStructuredLinear, packed: torch.Tensor, width: int) -> str | None:
+    """Why ``W + M ⊙ s·BA`` might not be 2:4 (None when it is): checked once per (weight, mask) version.
 
-    _fused_class(SparseLoraLinear)  # → SemiStructuredSparseLoraLinear, defined at import for unpickling
-
-
-_predefine()
-
-
-def _is_sparse_lora(layer: nn.Module) -> bool:
-    return isinstance(layer, SparseAdapterLayer) and getattr(layer, "method", None) == "sparse_lora"
-
-
-def attach_sparse_fused(model: nn.Module) -> list[str]:
-    """Swap every SparseLoRA layer whose base is a :class:`SemiStructuredLinear` to the sparse fused forward."""
-    names = []
-    for name, layer in model.named_modules():
-        if not _is_sparse_lora(layer) or isinstance(layer, _SemiStructuredFusedMixin):
-            continue
-        if getattr(layer, "quantized", False) or not isinstance(layer.get_base_layer(), SemiStructuredLinear):
-            continue
-        layer.__class__ = _fused_class(type(layer))
-        names.append(name)
-    return names
-
-
-def detach_sparse_fused(model: nn.Module) -> None:
-    """Undo :func:`attach_sparse_fused`."""
-    for layer in model.modules():
-        if isinstance(layer, _SemiStructuredFusedMixin):
-            layer.__class__ = type(layer).__bases__[1]
+    supp(W + M ⊙ ΔW) ⊆ M ∪ supp(W) = M when the base has no non-zero outside M, and M is 2:4.
+    """
+    w = base.weight
+    key = (w.data_ptr(), w._version, packed.data_ptr(), packed._version)
+    cache = base._pp_ss_checked
+    if key not in cache:
+        mask = unpack_mask(packed, width)
+        bad = _violations(mask)
+        if bad:
+            cache[key] = f"the adapter mask is not 2:4 ({bad} groups of 4 keep more than 2 weights)"
+        elif bool((w.detach()[~mask] != 0).any()):
+            cache[key] = "the base has non-zero weights outside the adapter mask"
+        else:
+            cache[key] = None
+            base._pp_ss_transposable = is_transposable24(mask)
+        if len(cache) > 4:
+            cache.pop(next(iter(cache)))
+    return cache[key]

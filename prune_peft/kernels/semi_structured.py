@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sparsity.masks import nm_violations
 from .sparse24 import compress24, decompress24, is_transposable24
 
 __all__ = [
@@ -117,9 +118,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _violations(weight: torch.Tensor) -> int:
-    if weight.shape[-1] % 4:
-        return -1
-    return int(((weight != 0).reshape(-1, 4).sum(-1) > 2).sum().item())
+    return nm_violations(weight, 2, 4)
 
 
 def check_24(weight: torch.Tensor, name: str) -> None:
@@ -253,25 +252,107 @@ def sparse_linear(
 # -------------------------------------------------------------------------------------------------------- module
 
 
-class SemiStructuredLinear(nn.Linear):
-    """``nn.Linear`` whose 2:4 weight runs on sparse tensor cores (class swapped in place by
-    :func:`enable_semi_structured`, so parameters, state-dict keys, hooks and peft's wrappers are untouched).
+# hook dictionaries of an nn.Module: shared (not copied) by a replacement module, so existing handles still remove
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+# per-instance state of the 2:4 layer: not carried back to a plain nn.Linear
+_OWN_STATE = ("_pp_ss_backend", "_pp_ss_name", "_pp_ss_cache", "_pp_ss_transposable", "_pp_ss_fused", "_pp_ss_checked")
 
-    The compressed copies are a cache (not saved, not copied), rebuilt when the weight's storage, version, device or
-    the compute dtype changes. Memory: the dense weight stays (merges, saving, fallback), plus ½ of it (+ metadata)
-    for ``W`` and, when transposable, the same again for ``Wᵀ``.
+
+def _carry_over(old: nn.Module, new: nn.Module, skip: tuple[str, ...] = ()) -> None:
+    """Give ``new`` the parameters (the same objects), buffers, hooks, mode and other attributes of ``old``."""
+    for name, param in old.named_parameters(recurse=False):
+        setattr(new, name, param)  # the same Parameter: optimizers and tied weights keep pointing at it
+    for name, buf in old.named_buffers(recurse=False):
+        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
+    new.train(old.training)
+    own = vars(new)
+    for key, value in vars(old).items():
+        if key in _HOOK_DICTS or (key not in own and key not in skip and key != "forward"):
+            object.__setattr__(new, key, value)
+
+
+class SemiStructuredLinear(nn.Linear):
+    """``nn.Linear`` whose 2:4 weight runs on sparse tensor cores.
+
+    :func:`enable_semi_structured` puts one in place of each selected ``nn.Linear`` (on its parent module), holding
+    the *same* ``Parameter`` objects, hooks and attributes, so state-dict keys, optimizer references and peft's
+    wrappers are unchanged; :meth:`from_linear` does it for a single layer. The compressed copies are a cache (not
+    saved, not copied), rebuilt when the weight's storage, version, device or the compute dtype changes. Memory: the
+    dense weight stays (merges, saving, fallback), plus ½ of it (+ metadata) for ``W`` and, when transposable, the
+    same again for ``Wᵀ``.
     """
 
-    _pp_ss_backend: Backend = "auto"
-    _pp_ss_name: str = "linear"
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: Backend = "auto",
+        name: str = "linear",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._pp_ss_backend: Backend = backend
+        self._pp_ss_name = name
+        self._pp_ss_reset()
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, *, backend: Backend = "auto", name: str = "linear"
+    ) -> SemiStructuredLinear:
+        """A 2:4 layer sharing ``linear``'s parameters (ValueError if its weight is not 2:4); ``linear`` is untouched.
+
+        For a model use :func:`enable_semi_structured`, which also puts the new layers in place.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if hasattr(linear, "_hf_hook"):
+            raise ValueError(
+                f"linear ({name}) has an accelerate hook (device_map offloading); 2:4 layers need the weight on the "
+                "GPU: load the model without offloading"
+            )
+        if linear.weight.device.type != "meta":
+            check_24(linear.weight.detach(), name)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", backend=backend, name=name)
+        _carry_over(linear, new)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's parameters, hooks and attributes (the 2:4 caches dropped)."""
+        new = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        _carry_over(self, new, skip=_OWN_STATE)
+        return new
 
     def _pp_ss_reset(self) -> None:
         self._pp_ss_cache: dict = {}
         self._pp_ss_transposable: bool | None = None
+        # caches of adapters stacked on this base (kernels.adapters: merged W + ΔW packs, mask checks)
+        self._pp_ss_fused: dict = {}
+        self._pp_ss_checked: dict = {}
 
     def __getstate__(self):
         state = super().__getstate__().copy()
-        state["_pp_ss_cache"] = {}
+        # compressed copies and closures: a cache, not state
+        state["_pp_ss_cache"], state["_pp_ss_fused"], state["_pp_ss_checked"] = {}, {}, {}
         return state
 
     def semi_structured_backend(self, x: torch.Tensor) -> tuple[str, str | None]:
@@ -367,8 +448,47 @@ def _candidates(model: nn.Module, modules) -> list[tuple[str, nn.Linear, bool]]:
             continue
         if not module.weight.dtype.is_floating_point:
             continue
-        out.append((name or "<root nn.Linear>", module, select is not None))
+        if hasattr(module, "_hf_hook"):
+            _warn_once(f"{name} has an accelerate hook (device_map offloading) and is left a plain nn.Linear")
+            continue
+        out.append((name, module, select is not None))
     return out
+
+
+def _root_linear_error(model: nn.Module, method: str) -> ValueError:
+    return ValueError(
+        f"model is itself a {type(model).__name__}: the 2:4 layer replaces a module on its parent, and this one has "
+        f"none. Use prune_peft.kernels.SemiStructuredLinear.{method} for a single layer"
+    )
+
+
+def _replace_modules(model: nn.Module, new: dict[int, nn.Module]) -> None:
+    """Set ``new[id(old)]`` on the parent wherever ``old`` is a child in ``model`` (every path of a shared module)."""
+    paths = [name for name, m in model.named_modules(remove_duplicate=False) if name and id(m) in new]
+    for path in paths:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new[id(getattr(parent, child))])
+
+
+def convert_linears(model: nn.Module, named: Iterable[tuple[str, nn.Linear]], backend: Backend = "auto") -> None:
+    """Put a :class:`SemiStructuredLinear` (same parameters) in place of each given ``nn.Linear`` of ``model``.
+
+    ``named`` holds ``(name used in messages, layer)``; the layers must already be checked to be 2:4. A layer that is
+    already a :class:`SemiStructuredLinear` only takes the new backend and name.
+    """
+    new: dict[int, nn.Module] = {}
+    for name, module in named:
+        if type(module) is SemiStructuredLinear:
+            module._pp_ss_backend, module._pp_ss_name = backend, name
+            module._pp_ss_reset()
+        elif id(module) not in new:
+            replacement = SemiStructuredLinear(
+                module.in_features, module.out_features, module.bias is not None, "meta", backend=backend, name=name
+            )
+            _carry_over(module, replacement)
+            new[id(module)] = replacement
+    _replace_modules(model, new)
 
 
 def enable_semi_structured(
@@ -379,13 +499,18 @@ def enable_semi_structured(
 ) -> list[str]:
     """Run the 2:4 linear layers of ``model`` on sparse tensor cores (cuSPARSELt/CUTLASS); returns their names.
 
-    ``modules=None`` takes every ``nn.Linear`` (including base layers inside peft LoRA layers, never the adapter
-    factors) that has zero weights; fully dense layers (e.g. ``lm_head``) are left alone. A selected layer that has
-    zeros but is not 2:4 raises ``ValueError`` naming it and the number of offending groups — before anything is
-    changed. ``modules`` may be a list of names (suffixes match), a regex, or a predicate on the module name.
-    ``backend``: "auto" (cuSPARSELt, else CUTLASS on sm8x, else the dense fallback with one warning), "cusparselt",
-    "cutlass", "dense" (force the exact dense path) or "emulate" (CPU stand-in that packs with PyTorch's CUTLASS
-    layout, for tests).
+    Each selected ``nn.Linear`` is replaced, on its parent module, by a :class:`SemiStructuredLinear` holding the same
+    ``Parameter`` objects (state-dict keys and optimizer references are unchanged). ``modules=None`` takes every
+    ``nn.Linear`` (including base layers inside peft LoRA layers, never the adapter factors) that has zero weights;
+    fully dense layers (e.g. ``lm_head``) are left alone. A selected layer that has zeros but is not 2:4 raises
+    ``ValueError`` naming it and the number of offending groups — before anything is changed. ``modules`` may be a
+    list of names (suffixes match), a regex, or a predicate on the module name. ``backend``: "auto" (cuSPARSELt,
+    else CUTLASS on sm8x, else the dense fallback with one warning), "cusparselt", "cutlass", "dense" (force the
+    exact dense path) or "emulate" (CPU stand-in that packs with PyTorch's CUTLASS layout, for tests). A bare
+    ``nn.Linear`` has no parent to be replaced on: use :meth:`SemiStructuredLinear.from_linear`.
+
+    SparseLoRA layers over a replaced base run their fused forward ``W + M ⊙ s·BA`` as one sparse GEMM (see
+    :mod:`prune_peft.kernels.adapters`).
 
     Example:
 
@@ -396,6 +521,8 @@ def enable_semi_structured(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if type(model) in (nn.Linear, SemiStructuredLinear):
+        raise _root_linear_error(model, "from_linear(linear, backend=...)")
     chosen = []
     for name, module, explicit in _candidates(model, modules):
         w = module.weight
@@ -410,60 +537,37 @@ def enable_semi_structured(
             + (f" among modules={modules!r}" if modules is not None else "")
             + "; prune the model first (prune_peft.prune(model, pattern='2:4', ...))"
         )
-    for name, module in chosen:
-        _swap(module, name, backend)
-    _prefer_unfused_adapters(model)
+    convert_linears(model, chosen, backend)
     return [name for name, _ in chosen]
 
 
-def enable_for_adapter(model: nn.Module, adapter_name: str, backend: Backend = "auto") -> list[str]:
-    """``SparseLoraConfig(use_semi_structured=True)``: the base layers of the adapter's target modules, each of
-    which must be 2:4 (ValueError naming the module and the offending group count, before any swap)."""
-    from ..tuners._base import sparse_layers
-
+def enable_for_bases(model: nn.Module, bases: dict[str, nn.Module], backend: Backend = "auto") -> list[str]:
+    """``SparseLoraConfig(use_semi_structured=True)``: ``bases`` maps each adapter layer's name to its base layer;
+    every ``nn.Linear`` one must be 2:4 (ValueError naming the module and the offending group count, before any
+    replacement); other base types (quantized, custom) stay as they are, with one warning."""
     chosen = []
-    for name, layer in sparse_layers(model).items():
-        if adapter_name not in layer.lora_A:
-            continue
-        base = layer.get_base_layer()
+    for name, base in bases.items():
         if type(base) not in (nn.Linear, SemiStructuredLinear):
             _warn_once(f"{type(base).__name__} bases (quantized or custom linear layers) are not supported")
             continue
         if base.weight.device.type != "meta":
             check_24(base.weight.detach(), name)
         chosen.append((name, base))
-    for name, base in chosen:
-        if type(base) is not SemiStructuredLinear:
-            _swap(base, name, backend)
-    _prefer_unfused_adapters(model)
+    convert_linears(model, [(n, b) for n, b in chosen if type(b) is not SemiStructuredLinear], backend)
     return [name for name, _ in chosen]
 
 
-def _swap(module: nn.Linear, name: str, backend: Backend) -> None:
-    module.__class__ = SemiStructuredLinear
-    module._pp_ss_backend = backend
-    module._pp_ss_name = name
-    module._pp_ss_reset()
-
-
-def _prefer_unfused_adapters(model: nn.Module) -> None:
-    """prune_peft adapter layers over a 2:4 base: route their fused path through the sparse kernels too."""
-    from .adapters import attach_sparse_fused
-
-    attach_sparse_fused(model)
-
-
 def disable_semi_structured(model: nn.Module) -> list[str]:
-    """Undo :func:`enable_semi_structured`: layers become plain ``nn.Linear`` again; returns their names."""
-    from .adapters import detach_sparse_fused
-
-    names = []
+    """Undo :func:`enable_semi_structured`: plain ``nn.Linear`` layers (same parameters) go back in place of the 2:4
+    layers; returns their names."""
+    if type(model) is SemiStructuredLinear:
+        raise _root_linear_error(model, "to_linear()")
+    names, new = [], {}
     for name, module in model.named_modules():
         if type(module) is SemiStructuredLinear:
-            module._pp_ss_cache = {}
-            module.__class__ = nn.Linear
+            new[id(module)] = module.to_linear()
             names.append(name)
-    detach_sparse_fused(model)
+    _replace_modules(model, new)
     return names
 
 

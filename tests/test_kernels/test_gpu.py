@@ -14,8 +14,8 @@ from torch import nn
 
 from prune_peft.kernels import (
     SemiStructuredFallbackWarning,
+    SemiStructuredLinear,
     compress24,
-    enable_semi_structured,
     mask24,
     prune24,
     transposable_mask24,
@@ -66,7 +66,7 @@ def test_sparse_linear_matches_dense(dtype, backend, out_f, in_f, tokens, transp
     if backend == "cutlass" and torch.cuda.get_device_capability()[0] != 8:
         pytest.skip("PyTorch's CUTLASS 2:4 kernels are sm8x-only")
     dense, sparse = _pair(out_f, in_f, dtype, transposable)
-    enable_semi_structured(sparse, backend=backend)
+    sparse = SemiStructuredLinear.from_linear(sparse, backend=backend)
     x = _w((2, tokens, in_f), dtype, seed=1).requires_grad_()
     xr = x.detach().clone().requires_grad_()
     with warnings.catch_warnings():
@@ -86,7 +86,7 @@ def test_sparse_linear_matches_dense(dtype, backend, out_f, in_f, tokens, transp
 @needs_sm80
 def test_fp32_on_gpu_falls_back_exactly():
     dense, sparse = _pair(256, 256, torch.float32, False)
-    enable_semi_structured(sparse)
+    sparse = SemiStructuredLinear.from_linear(sparse)
     x = _w((8, 256), torch.float32)
     with pytest.warns(SemiStructuredFallbackWarning, match="float32"):
         y = sparse(x)

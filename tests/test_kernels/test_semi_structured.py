@@ -23,6 +23,7 @@ from prune_peft.kernels import (
 )
 from prune_peft.kernels import adapters as ad
 from prune_peft.kernels import semi_structured as ss
+from prune_peft.tuners.sparse_lora.layer import SparseLoraLinear
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -106,7 +107,7 @@ def test_choose_backend_rejects_unknown():
 def test_cpu_fallback_is_bitwise_nn_linear_and_warns_once(dtype):
     lin = _linear(48, 64, dtype)
     ref = copy.deepcopy(lin)
-    enable_semi_structured(lin)
+    lin = SemiStructuredLinear.from_linear(lin)
     x = torch.randn(3, 5, 64, dtype=dtype)
     xr = x.clone().requires_grad_()
     x.requires_grad_()
@@ -137,7 +138,7 @@ def test_emulated_sparse_path_equals_dense(monkeypatch, dtype, out_f, in_f, tran
     lin = _linear(out_f, in_f, dtype, transposable=transposable and in_f % 4 == 0 and out_f % 4 == 0)
     lin.weight.requires_grad_(False)  # a frozen base
     ref = copy.deepcopy(lin)
-    enable_semi_structured(lin, backend="emulate")
+    lin = SemiStructuredLinear.from_linear(lin, backend="emulate")
     spy = _Spy(monkeypatch)
     x = torch.randn(2, 7, in_f, dtype=dtype, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
@@ -157,7 +158,7 @@ def test_emulated_sparse_path_equals_dense(monkeypatch, dtype, out_f, in_f, tran
 def test_emulated_trainable_weight_gets_masked_grad_and_repacks(monkeypatch):
     lin = _linear(64, 64, BF16, seed=3)
     ref = copy.deepcopy(lin)
-    enable_semi_structured(lin, backend="emulate")
+    lin = SemiStructuredLinear.from_linear(lin, backend="emulate")
     x = torch.randn(8, 64, dtype=BF16)
     lin(x).sum().backward()
     ref(x).sum().backward()
@@ -176,7 +177,7 @@ def test_emulated_trainable_weight_gets_masked_grad_and_repacks(monkeypatch):
 
 def test_weight_changed_to_non_24_falls_back_instead_of_wrong_numbers():
     lin = _linear(32, 64, BF16)
-    enable_semi_structured(lin, backend="emulate")
+    lin = SemiStructuredLinear.from_linear(lin, backend="emulate")
     x = torch.randn(4, 64, dtype=BF16)
     lin(x)
     with torch.no_grad():  # e.g. a plain-LoRA merge densifies the base
@@ -209,8 +210,7 @@ def test_sparse_lora_fused_path_checks_base_against_mask(tiny_model, monkeypatch
     model(ids)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     assert (
-        layer._pp_ss_problem(layer.get_base_layer(), layer.lora_sparse_mask.packed("default"), layer.in_features)
-        is None
+        ad.fused_problem(layer.get_base_layer(), layer.lora_sparse_mask.packed("default"), layer.in_features) is None
     )
     with torch.no_grad():  # a weight appears where the adapter's mask is zero
         base_w = layer.get_base_layer().weight
@@ -225,7 +225,7 @@ def test_sparse_lora_fused_path_checks_base_against_mask(tiny_model, monkeypatch
 def test_autocast_compute_dtype_and_fp32_master_weights():
     lin = _linear(64, 64, FP32)
     ref = copy.deepcopy(lin)
-    enable_semi_structured(lin, backend="emulate")
+    lin = SemiStructuredLinear.from_linear(lin, backend="emulate")
     x = torch.randn(4, 64)
     with torch.autocast("cpu", dtype=BF16):
         y, yr = lin(x), ref(x)
@@ -287,7 +287,7 @@ def test_sparse_lora_use_semi_structured_flag(tiny_model):
     )
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     assert isinstance(layer.get_base_layer(), SemiStructuredLinear)
-    assert isinstance(layer, ad._SemiStructuredFusedMixin)
+    assert type(layer) is SparseLoraLinear  # no class swap: the layer's fused forward dispatches on its base
     ids = torch.randint(0, 260, (2, 8))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -324,7 +324,7 @@ def test_explicit_dense_module_raises_and_nothing_found_raises(tiny_model):
 
 def test_swapped_module_copies_and_pickles():
     lin = _linear(32, 64, BF16)
-    enable_semi_structured(lin, backend="emulate")
+    lin = SemiStructuredLinear.from_linear(lin, backend="emulate")
     x = torch.randn(2, 64, dtype=BF16)
     y = lin(x)
     assert lin._pp_ss_cache
