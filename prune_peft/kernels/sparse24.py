@@ -1,7 +1,8 @@
 """2:4 masks and CUTLASS compression: Triton kernels with pure-torch twins that give identical results.
 
 * :func:`mask24` — keep the 2 largest scores in every 4 consecutive weights of a row (NVIDIA 2:4). Default scores
-  are ``|W|``; ties keep the lower index (same convention as :func:`prune_peft.sparsity.nm_mask`).
+  are ``|W|``; ties keep the lower index (same convention as :func:`prune_peft.sparsity.nm_mask`); the torch path is
+  :func:`prune_peft.sparsity.masks.top2of4_mask`, the formula the kernel evaluates.
 * :func:`prune24` — fused ``(W ⊙ M, M)`` in one pass.
 * :func:`transposable_mask24` — every 4×4 tile keeps exactly 2 per row *and* 2 per column, so ``W`` and ``Wᵀ`` are
   both 2:4 and the input-gradient matmul ``∂L/∂X = G W`` can run on sparse tensor cores too. Exact: per tile the
@@ -24,6 +25,8 @@ import os
 from typing import Literal
 
 import torch
+
+from ..sparsity.masks import is_nm_sparse, nm_violations, top2of4_mask
 
 __all__ = [
     "PAIRS",
@@ -103,17 +106,11 @@ def _check_2d(t: torch.Tensor, what: str, rows: int = 1, cols: int = 4) -> None:
 
 
 def mask24_reference(scores: torch.Tensor) -> torch.Tensor:
-    """Torch twin of the Triton 2:4 mask: boolean, 2 kept per 4 along the last dim, ties keep the lower index."""
-    if scores.shape[-1] % 4:
-        raise ValueError(f"2:4 needs the last dimension divisible by 4, got shape {tuple(scores.shape)}")
-    groups = scores.float().reshape(-1, 4)
-    a0, a1, a2, a3 = groups.unbind(-1)
-    # pairwise ranks, exactly as the kernel computes them
-    r0 = (a1 > a0).int() + (a2 > a0).int() + (a3 > a0).int()
-    r1 = (a0 >= a1).int() + (a2 > a1).int() + (a3 > a1).int()
-    r2 = (a0 >= a2).int() + (a1 >= a2).int() + (a3 > a2).int()
-    r3 = (a0 >= a3).int() + (a1 >= a3).int() + (a2 >= a3).int()
-    return (torch.stack((r0, r1, r2, r3), -1) < 2).reshape(scores.shape)
+    """Torch twin of the Triton 2:4 mask: boolean, 2 kept per 4 along the last dim, ties keep the lower index.
+
+    The kernel ranks scores in float32, so the twin does too (a float64 score may round to a tie there).
+    """
+    return top2of4_mask(scores.float())
 
 
 def _launch_mask24(weight: torch.Tensor, scores: torch.Tensor | None, apply: bool):
@@ -259,8 +256,7 @@ def is_transposable24(t: torch.Tensor) -> bool:
     """True when ``t`` (2-D) is 2:4 along rows and along columns (so ``tᵀ`` is 2:4 too)."""
     if t.dim() != 2 or t.shape[0] % 4 or t.shape[1] % 4:
         return False
-    nz = t != 0
-    return bool((nz.reshape(-1, 4).sum(-1) <= 2).all() and (nz.t().reshape(-1, 4).sum(-1) <= 2).all())
+    return is_nm_sparse(t, 2, 4) and is_nm_sparse(t.t(), 2, 4)
 
 
 # ------------------------------------------------------------------------------------------ CUTLASS compression
@@ -291,7 +287,7 @@ def compress24(weight: torch.Tensor, *, impl: Impl = "auto", check: bool = True)
         raise ValueError(f"compress24 supports float16/bfloat16 (CUTLASS 2:4), got {weight.dtype}")
     _check_2d(weight, "weight", rows=32, cols=32)
     if check:
-        bad = int(((weight != 0).reshape(-1, 4).sum(-1) > 2).sum().item())
+        bad = nm_violations(weight, 2, 4)
         if bad:
             raise ValueError(f"compress24: {bad} groups of 4 hold more than 2 non-zeros; the matrix is not 2:4")
     if not _use_triton(weight, impl):

@@ -1,9 +1,13 @@
-"""Pure tensor code for sparsity: masks, criteria, SparseGPT, schedules (no Hugging Face imports)."""
+"""Pure tensor code for sparsity (torch only, no Hugging Face imports).
+
+Submodules: ``masks`` (unstructured / N:M / group masks, validators), ``criteria`` (magnitude, Wanda), ``sparsegpt``,
+``schedules``, ``loraprune`` (LoRA-guided importance), ``adapters`` (SparsePEFT / SPP updates and their autograd),
+``packing`` (bit-packed masks), ``sste`` (S-STE 2:4 projection), ``qtuning`` (Q-Tuning selection math).
+"""
 
 from .criteria import InputStats, magnitude_scores, wanda_scores
 from .masks import (
     NMPattern,
-    expand_group_mask,
     global_masks,
     gqa_unit_scores,
     group_mask,
@@ -11,7 +15,6 @@ from .masks import (
     nm_mask,
     nm_violations,
     parse_pattern,
-    sparsity,
     unstructured_mask,
     validate_sparsity,
 )
@@ -22,7 +25,6 @@ __all__ = [
     "InputStats",
     "NMPattern",
     "cubic_schedule",
-    "expand_group_mask",
     "global_masks",
     "gqa_unit_scores",
     "group_mask",
@@ -33,7 +35,6 @@ __all__ = [
     "nm_violations",
     "parse_pattern",
     "sparsegpt_prune",
-    "sparsity",
     "sparsity_at",
     "unstructured_mask",
     "validate_sparsity",

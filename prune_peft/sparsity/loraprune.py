@@ -24,14 +24,13 @@ import math
 
 import torch
 
+from .masks import keep_top
+
 __all__ = [
     "channel_scores",
     "estimate_weight_grad",
-    "gqa_group_scores",
     "grad_importance",
-    "lora_group_scores",
     "lora_importance",
-    "magnitude_group_scores",
     "moving_average",
     "n_pruned",
     "normalize_scores",
@@ -40,7 +39,8 @@ __all__ = [
 
 
 def estimate_weight_grad(A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor) -> torch.Tensor:
-    """Ĝ = G_B·A + B·G_A − G_B·G_A, computed as one rank-2r product ``[G_B, B] @ [A − G_A; G_A]`` in float32."""
+    """LoRAPrune's estimate of ∂L/∂W (arXiv 2305.18403): Ĝ = G_B·A + B·G_A − G_B·G_A, computed as one rank-2r product
+    ``[G_B, B] @ [A − G_A; G_A]`` in float32."""
     A, B, gA, gB = (t.detach().float() for t in (A, B, grad_A, grad_B))
     return torch.cat([gB, B], dim=1) @ torch.cat([A - gA, gA], dim=0)
 
@@ -53,24 +53,9 @@ def lora_importance(
     grad_B: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """Element-wise LoRAPrune importance I = |Ĝ ⊙ (W + s·B A)| (float32, shape of W)."""
+    """Element-wise LoRAPrune importance (arXiv 2305.18403) I = |Ĝ ⊙ (W + s·B A)| (float32, shape of W)."""
     merged = torch.addmm(weight.detach().float(), B.detach().float(), A.detach().float(), alpha=scaling)
     return estimate_weight_grad(A, B, grad_A, grad_B).mul_(merged).abs_()
-
-
-def lora_group_scores(
-    weight: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    grad_A: torch.Tensor,
-    grad_B: torch.Tensor,
-    scaling: float,
-    axis: str = "out",
-) -> torch.Tensor:
-    """Per-channel sums of :func:`lora_importance`: ``axis="out"`` → one score per row (output channel),
-    ``axis="in"`` → one per column (input channel)."""
-    imp = lora_importance(weight, A, B, grad_A, grad_B, scaling)
-    return _reduce(imp, axis)
 
 
 def channel_scores(
@@ -84,7 +69,8 @@ def channel_scores(
     axis: str = "out",
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Per-channel sums of the element importance, computed a block of rows at a time.
+    """Per-channel sums of the element importance, ``Σ_j I_ij`` (``axis="out"``) or ``Σ_i I_ij`` (``axis="in"``), as
+    LoRAPrune scores its structured groups (arXiv 2305.18403), computed a block of rows at a time.
 
     The score is :func:`lora_importance` when LoRA gradients are given, :func:`grad_importance` when the base gradient
     ``grad_W`` is given, else the magnitude ``|W + s·B A|``. Rows are processed ``chunk`` at a time, so the
@@ -118,42 +104,13 @@ def channel_scores(
     return rows if rows is not None else cols
 
 
-def magnitude_group_scores(
-    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, axis: str = "out"
-) -> torch.Tensor:
-    """The reference's ``magnitude`` metric, |W + s·B A| summed per channel (no gradients needed)."""
-    merged = torch.addmm(weight.detach().float(), B.detach().float(), A.detach().float(), alpha=scaling)
-    return _reduce(merged.abs_(), axis)
-
-
-def _reduce(imp: torch.Tensor, axis: str) -> torch.Tensor:
-    if axis == "out":
-        return imp.sum(dim=1)
-    if axis == "in":
-        return imp.sum(dim=0)
-    raise ValueError(f"axis must be 'out' (rows) or 'in' (columns), got {axis!r}")
-
-
-def gqa_group_scores(channel_scores: torch.Tensor, head_dim: int, num_units: int) -> torch.Tensor:
-    """Sum per-channel scores into ``num_units`` equal consecutive groups (heads, or KV groups of query heads).
-
-    For a query projection with ``h`` heads and ``g`` KV heads, query heads ``[u·h/g, (u+1)·h/g)`` share KV head
-    ``u``; their ``h/g·head_dim`` rows are consecutive, so a GQA unit is simply a run of ``numel / g`` rows.
-    """
-    if channel_scores.numel() % (head_dim * num_units):
-        raise ValueError(
-            f"{channel_scores.numel()} channels do not split into {num_units} units of whole heads of {head_dim}"
-        )
-    return channel_scores.reshape(num_units, -1).sum(dim=1)
-
-
 def normalize_scores(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """s / (‖s‖₂ + ε) — makes modules of different sizes and gradient scales comparable before summing."""
+    """s / (‖s‖₂ + ε) (LoRAPrune, arXiv 2305.18403) — makes modules of different sizes and gradient scales comparable before summing."""
     return scores / (scores.norm(p=2) + eps)
 
 
 def moving_average(old: torch.Tensor | None, new: torch.Tensor, beta: float) -> torch.Tensor:
-    """Ī ← β·Ī + (1 − β)·I; the first observation initialises Ī. NaN/inf in ``new`` keeps ``old`` (as the reference)."""
+    """Ī ← β·Ī + (1 − β)·I (LoRAPrune, arXiv 2305.18403); the first observation initialises Ī. NaN/inf in ``new`` keeps ``old`` (as the reference)."""
     if not bool(torch.isfinite(new).all()):
         return old if old is not None else torch.zeros_like(new)
     if old is None:
@@ -162,7 +119,7 @@ def moving_average(old: torch.Tensor | None, new: torch.Tensor, beta: float) -> 
 
 
 def n_pruned(sparsity: float, groups: int) -> int:
-    """Groups removed at ``sparsity``: the nearest integer, halves rounded up (⌊p·n + ½⌋, with float slack).
+    """Groups removed at ``sparsity`` p of n groups (LoRAPrune, arXiv 2305.18403): the nearest integer, halves rounded up (⌊p·n + ½⌋, with float slack).
 
     The reference floors and fires its last event only while p(t) < p_final, so it can stop one group short;
     rounding to nearest at the final p gives the count closest to the target.
@@ -171,7 +128,8 @@ def n_pruned(sparsity: float, groups: int) -> int:
 
 
 def prune_lowest(scores: torch.Tensor, mask: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """New keep-mask with the ``n_prune`` lowest-scoring groups removed; already-removed groups stay removed.
+    """New keep-mask with the ``n_prune`` lowest-scoring groups removed; already-removed groups stay removed:
+    ``M' = keep_top(where(M, s, −∞), G − n_prune) ∧ M`` (LoRAPrune's iterative group pruning, arXiv 2305.18403).
 
     Pruned groups score −inf, so the mask only ever shrinks. Ties keep the lower index (stable sort), which makes the
     decision deterministic across runs and ranks. Works along the last dim (1-D vectors or batched rows).
@@ -179,11 +137,7 @@ def prune_lowest(scores: torch.Tensor, mask: torch.Tensor, n_prune: int) -> torc
     if n_prune < 0 or n_prune > scores.shape[-1]:
         raise ValueError(f"n_prune must be in [0, {scores.shape[-1]}], got {n_prune}")
     s = torch.where(mask.to(scores.device), scores.float(), torch.full_like(scores, -math.inf, dtype=torch.float32))
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-    keep = torch.zeros_like(mask, dtype=torch.bool, device=scores.device)
-    n_keep = scores.shape[-1] - n_prune
-    if n_keep > 0:
-        keep.scatter_(-1, order[..., :n_keep], True)
+    keep = keep_top(s, scores.shape[-1] - n_prune)
     return (keep & mask.to(keep.device)).to(mask.device)
 
 
@@ -194,7 +148,8 @@ def grad_importance(
     B: torch.Tensor | None = None,
     scaling: float = 0.0,
 ) -> torch.Tensor:
-    """LLM-Pruner-style element importance from the true base gradient: |∂L/∂W ⊙ (W + s·B A)| (float32)."""
+    """First-order Taylor element importance from the true base gradient, |∂L/∂W ⊙ (W + s·B A)| (float32; LLM-Pruner,
+    Ma et al., arXiv 2305.11627 — the gradient LoRAPrune's Ĝ estimates)."""
     merged = weight.detach().float()
     if A is not None and B is not None:
         merged = torch.addmm(merged, B.detach().float(), A.detach().float(), alpha=scaling)

@@ -14,7 +14,8 @@ Backward is a straight-through estimator: ``∂L/∂W := ∂L/∂W_sp`` (no β, 
 and the 2:4 mask can change during training (S-STE is a dynamic-mask method). On an already 2:4-pruned weight
 ``t = 0``, ``S`` is the identity and ``β = 1``.
 
-Pure tensor code; the module swap and the Trainer callback are in :mod:`prune_peft.callbacks.sste`.
+Pure tensor code and the :class:`SSTELinear` layer; replacing a model's linears with it (and back) and the Trainer
+callback are in :mod:`prune_peft.callbacks.sste`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .masks import top2of4_mask
+from .packing import pack_mask
 
 __all__ = [
     "MaskFlipTracker",
@@ -41,13 +45,7 @@ def _groups(w: torch.Tensor) -> torch.Tensor:
 
 def topk24_mask(w: torch.Tensor) -> torch.Tensor:
     """The kept positions of S-STE: the 2 largest ``|w|`` per group of 4 (ties keep the lower index)."""
-    a = _groups(w).abs()
-    a0, a1, a2, a3 = a.unbind(-1)
-    r0 = (a1 > a0).int() + (a2 > a0).int() + (a3 > a0).int()
-    r1 = (a0 >= a1).int() + (a2 > a1).int() + (a3 > a1).int()
-    r2 = (a0 >= a2).int() + (a1 >= a2).int() + (a3 > a2).int()
-    r3 = (a0 >= a3).int() + (a1 >= a3).int() + (a2 >= a3).int()
-    return (torch.stack((r0, r1, r2, r3), -1) < 2).reshape(w.shape)
+    return top2of4_mask(_groups(w).abs()).reshape(w.shape)
 
 
 def soft_threshold24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,21 +93,47 @@ def sste_weight(w: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
 
 
 class SSTELinear(nn.Linear):
-    """``nn.Linear`` trained with S-STE: forward uses ``β · S(W)`` (2:4), the dense ``W`` gets STE gradients.
+    """``nn.Linear`` trained with S-STE (arXiv 2409.09099): forward ``x·(β·S(W))ᵀ + b`` (2:4), the dense ``W`` gets
+    straight-through gradients.
 
-    Swapped in place (``__class__``) by :func:`prune_peft.callbacks.sste.apply_sste`, so parameters and state-dict keys
-    stay those of ``nn.Linear``; ``β`` is the non-persistent buffer ``sste_scale``, computed once at the swap.
+    Built from an ``nn.Linear`` by :meth:`from_linear`, which reuses its ``weight``/``bias`` Parameter objects, so an
+    optimizer built before keeps training them and state-dict keys stay those of ``nn.Linear``; ``β`` is the
+    non-persistent buffer ``sste_scale``, computed once from ``W`` (:func:`sste_scale`). :meth:`to_linear` goes back.
+    :func:`prune_peft.callbacks.sste.apply_sste` puts these layers into a model.
     """
 
     sste_scale: torch.Tensor
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("sste_scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SSTELinear:
+        """An S-STE layer sharing ``linear``'s Parameters (same objects), with β computed from its weight."""
+        if linear.in_features % 4:
+            raise ValueError(f"S-STE 2:4 needs in_features divisible by 4, got in_features={linear.in_features}")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.sste_scale = torch.ones((), dtype=torch.float32, device=linear.weight.device)
+        layer.train(linear.training)
+        layer.init_scale()
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """Bake ``W ← β·S(W)`` (exactly 2:4) into the weight, in place, and return an ``nn.Linear`` sharing it."""
+        with torch.no_grad():
+            self.weight.copy_(self.sparse_weight())
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        linear.train(self.training)
+        return linear
+
     def init_scale(self) -> None:
         """(Re)compute the frozen β from the current weight."""
-        beta = sste_scale(self.weight)
-        if "sste_scale" in self._buffers:
-            self.sste_scale = beta
-        else:
-            self.register_buffer("sste_scale", beta, persistent=False)
+        self.sste_scale = sste_scale(self.weight)
 
     def sparse_weight(self) -> torch.Tensor:
         """The 2:4 weight the forward pass uses, ``β · S(W)`` (differentiable, straight-through)."""
@@ -123,17 +147,6 @@ class SSTELinear(nn.Linear):
 
 
 # ------------------------------------------------------------------------------------------------ mask-flip stats
-
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.reshape(-1, 8).to(torch.uint8) * _BITS.to(flat.device)).sum(-1, dtype=torch.uint8)
-
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
@@ -153,7 +166,7 @@ class MaskFlipTracker:
         flips = positions = 0
         per_module: dict[str, float] = {}
         for name, w in weights.items():
-            packed = _pack(topk24_mask(w.detach()))
+            packed = pack_mask(topk24_mask(w.detach()))
             prev = self._prev.get(name)
             n = w.numel()
             if prev is not None and prev.shape == packed.shape:

@@ -5,7 +5,6 @@ from hypothesis import strategies as st
 
 from prune_peft.sparsity import (
     NMPattern,
-    expand_group_mask,
     global_masks,
     gqa_unit_scores,
     group_mask,
@@ -13,9 +12,9 @@ from prune_peft.sparsity import (
     nm_mask,
     nm_violations,
     parse_pattern,
-    sparsity,
     unstructured_mask,
 )
+from prune_peft.sparsity.masks import describe_pattern, mask_mismatch, top2of4_mask
 
 shapes = st.tuples(st.integers(1, 12), st.integers(1, 6).map(lambda k: 4 * k))
 ratios = st.floats(0.0, 0.99, allow_nan=False)
@@ -88,10 +87,9 @@ def test_global_masks_single_threshold():
     assert m["b"].tolist() == [[True, False, True, False]]
 
 
-def test_group_mask_and_expand():
+def test_group_mask():
     m = group_mask(torch.tensor([3.0, 1.0, 2.0, 0.5]), 2)
     assert m.tolist() == [True, False, True, False]
-    assert expand_group_mask(m, 2).tolist() == [True, True, False, False, True, True, False, False]
     with pytest.raises(ValueError, match="n_prune"):
         group_mask(torch.ones(3), 4)
 
@@ -130,7 +128,48 @@ def test_sparsity_validation(sp):
 
 def test_stats():
     w = torch.tensor([[1.0, 0.0, 2.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
-    assert sparsity(w) == 3 / 8
     assert nm_violations(w, 2, 4) == 1
     assert not is_nm_sparse(w, 2, 4)
     assert is_nm_sparse(w, 3, 4)
+
+
+def test_describe_pattern():
+    scores = torch.randn(8, 16)
+    assert describe_pattern([nm_mask(scores, 2, 4)]) == "2:4"
+    assert describe_pattern([nm_mask(scores, 1, 4)]) == "1:4"
+    assert describe_pattern([torch.rand(8, 16) > 0.5, nm_mask(scores, 2, 4)]) in ("unstructured", "4:8")
+    assert describe_pattern([]) == "unstructured"
+    assert describe_pattern([nm_mask(scores, 2, 4), nm_mask(scores, 4, 8)]) == "4:8"
+
+
+def test_describe_pattern_reads_a_generator_to_the_end():
+    scores = torch.randn(8, 16)
+    seen = []
+
+    def masks():
+        for m in (torch.ones(8, 16, dtype=torch.bool), nm_mask(scores, 2, 4)):
+            seen.append(m)
+            yield m
+
+    assert describe_pattern(masks()) == "unstructured"
+    assert len(seen) == 2  # the caller's per-mask accounting still sees every mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 10_000), ties=st.booleans())
+def test_top2of4_equals_nm_mask(shape, seed, ties):
+    s = _scores(shape, seed, ties)
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        assert torch.equal(top2of4_mask(s.to(dtype)), nm_mask(s.to(dtype), 2, 4))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        top2of4_mask(torch.randn(2, 6))
+
+
+def test_mask_mismatch():
+    mask = torch.tensor([[True, False], [True, True]])
+    w = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    assert mask_mismatch(w, mask, nnz=2) is None
+    assert mask_mismatch(w, mask, nnz=None) is None
+    assert "mask shape" in mask_mismatch(w, mask[:1], nnz=2)
+    assert "1 non-zero weights where the adapter's mask is zero" in mask_mismatch(w + 1.0, mask, nnz=2)
+    assert "the adapter was made for 3" in mask_mismatch(w, mask, nnz=3)

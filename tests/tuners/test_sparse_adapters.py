@@ -10,8 +10,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import prune_peft  # noqa: F401  (registers the adapter types)
 from prune_peft.sparsity import is_nm_sparse
+from prune_peft.sparsity.adapters import masked_lora_delta, spp_delta
 from prune_peft.tuners import SparseLoraConfig, SPPConfig, dense_weight, sparse_layers
-from prune_peft.tuners._functional import masked_lora_delta, spp_delta
 
 KINDS = {
     "sparse_lora": lambda **kw: SparseLoraConfig(r=4, target_modules="all-linear", **kw),

@@ -9,8 +9,8 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from ...sparsity.adapters import spp, spp_branch, spp_delta, spp_merged, spp_scale
 from .._base import QuantizedUnloadMixin, SparseAdapterLayer, layer_mapping
-from .._functional import spp, spp_branch, spp_delta, spp_merged, spp_scale
 
 __all__ = ["SPPLinear", "layer_mapping_spp", "spp_blocks"]
 

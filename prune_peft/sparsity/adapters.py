@@ -1,4 +1,5 @@
-"""Custom autograd for sparsity-preserving adapters: the dense d_out×d_in update is never stored in the graph.
+"""Sparsity-preserving adapter updates and their autograd (pure tensor code); the dense d_out×d_in update is never
+stored in the graph.
 
 Two weight updates, both zero wherever the base weight is zero, so ``W + ΔW`` keeps the base's sparsity:
 
@@ -26,12 +27,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._masks import keep_values
+from .packing import keep_values
 
 __all__ = [
     "masked_lora",
     "masked_lora_delta",
-    "masked_lora_delta_forward",
     "masked_lora_factor_grads",
     "masked_lora_merged",
     "masked_lora_weight",
@@ -54,12 +54,13 @@ def _masked_product(A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scalin
 
 
 def masked_lora_delta(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``ΔW = M ⊙ s·(B A)`` as a dense tensor (``mask``: True = kept)."""
+    """SparsePEFT update (SQFT, arXiv 2410.03750) ``ΔW = M ⊙ s·(B A)`` as a dense tensor (``mask``: True = kept)."""
     return _masked_product(A, B, mask.to(A.dtype), scaling)
 
 
 def masked_lora_merged(weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-    """``W ± ΔW`` computed in the update's dtype and cast to the base dtype — the fused forward's weight."""
+    """Merged SparsePEFT weight (SQFT, arXiv 2410.03750) ``W ± ΔW``, computed in the update's dtype and cast to the
+    base dtype — the fused forward's weight, so merged and unmerged outputs agree bitwise."""
     if sign < 0:
         delta = -delta
     return delta.add(weight).to(weight.dtype)
@@ -68,7 +69,7 @@ def masked_lora_merged(weight: torch.Tensor, delta: torch.Tensor, sign: float = 
 def masked_lora_weight(
     A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, weight_fn: WeightFn | None, scaling: float
 ) -> torch.Tensor:
-    """The fused forward's weight ``W + M ⊙ s·B A`` in the base dtype (``keep``: the mask as 0/1 values in A's
+    """The fused forward's weight ``W + M ⊙ s·B A`` (SQFT, arXiv 2410.03750) in the base dtype (``keep``: the mask as 0/1 values in A's
     dtype); with ``weight_fn=None`` only the update ``M ⊙ s·B A``."""
     delta = _masked_product(A, B, keep, scaling)
     if weight_fn is None:
@@ -121,7 +122,7 @@ def masked_lora_factor_grads(
     need_A: bool = True,
     need_B: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(∂L/∂A, ∂L/∂B)`` of ``y = x (W + M ⊙ s·B A)ᵀ`` from ``G`` (tokens×d_out) and ``X`` (tokens×d_in).
+    """``(∂L/∂A, ∂L/∂B)`` of the SparsePEFT layer ``y = x (W + M ⊙ s·B A)ᵀ`` (SQFT, arXiv 2410.03750) from ``G`` (tokens×d_out) and ``X`` (tokens×d_in).
 
     exact: ``D = M ⊙ Gᵀ X`` (∂L/∂ΔW restricted to the mask), ``∂L/∂B = s·D Aᵀ``, ``∂L/∂A = s·Bᵀ D``.
     LoRS (Hu et al., arXiv 2501.08582): the mask is dropped, ``∂L/∂B = s·Gᵀ (X Aᵀ)``, ``∂L/∂A = s·(G B)ᵀ X`` —
@@ -138,7 +139,7 @@ def masked_lora_factor_grads(
 
 def masked_lora(
     x: torch.Tensor,
-    weight_fn: WeightFn,
+    weight_fn: WeightFn | None,
     bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -147,21 +148,14 @@ def masked_lora(
     scaling: float,
     exact: bool = True,
 ) -> torch.Tensor:
-    """Fused base + SparsePEFT update: ``x (W + M ⊙ s·B A)ᵀ + b``. ``weight_fn()`` returns the frozen base weight."""
+    """Fused base + SparsePEFT update (SQFT, arXiv 2410.03750): ``y = x (W + M ⊙ s·B A)ᵀ + b``.
+
+    ``weight_fn()`` returns the frozen base weight ``W``; with ``weight_fn=None`` (and ``bias=None``) only the branch
+    ``x (M ⊙ s·B A)ᵀ``, added to a base output computed elsewhere. ``packed_mask``: ``M`` bit-packed
+    (:func:`~prune_peft.sparsity.packing.pack_mask`) with ``in_features`` columns. ``exact=False``: LoRS's
+    mask-free factor gradients (arXiv 2501.08582, see :func:`masked_lora_factor_grads`).
+    """
     return _MaskedLora.apply(x, bias, A, B, packed_mask, weight_fn, in_features, scaling, exact)
-
-
-def masked_lora_delta_forward(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    packed_mask: torch.Tensor,
-    in_features: int,
-    scaling: float,
-    exact: bool = True,
-) -> torch.Tensor:
-    """The SparsePEFT branch alone, ``x (M ⊙ s·B A)ᵀ`` (added to a base output computed elsewhere)."""
-    return _MaskedLora.apply(x, None, A, B, packed_mask, None, in_features, scaling, exact)
 
 
 # -------------------------------------------------------------------------------------------------------------- SPP
@@ -174,7 +168,8 @@ def _even(row_block: torch.Tensor, blocks: int) -> int:
 
 
 def spp_scale(W_row: torch.Tensor, w_col: torch.Tensor, row_block: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``S = s·Rep(W_row) ⊙ w_col 1ᵀ`` (d_out×d_in); ``row_block[i]`` is the block of output row i."""
+    """SPP's scale (Lu et al., arXiv 2405.16057) ``S = s·Rep(W_row) ⊙ w_col 1ᵀ`` (d_out×d_in); ``row_block[i]`` is
+    the block of output row i."""
     blocks, width = W_row.shape
     n = _even(row_block, blocks)
     col = w_col.reshape(-1) * scaling
@@ -186,7 +181,8 @@ def spp_scale(W_row: torch.Tensor, w_col: torch.Tensor, row_block: torch.Tensor,
 def spp_delta(
     weight: torch.Tensor, W_row: torch.Tensor, w_col: torch.Tensor, row_block: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """``ΔW = s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W`` as a dense tensor in the adapter dtype."""
+    """SPP update (Lu et al., arXiv 2405.16057) ``ΔW = S ⊙ W = s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W`` as a dense tensor in
+    the adapter dtype."""
     return spp_scale(W_row, w_col, row_block, scaling).mul_(weight.to(W_row.dtype))
 
 
@@ -199,7 +195,7 @@ def spp_merged(
     scaling: float,
     sign: float = 1.0,
 ) -> torch.Tensor:
-    """``current ± S ⊙ base`` in the adapter dtype, cast to ``current``'s dtype — the fused forward's weight when
+    """Merged SPP weight (Lu et al., arXiv 2405.16057) ``current ± S ⊙ base`` in the adapter dtype, cast to ``current``'s dtype — the fused forward's weight when
     ``current is base`` (one fused multiply-add over d_out×d_in)."""
     scale = spp_scale(W_row, w_col, row_block, scaling)
     dt = scale.dtype
@@ -329,7 +325,7 @@ def spp(
     row_block: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """Fused base + SPP update: ``x (W + s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W)ᵀ + b``."""
+    """Fused base + SPP update (Lu et al., arXiv 2405.16057): ``y = x (W + s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W)ᵀ + b``."""
     return _SPPFused.apply(x, bias, W_row, w_col, weight_fn, row_block, scaling, True)
 
 
@@ -343,7 +339,8 @@ def spp_branch(
     scaling: float,
     blockwise: bool,
 ) -> torch.Tensor:
-    """The SPP branch ``x ΔWᵀ`` alone: blockwise (low memory) or through the transient dense update."""
+    """The SPP branch ``x ΔWᵀ`` alone (Lu et al., arXiv 2405.16057; ``ΔW`` as in :func:`spp_delta`): blockwise (low
+    memory, block k is ``s·((x ⊙ W_row[k]) W_kᵀ) ⊙ w_col[k]``) or through the transient dense update."""
     if blockwise:
         return _SPPBlockwise.apply(x, W_row, w_col, weight_fn, bounds, scaling)
     return _SPPFused.apply(x, None, W_row, w_col, weight_fn, row_block, scaling, False)

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
-from prune_peft.tuners._functional import masked_lora, masked_lora_delta_forward, spp, spp_branch
-from prune_peft.tuners._masks import PackedMasks, describe_pattern, keep_values, pack_mask, unpack_mask
+from prune_peft.sparsity.adapters import masked_lora, spp, spp_branch, spp_delta
+from prune_peft.sparsity.packing import pack_mask
 from prune_peft.tuners.spp.layer import spp_blocks
 
 D_OUT, D_IN, R = 12, 10, 3
@@ -32,38 +30,6 @@ def tensors():
     }
 
 
-@settings(max_examples=30, deadline=None)
-@given(rows=st.integers(1, 5), cols=st.integers(1, 40), seed=st.integers(0, 1000))
-def test_pack_roundtrip(rows, cols, seed):
-    mask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) > 0.5
-    packed = pack_mask(mask)
-    assert packed.dtype == torch.uint8 and packed.shape == (rows, (cols + 7) // 8)
-    assert torch.equal(unpack_mask(packed, cols), mask)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        keep = keep_values(packed, cols, dtype)
-        assert keep.dtype == dtype and torch.equal(keep, mask.to(dtype))
-
-
-def test_packed_masks_state_dict_is_compact():
-    store = PackedMasks()
-    mask = torch.rand(64, 128) > 0.5
-    store.set("default", mask)
-    (key, value), *_ = store.state_dict().items()
-    assert key == "default" and value.dtype == torch.uint8 and value.numel() == mask.numel() // 8
-    assert torch.equal(store.get("default"), mask)
-    store.pop("default")
-    assert "default" not in store and store.state_dict() == {}
-
-
-def test_describe_pattern():
-    from prune_peft.sparsity import nm_mask
-
-    scores = torch.randn(8, 16)
-    assert describe_pattern([nm_mask(scores, 2, 4)]) == "2:4"
-    assert describe_pattern([nm_mask(scores, 1, 4)]) == "1:4"
-    assert describe_pattern([torch.rand(8, 16) > 0.5, nm_mask(scores, 2, 4)]) in ("unstructured", "4:8")
-
-
 def _packed(t):
     return pack_mask(t["mask"])
 
@@ -72,7 +38,7 @@ def test_masked_lora_gradcheck(tensors):
     t = tensors
     fn = lambda x, b, A, B: masked_lora(x, lambda: t["W"], b, A, B, _packed(t), D_IN, 0.7)  # noqa: E731
     assert gradcheck(fn, (t["x"], t["b"], t["A"], t["B"]))
-    branch = lambda x, A, B: masked_lora_delta_forward(x, A, B, _packed(t), D_IN, 0.7)  # noqa: E731
+    branch = lambda x, A, B: masked_lora(x, None, None, A, B, _packed(t), D_IN, 0.7)  # noqa: E731
     assert gradcheck(branch, (t["x"], t["A"], t["B"]))
 
 
@@ -148,8 +114,6 @@ def test_spp_update_is_zero_where_the_base_is_zero(tensors):
     t = tensors
     bounds = spp_blocks(D_OUT, 4)
     row_block = torch.arange(D_OUT) // 3
-    from prune_peft.tuners._functional import spp_delta
-
     delta = spp_delta(t["W"], t["W_row"].detach(), t["w_col"].detach(), row_block, 0.7)
     assert bool((delta[~t["mask"]] == 0).all())
     assert spp_blocks(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)] and bounds[-1] == (9, 12)
