@@ -27,31 +27,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .oneshot import find_decoder_blocks
+from .. import _hf
+from ..tuners.loraprune import LoRAPruneLinear, LoRAPruneModel
 
 __all__ = ["compact", "compacted_shapes", "load_compacted", "save_compacted"]
 
 LAYERS_KEY = "prune_peft_layers"
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or the model itself)."""
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        return model.get_base_model()
-    return model
-
-
 def _base_linear(module: nn.Module) -> nn.Linear:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _masks_from_zeros(block: nn.Module, head_dim: int) -> dict[str, torch.Tensor]:
@@ -86,6 +71,8 @@ def _slice_param(p: torch.Tensor, dim: int, index: torch.Tensor) -> nn.Parameter
 
 def _slice(module: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
     """Keep ``rows`` (output features) / ``cols`` (input features) of a Linear or a peft LoRA layer, in place."""
+    if isinstance(module, LoRAPruneLinear):
+        module.compact_masks(rows, cols)  # first: refuses element-wise masks before anything is sliced
     base = _base_linear(module)
     if rows is not None:
         base.weight = _slice_param(base.weight, 0, rows)
@@ -105,26 +92,16 @@ def _slice(module: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tens
         if cols is not None:
             module.lora_A[adapter].weight = _slice_param(module.lora_A[adapter].weight, 1, cols)
             module.lora_A[adapter].in_features = len(cols)
-    store = getattr(module, "lora_prune_mask", None)
-    if store is not None and rows is not None:
-        for adapter in store.keys():
-            store.set(adapter, store.get(adapter).index_select(0, rows.to(store.get(adapter).device)).clone())
-    if getattr(module, "lora_prune_emask", None) is not None and (rows is not None or cols is not None):
-        raise ValueError("compact: element-wise (unstructured / N:M) LoRAPrune masks cannot be compacted")
-    if hasattr(module, "_pp_forget"):
-        module._pp_forget()
     module.out_features, module.in_features = base.out_features, base.in_features
 
 
 def _collect_masks(model: nn.Module, masks) -> dict[int, dict[str, torch.Tensor]] | None:
     if masks is not None:
         return {int(k): v for k, v in masks.items()}
-    hf = _hf_model(model)
+    hf = _hf.base_model(model)
     stored = getattr(hf, "prune_peft_masks", None)
     if stored is not None:
         return stored
-    from ..tuners.loraprune import LoRAPruneModel
-
     tuner = next((m for m in model.modules() if isinstance(m, LoRAPruneModel)), None)
     if tuner is not None:
         adapter = tuner.active_adapters[0]
@@ -141,10 +118,10 @@ def compact(model: nn.Module, masks: dict[int, dict[str, torch.Tensor]] | None =
     default: see the module docstring. Works on a merged/plain transformers model and on an unmerged LoRAPrune
     ``PeftModel`` (LoRA factors and masks are sliced too). Records per-layer sizes in ``config.prune_peft_layers``.
     """
-    hf = _hf_model(model)
-    config = _text_config(hf)
-    head_dim = _head_dim(config)
-    _, blocks = find_decoder_blocks(hf)
+    hf = _hf.base_model(model)
+    config = _hf.text_config(hf)
+    head_dim = _hf.head_dim(config)
+    _, blocks = _hf.find_decoder_blocks(hf)
     chosen = _collect_masks(model, masks)
     layers = compacted_shapes(hf) or {
         "num_attention_heads": [config.num_attention_heads] * len(blocks),
@@ -202,27 +179,22 @@ def compact(model: nn.Module, masks: dict[int, dict[str, torch.Tensor]] | None =
 
 def _refresh_tuners(model: nn.Module) -> None:
     """An unmerged LoRAPrune model: re-read the (now smaller) blocks; every remaining group is kept."""
-    from ..tuners.loraprune import LoRAPruneModel
-
     for tuner in [m for m in model.modules() if isinstance(m, LoRAPruneModel)]:
-        for adapter, cfg in tuner.peft_config.items():
-            if cfg.structured:
-                tuner._pp_build(adapter, check=False)
+        tuner.refresh_blocks()
 
 
 def compacted_shapes(model_or_config) -> dict | None:
     """``config.prune_peft_layers`` (per-layer head counts and intermediate sizes) or None."""
-    config = getattr(model_or_config, "config", model_or_config)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = _hf.text_config(model_or_config)
     layers = getattr(config, LAYERS_KEY, None)
     return {k: list(v) for k, v in layers.items()} if layers else None
 
 
 def _reshape_empty(model: nn.Module, layers: dict) -> None:
     """Give a freshly built full-size model the per-layer shapes of a compacted one (weights to be loaded)."""
-    config = _text_config(model)
-    head_dim = _head_dim(config)
-    _, blocks = find_decoder_blocks(model)
+    config = _hf.text_config(model)
+    head_dim = _hf.head_dim(config)
+    _, blocks = _hf.find_decoder_blocks(model)
     for i, block in enumerate(blocks):
         attn, mlp = block.self_attn, block.mlp
         n_heads, n_kv = layers["num_attention_heads"][i], layers["num_key_value_heads"][i]

@@ -8,6 +8,7 @@ from prune_testlib import collate, loraprune_model, token_rows, training_args
 from transformers import Trainer, TrainerCallback
 
 from prune_peft import PruneCallback, register_driver
+from prune_peft.callbacks._trainer import PruneTrainerMixin
 from prune_peft.callbacks.prune import DRIVERS, LoRAPruneDriver, PruneDriver
 from prune_peft.sparsity.loraprune import n_pruned
 from prune_peft.testing import tiny_causal_lm
@@ -23,8 +24,12 @@ class Recorder(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def _train(model, out, callbacks, **kw):
-    trainer = Trainer(
+class PruneTrainer(PruneTrainerMixin, Trainer):
+    """The documented way for reporters to receive prune_peft metrics."""
+
+
+def _train(model, out, callbacks, trainer_cls=PruneTrainer, **kw):
+    trainer = trainer_cls(
         model=model,
         args=training_args(out, **kw),
         train_dataset=token_rows(),
@@ -134,13 +139,26 @@ def test_trainer_run_reaches_target_exactly_and_logs_metrics(tmp_path):
     assert train_logs[0]["prune/pruned_channels"] == 0  # warmup: nothing yet
     levels = [h["prune/mlp_sparsity"] for h in train_logs]
     assert levels == sorted(levels) and levels[-1] == pytest.approx(38 / 128)
-    # the reporter (registered *before* PruneCallback) received the metrics too
+    # the reporter (registered *before* PruneCallback) received the metrics too, through PruneTrainerMixin
     assert keys <= set(recorder.logs[-2]) and recorder.logs[-2]["prune/pruned_channels"] == 76
+    # and the callback list was left in the order the user gave
+    ours = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, (Recorder, PruneCallback))]
+    assert [type(cb) for cb in ours] == [Recorder, PruneCallback]
     # and the masks really act: a masked channel's gate/up outputs are zero
     block = model.base_model.prune_blocks()[1]
     x = torch.randn(1, 3, 64)
     cut = ~masks[1]["channels"]
     assert block.layers["gate_proj"](x)[..., cut].abs().max() == 0
+
+
+def test_without_the_mixin_metrics_still_reach_log_history(tmp_path):
+    model = loraprune_model(target_sparsity=0.3, prune_every=3)
+    recorder = Recorder()
+    trainer = _train(model, tmp_path, [recorder, PruneCallback()], trainer_cls=Trainer, max_steps=10)
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(train_logs) == 10
+    assert train_logs[-1]["prune/pruned_channels"] == 76 and train_logs[-1]["prune/target_sparsity"] == 0.3
+    assert "prune/pruned_channels" not in recorder.logs[-2]  # reporters before it run first: that is the mixin's job
 
 
 def test_callback_arguments_override_the_config(tmp_path):

@@ -8,6 +8,7 @@ from typing import Optional
 from peft import LoraConfig
 
 from ...sparsity.masks import parse_pattern
+from ...sparsity.schedules import PRUNE_SCHEDULES, SCHEDULE_KEYS, check_schedule_values
 from .._registry import ensure_peft_type
 
 __all__ = ["IMPORTANCE", "SCHEDULES", "STRUCTURED", "LoRAPruneConfig"]
@@ -15,8 +16,14 @@ __all__ = ["IMPORTANCE", "SCHEDULES", "STRUCTURED", "LoRAPruneConfig"]
 STRUCTURED = ("head+channel", "head", "channel")
 ELEMENTWISE = ("unstructured",)  # plus any "N:M"
 IMPORTANCE = ("lora", "magnitude", "grad")
-SCHEDULES = ("cubic", "linear")
+SCHEDULES = PRUNE_SCHEDULES
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def check_importance_beta(beta) -> None:
+    """ValueError unless the moving-average factor β is in [0, 1)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"loraprune: importance_beta must be in [0, 1), got {beta!r}")
 
 
 def _refuse(field_name: str, value, allowed: str) -> None:
@@ -135,36 +142,13 @@ class LoRAPruneConfig(LoraConfig):
             self.target_sparsity = implied
         if self.target_sparsity is None:
             self.target_sparsity = 0.5
-        p = self.target_sparsity
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-            raise ValueError(
-                f"loraprune: target_sparsity must be in [0, 1), got {p!r} (1.0 would remove every head/channel)"
-            )
-        if not 0.0 <= self.initial_sparsity <= p:
-            raise ValueError(
-                f"loraprune: initial_sparsity must be in [0, target_sparsity={p}], got {self.initial_sparsity!r}"
-            )
+        try:  # the one validation of schedule settings, shared with the tuner, PruneCallback and its drivers
+            check_schedule_values(**{k: getattr(self, k) for k in SCHEDULE_KEYS})
+        except ValueError as exc:
+            raise ValueError(f"loraprune: {exc}") from None
         if self.importance not in IMPORTANCE:
             _refuse("importance", self.importance, ", ".join(map(repr, IMPORTANCE)))
-        if self.schedule not in SCHEDULES:
-            _refuse("schedule", self.schedule, ", ".join(map(repr, SCHEDULES)))
-        if not 0.0 <= self.importance_beta < 1.0:
-            raise ValueError(f"loraprune: importance_beta must be in [0, 1), got {self.importance_beta!r}")
-        if not (0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1):
-            raise ValueError(
-                f"loraprune: warmup and cooldown must be in [0, 1) with warmup + cooldown < 1, got "
-                f"warmup={self.warmup!r}, cooldown={self.cooldown!r}"
-            )
-        if isinstance(self.prune_every, bool) or not isinstance(self.prune_every, int) or self.prune_every <= 0:
-            raise ValueError(f"loraprune: prune_every must be a positive integer, got {self.prune_every!r}")
-        if self.schedule_steps is not None and (
-            isinstance(self.schedule_steps, bool)
-            or not isinstance(self.schedule_steps, int)
-            or self.schedule_steps <= 0
-        ):
-            raise ValueError(
-                f"loraprune: schedule_steps must be a positive integer or None, got {self.schedule_steps!r}"
-            )
+        check_importance_beta(self.importance_beta)
         if self.exclude_layers is not None:
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.exclude_layers):
                 raise ValueError(

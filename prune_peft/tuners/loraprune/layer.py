@@ -17,7 +17,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .._masks import AdapterBuffers, PackedMasks
+from .._buffers import AdapterBuffers, PackedMasks
 from .._registry import layer_takes_config
 
 __all__ = ["LoRAPruneLinear"]
@@ -86,6 +86,21 @@ class LoRAPruneLinear(LoraLinear):
         device = store.packed(adapter).device
         store.set(adapter, mask.to(device=device, dtype=torch.bool))
         self._pp_forget(adapter)
+
+    def compact_masks(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+        """Follow a compaction that keeps output ``rows`` / input ``cols`` of this layer (``prune_peft.compact``).
+
+        Row masks keep the entries of the surviving rows; element-wise masks cannot be compacted (ValueError,
+        raised before anything changes). Cached mask state is dropped either way.
+        """
+        if getattr(self, "lora_prune_emask", None) is not None and (rows is not None or cols is not None):
+            raise ValueError("compact: element-wise (unstructured / N:M) LoRAPrune masks cannot be compacted")
+        store = getattr(self, "lora_prune_mask", None)
+        if store is not None and rows is not None:
+            for adapter in store.keys():
+                mask = store.get(adapter)
+                store.set(adapter, mask.index_select(0, rows.to(mask.device)).clone())
+        self._pp_forget()
 
     def _pp_state(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(row mask or None, element mask or None), None where the mask keeps everything.

@@ -6,18 +6,31 @@ Pruning units (methods.md §1, fixing aim-uofa/LoRAPrune#6 for grouped-query att
 columns of o_proj (which see zeros there). Removing a unit whole keeps the query-per-KV ratio, so attention stays
 exact and the compacted model runs with per-layer head counts. An MLP channel is a row of gate_proj and up_proj and
 the matching column of down_proj.
+
+The algorithm lives here too, as peft's AdaLoRA keeps its own: any training loop prunes with ::
+
+    model.base_model.prepare_pruning(total_steps=num_steps)     # or LoRAPruneConfig(schedule_steps=...)
+    for global_step, batch in enumerate(batches):
+        model(**batch).loss.backward()
+        model.base_model.update_importance(global_step)           # optional: score before the step (Trainer path)
+        optimizer.step()
+        model.base_model.update_and_allocate(global_step)         # scores (if not yet) + masks on the schedule
+        optimizer.zero_grad()
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
+from ... import _hf
 from ...sparsity.loraprune import n_pruned
 from .layer import LoRAPruneLinear
+from .pruner import LoRAPruner
 
 __all__ = ["ATTN_ROLES", "MLP_ROLES", "LoRAPruneModel", "PruneBlock", "default_excluded_layers"]
 
@@ -55,8 +68,21 @@ class PruneBlock:
 class LoRAPruneModel(LoraModel):
     """Creates LoRAPrune adapters; see :class:`~prune_peft.tuners.loraprune.LoRAPruneConfig`.
 
-    Besides peft's API it exposes the pruning structure: :meth:`prune_blocks`, :meth:`get_masks`,
-    :meth:`set_block_masks` and, for element-wise structures, :meth:`element_layers`.
+    Besides peft's API it exposes the pruning structure (:meth:`prune_blocks`, :meth:`get_masks`,
+    :meth:`set_block_masks`, :meth:`element_layers`, :meth:`refresh_blocks`) and the algorithm, AdaLoRA-style:
+    :meth:`prepare_pruning`, :meth:`update_importance`, :meth:`update_and_allocate` and :meth:`pruner` (whose
+    ``state_dict()`` / ``load_state_dict()`` carry the moving average, schedule position and level).
+
+    Example (a plain PyTorch loop; ``global_step`` = optimizer steps done before this one):
+
+        ```py
+        >>> model = get_peft_model(dense, LoRAPruneConfig(r=8, target_sparsity=0.5, schedule_steps=1000))
+        >>> for global_step, batch in enumerate(loader):
+        ...     model(**batch).loss.backward()
+        ...     optimizer.step()
+        ...     model.base_model.update_and_allocate(global_step)
+        ...     optimizer.zero_grad()
+        ```
     """
 
     method = "loraprune"
@@ -68,6 +94,7 @@ class LoRAPruneModel(LoraModel):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         try:
             self._pp_build(adapter_name)
+            self.__dict__.setdefault("_pp_pruners", {}).pop(adapter_name, None)
         except BaseException:
             self._pp_rollback(model, adapter_name, before)
             raise
@@ -89,11 +116,9 @@ class LoRAPruneModel(LoraModel):
 
     def _pp_build(self, adapter: str, check: bool = True) -> None:
         """Find the blocks, check the structure can be expressed (``check``), create all-kept masks."""
-        from ...pruning.oneshot import find_decoder_blocks
-
         config = self.peft_config[adapter]
         try:
-            blocks_name, blocks = find_decoder_blocks(self.model)
+            blocks_name, blocks = _hf.find_decoder_blocks(self.model)
         except ValueError as exc:
             raise ValueError(f"loraprune: {exc}") from None
         n = len(blocks)
@@ -102,9 +127,7 @@ class LoRAPruneModel(LoraModel):
         if bad:
             raise ValueError(f"loraprune: exclude_layers {bad} are out of range for a model with {n} decoder blocks")
         excluded = {i % n for i in excluded}
-        text = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
-        text = text or self.model.config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        size = _hf.head_dim(self.model)
         result = []
         for i, block in enumerate(blocks):
             info = PruneBlock(index=i, name=f"{blocks_name}.{i}", prunable=i not in excluded)
@@ -113,7 +136,7 @@ class LoRAPruneModel(LoraModel):
                 if isinstance(module, LoRAPruneLinear) and adapter in module.lora_A and role in ATTN_ROLES + MLP_ROLES:
                     info.layers[role] = module
             if info.prunable and config.structured:
-                self._pp_structure(info, block, config, head_dim, check)
+                self._pp_structure(info, block, config, size, check)
             result.append(info)
         prunable = [b for b in result if b.prunable]
         if not prunable:
@@ -255,6 +278,17 @@ class LoRAPruneModel(LoraModel):
             for role in ("gate_proj", "up_proj"):
                 info.layers[role].set_row_mask(adapter, channels)
 
+    def refresh_blocks(self, adapter: str | None = None) -> None:
+        """Re-read the decoder blocks after their shapes changed (``compact``); every remaining group is kept.
+
+        Structured adapters only (``adapter=None``: all of them); a prepared pruner is dropped, since its block sizes
+        and importance vectors no longer match.
+        """
+        for name in [adapter] if adapter is not None else list(self.peft_config):
+            if self.peft_config[name].structured:
+                self._pp_build(name, check=False)
+                self.__dict__.get("_pp_pruners", {}).pop(name, None)
+
     def element_layers(self, adapter: str = "default") -> dict[str, LoRAPruneLinear]:
         """``{module name: layer}`` of the layers carrying element-wise masks (unstructured / N:M)."""
         return {
@@ -262,6 +296,58 @@ class LoRAPruneModel(LoraModel):
             for name, m in self.model.named_modules()
             if isinstance(m, LoRAPruneLinear) and m.element_mask(adapter) is not None
         }
+
+    # ------------------------------------------------------------------------------------------------ algorithm
+
+    def prepare_pruning(
+        self, total_steps: int | None = None, adapter: str | None = None, **overrides: Any
+    ) -> LoRAPruner | list[LoRAPruner]:
+        """Validate the schedule for a run of ``total_steps`` optimizer steps and (re)start the pruner of ``adapter``.
+
+        ``total_steps`` is the run's length (``PruneCallback`` passes the Trainer's ``max_steps``); the schedule
+        spans ``config.schedule_steps`` when set (it must fit: ValueError otherwise), else ``total_steps``; one of
+        the two is required. ``overrides`` replace config settings for this run (``target_sparsity``, ``warmup``,
+        ``cooldown``, ``prune_every``, ``schedule``, ``schedule_steps``, ``initial_sparsity``, ``importance``,
+        ``importance_beta``) without touching the saved config. Raises ValueError before anything changes.
+        ``adapter=None`` prepares every adapter of this tuner (then a list is returned).
+        """
+        names = [adapter] if adapter is not None else list(self.peft_config)
+        for name in names:
+            self.prune_blocks(name)  # ValueError for an unknown adapter
+        pruners = [LoRAPruner(self, name, total_steps, **overrides) for name in names]
+        store = self.__dict__.setdefault("_pp_pruners", {})
+        store.update({p.adapter: p for p in pruners})
+        return pruners[0] if adapter is not None else pruners
+
+    def pruner(self, adapter: str = "default") -> LoRAPruner:
+        """The adapter's :class:`LoRAPruner` (importance, schedule, ``state_dict()``); prepared from the config
+        (``schedule_steps``) on first use."""
+        store = self.__dict__.setdefault("_pp_pruners", {})
+        if adapter not in store:
+            self.prepare_pruning(adapter=adapter)
+        return store[adapter]
+
+    def _pruners(self, adapter: str | None) -> list[LoRAPruner]:
+        return [self.pruner(name) for name in ([adapter] if adapter is not None else list(self.peft_config))]
+
+    def update_importance(self, global_step: int, adapter: str | None = None) -> None:
+        """Add the LoRA gradients present now to the moving-average importance (once per optimizer step).
+
+        Call it after ``loss.backward()`` (and gradient clipping) and before ``optimizer.step()`` to score the
+        weights the gradients belong to — this is what ``PruneCallback`` does, in ``on_pre_optimizer_step``. Without
+        it, :meth:`update_and_allocate` scores the same gradients against the just-updated LoRA weights.
+        """
+        for pruner in self._pruners(adapter):
+            pruner.update_importance(global_step)
+
+    def update_and_allocate(self, global_step: int, adapter: str | None = None) -> None:
+        """One optimizer step of LoRAPrune, in peft's AdaLoRA order (after ``optimizer.step()``, before
+        ``optimizer.zero_grad()``): score the gradients still present (unless :meth:`update_importance` already did
+        for this step), then, on a schedule event, prune the lowest-scoring groups. ``global_step`` is the number of
+        optimizer steps completed before this one (0 first). ``PruneCallback`` calls it in ``on_optimizer_step``.
+        """
+        for pruner in self._pruners(adapter):
+            pruner.update_and_allocate(global_step)
 
     # ------------------------------------------------------------------------------------------------ unloading
 

@@ -1,23 +1,19 @@
 """LoRAPrune's pure math against independent oracles (arXiv 2305.18403; methods.md §1)."""
 
-import math
-
 import pytest
 import torch
 
-from prune_peft.callbacks.prune import PruneSchedule
 from prune_peft.sparsity.loraprune import (
     channel_scores,
     estimate_weight_grad,
-    gqa_group_scores,
     grad_importance,
-    lora_group_scores,
     lora_importance,
     moving_average,
     n_pruned,
     normalize_scores,
     prune_lowest,
 )
+from prune_peft.sparsity.masks import gqa_unit_scores
 
 
 def _lora_grads(seed=0, d_out=6, d_in=5, r=2):
@@ -58,10 +54,10 @@ def test_importance_by_hand_on_a_tiny_layer():
             merged = W[i, j] + s * B[i, 0] * A[0, j]
             expect[i, j] = abs(g_hat * merged)
     torch.testing.assert_close(lora_importance(W, A, B, gA, gB, s), expect)
-    torch.testing.assert_close(lora_group_scores(W, A, B, gA, gB, s, axis="out"), expect.sum(1))
-    torch.testing.assert_close(lora_group_scores(W, A, B, gA, gB, s, axis="in"), expect.sum(0))
+    torch.testing.assert_close(channel_scores(W, A, B, s, grad_A=gA, grad_B=gB, axis="out"), expect.sum(1))
+    torch.testing.assert_close(channel_scores(W, A, B, s, grad_A=gA, grad_B=gB, axis="in"), expect.sum(0))
     with pytest.raises(ValueError, match="axis"):
-        lora_group_scores(W, A, B, gA, gB, s, axis="rows")
+        channel_scores(W, A, B, s, grad_A=gA, grad_B=gB, axis="rows")
 
 
 def test_grad_importance_uses_the_true_gradient():
@@ -75,16 +71,16 @@ def test_gqa_units_group_query_heads_with_their_kv_head():
     # 4 query heads of dim 2 over 2 KV heads: query heads 0,1 → unit 0; 2,3 → unit 1 (transformers' repeat_kv)
     head_dim, n_heads, n_kv = 2, 4, 2
     rows = torch.arange(n_heads * head_dim, dtype=torch.float32)  # score of row i = i
-    units = gqa_group_scores(rows, head_dim, n_kv)
+    units = gqa_unit_scores(rows, n_kv, head_dim=head_dim)
     expect = torch.zeros(n_kv)
     for row in range(n_heads * head_dim):
         head = row // head_dim
         expect[head // (n_heads // n_kv)] += rows[row]
     torch.testing.assert_close(units, expect)
     # k/v: one unit per KV head
-    torch.testing.assert_close(gqa_group_scores(torch.ones(4), head_dim, n_kv), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(gqa_unit_scores(torch.ones(4), n_kv, head_dim=head_dim), torch.tensor([2.0, 2.0]))
     with pytest.raises(ValueError, match="whole heads"):
-        gqa_group_scores(torch.ones(6), 4, 2)
+        gqa_unit_scores(torch.ones(6), 2, head_dim=4)
 
 
 def test_normalize_and_moving_average():
@@ -115,40 +111,6 @@ def test_prune_lowest_is_monotone_and_breaks_ties_by_index():
     # batched rows (N:M groups)
     rows = prune_lowest(torch.tensor([[4.0, 3, 2, 1], [1, 2, 3, 4]]), torch.ones(2, 4, dtype=torch.bool), 2)
     assert rows.tolist() == [[True, True, False, False], [False, False, True, True]]
-
-
-@pytest.mark.parametrize(
-    "total,warmup,cooldown,every", [(100, 0.1, 0.1, 10), (37, 0.1, 0.2, 7), (10, 0.0, 0.0, 3), (5, 0.2, 0.3, 100)]
-)
-def test_schedule_ends_exactly_on_target(total, warmup, cooldown, every):
-    sched = PruneSchedule(0.5, total, warmup=warmup, cooldown=cooldown, prune_every=every)
-    events = sched.events()
-    assert events and events[-1] == sched.final_step <= total
-    assert sched.sparsity(events[-1]) == 0.5
-    assert all(t > warmup * total for t in events)
-    levels = [sched.sparsity(t) for t in events]
-    assert levels == sorted(levels)
-    # 32 heads at p_f = 0.5 end at exactly 16 pruned
-    assert n_pruned(sched.sparsity(events[-1]), 32) == 16
-
-
-def test_reference_rule_can_stop_one_group_short_ours_does_not():
-    # the reference: events only while p(t) < p_f, count = int(n · p(t)); ours: final event at p_f, rounded
-    total, every, p_f, n = 100, 10, 0.5, 32
-    sched = PruneSchedule(p_f, total, prune_every=every)
-    ref = max(int(n * sched.sparsity(t)) for t in range(1, total + 1) if t % every == 0 and sched.sparsity(t) < p_f)
-    assert ref == 15  # one group short
-    assert n_pruned(sched.sparsity(sched.events()[-1]), n) == 16
-
-
-def test_schedule_rejects_bad_values():
-    with pytest.raises(ValueError, match="prune_every"):
-        PruneSchedule(0.5, 10, prune_every=0)
-    with pytest.raises(ValueError, match="target_sparsity"):
-        PruneSchedule(1.0, 10)
-    with pytest.raises(ValueError, match="warmup"):
-        PruneSchedule(0.5, 10, warmup=0.6, cooldown=0.5)
-    assert math.isclose(PruneSchedule(0.5, 10, warmup=0, cooldown=0, kind="linear").sparsity(5), 0.25)
 
 
 @pytest.mark.parametrize("axis", ["out", "in"])

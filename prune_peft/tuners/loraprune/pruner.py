@@ -1,0 +1,378 @@
+"""LoRAPrune's algorithm for one adapter: moving-average importance, the schedule, and the masks it decides.
+
+A :class:`LoRAPruner` belongs to a :class:`~prune_peft.tuners.loraprune.LoRAPruneModel` (``tuner.pruner(adapter)``)
+and is driven by the tuner's ``update_importance(global_step)`` / ``update_and_allocate(global_step)``, like peft's
+AdaLoRA. ``global_step`` counts the optimizer steps completed *before* the current one (0 for the first), as in
+peft's AdaLoRA loop and the Trainer's ``state.global_step`` at its optimizer-step events; the schedule's step is
+``t = global_step + 1``.
+
+The pure tensor math lives in :mod:`prune_peft.sparsity.loraprune`; this module only decides which scores feed which
+mask and when. Nothing here knows about the Trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...sparsity.loraprune import (
+    channel_scores,
+    grad_importance,
+    lora_importance,
+    moving_average,
+    n_pruned,
+    normalize_scores,
+    prune_lowest,
+)
+from ...sparsity.masks import gqa_unit_scores
+from ...sparsity.schedules import SCHEDULE_KEYS, PruneSchedule, check_schedule_values
+from .config import IMPORTANCE, check_importance_beta
+
+__all__ = ["OVERRIDABLE", "LoRAPruner", "broadcast_masks", "check_not_sharded"]
+
+# settings a run may override without changing the adapter (the structure is fixed when the adapter is created)
+OVERRIDABLE = (*SCHEDULE_KEYS, "importance_beta", "importance")
+
+
+# -------------------------------------------------------------------------------------------------- distributed
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def broadcast_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rank 0's boolean masks on every rank (identity in a single process).
+
+    Decisions are already deterministic (stable sort on all-reduced gradients); the broadcast makes rank agreement
+    hold even when floating-point reductions differ in the last bit.
+    """
+    if _world_size() <= 1 or not masks:
+        return masks
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flat = torch.cat([m.reshape(-1).to(device=device, dtype=torch.uint8) for m in masks])
+    torch.distributed.broadcast(flat, src=0)
+    out, offset = [], 0
+    for m in masks:
+        out.append(flat[offset : offset + m.numel()].reshape(m.shape).bool().to(m.device))
+        offset += m.numel()
+    return out
+
+
+def check_not_sharded(model: nn.Module, owner: str = "loraprune") -> None:
+    """ValueError when ``model``'s parameters are sharded (FSDP 1/2, DeepSpeed ZeRO-3): the importance needs them whole."""
+    kinds: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kinds.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule  # FSDP2 (torch ≥ 2.6)
+
+        kinds.append(FSDPModule)
+    except ImportError:
+        pass
+    sharded = any(isinstance(m, tuple(kinds)) for m in model.modules()) if kinds else False
+    sharded = sharded or any(
+        hasattr(p, "ds_numel") or type(p).__name__ in ("DTensor", "FlatParameter") or getattr(p, "_is_sharded", False)
+        for p in model.parameters()
+    )
+    if sharded:
+        raise ValueError(
+            f"{owner}: parameters are sharded (FSDP or DeepSpeed ZeRO-3). LoRA-guided importance needs whole "
+            "LoRA factors, gradients and base weights on every rank; train with DDP (or ZeRO ≤ 2 / single GPU). "
+            "See docs/loraprune.md, 'Distributed training'."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- the pruner
+
+
+class LoRAPruner:
+    """Importance, schedule and mask decisions of one LoRAPrune adapter (built by ``tuner.prepare_pruning``).
+
+    Attributes:
+        settings: the config's schedule/importance settings with the run's overrides.
+        schedule: the :class:`~prune_peft.sparsity.schedules.PruneSchedule` over the run.
+        importance: moving averages — ``"u<i>"`` / ``"c<i>"`` (units / channels of block i) or module names.
+        last_step, level: schedule step and sparsity of the last mask update.
+    """
+
+    def __init__(self, tuner, adapter: str, total_steps: int | None = None, **overrides: Any) -> None:
+        config = tuner.peft_config[adapter]
+        if "structure" in overrides:
+            raise ValueError("loraprune: structure is fixed when the adapter is created (LoRAPruneConfig.structure)")
+        unknown = sorted(set(overrides) - set(OVERRIDABLE))
+        if unknown:
+            raise ValueError(f"loraprune: unknown setting(s) {unknown}; allowed: {list(OVERRIDABLE)}")
+        self.tuner, self.adapter, self.config = tuner, adapter, config
+        self.settings: dict[str, Any] = {k: getattr(config, k) for k in OVERRIDABLE}
+        self.settings.update({k: v for k, v in overrides.items() if v is not None})
+        s = self.settings
+        if config.nm is not None and abs(s["target_sparsity"] - config.nm.sparsity) > 1e-9:
+            raise ValueError(
+                f"loraprune: target_sparsity={s['target_sparsity']} contradicts structure={config.structure!r}"
+            )
+        if total_steps is None and s["schedule_steps"] is None:
+            raise ValueError(
+                "loraprune: the pruning schedule needs its length in optimizer steps: set "
+                "LoRAPruneConfig(schedule_steps=...) or call model.base_model.prepare_pruning(total_steps=...) before "
+                "the first update (PruneCallback passes the Trainer's max_steps)"
+            )
+        try:
+            check_schedule_values(**{k: s[k] for k in SCHEDULE_KEYS})
+            self.schedule = PruneSchedule.from_settings(s, total_steps, "loraprune")
+        except ValueError as exc:
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith("loraprune") else f"loraprune: {msg}") from None
+        if s["importance"] not in IMPORTANCE:
+            raise ValueError(f"loraprune: importance must be one of {list(IMPORTANCE)}, got {s['importance']!r}")
+        check_importance_beta(s["importance_beta"])
+        check_not_sharded(tuner)
+        self.blocks = [b for b in tuner.prune_blocks(adapter) if b.prunable]
+        self.elements: dict[str, nn.Module] = {}
+        p = s["target_sparsity"]
+        if config.structured:
+            for b in self.blocks:
+                if b.prunes_heads and n_pruned(p, b.num_kv_heads) >= b.num_kv_heads:
+                    raise ValueError(f"loraprune: target_sparsity={p} would remove every head of {b.name}")
+                if b.prunes_channels and n_pruned(p, b.intermediate) >= b.intermediate:
+                    raise ValueError(f"loraprune: target_sparsity={p} would remove every channel of {b.name}")
+        else:
+            self.elements = tuner.element_layers(adapter)
+        if s["importance"] == "grad":
+            frozen = [n for n, m in self._layers() if not m.get_base_layer().weight.requires_grad]
+            if frozen:
+                raise ValueError(
+                    f"loraprune: importance='grad' needs gradients of the base weights, but {frozen[0]} (and "
+                    f"{len(frozen) - 1} more) is frozen; set requires_grad=True on them or use importance='lora'"
+                )
+        self.importance: dict[str, torch.Tensor] = {}
+        self.last_step = 0
+        self.level = 0.0
+        self._scored_step = 0  # schedule step whose gradients are already in the moving average
+
+    def _layers(self):
+        if self.config.structured:
+            for b in self.blocks:
+                for role, layer in b.layers.items():
+                    yield f"{b.name}.{role}", layer
+        else:
+            yield from self.elements.items()
+
+    # ---------------------------------------------------------------------------------------------- importance
+
+    def _importance(self, layer) -> torch.Tensor | None:
+        """Element importance of one layer under the configured metric (None when its gradients are missing)."""
+        a = self.adapter
+        base = layer.get_base_layer()
+        A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
+        mode = self.settings["importance"]
+        if mode == "lora":
+            if A.grad is None or B.grad is None:
+                return None
+            return lora_importance(base.weight, A, B, A.grad, B.grad, s)
+        if mode == "grad":
+            if base.weight.grad is None:
+                return None
+            return grad_importance(base.weight, base.weight.grad, A, B, s)
+        return torch.addmm(base.weight.detach().float(), B.detach().float(), A.detach().float(), alpha=s).abs_()
+
+    def _channel_scores(self, layer, axis: str) -> torch.Tensor | None:
+        """Row (``"out"``) or column (``"in"``) sums of one layer's importance; None when its gradients are missing."""
+        a = self.adapter
+        base = layer.get_base_layer()
+        A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
+        mode = self.settings["importance"]
+        if mode == "lora":
+            if A.grad is None or B.grad is None:
+                return None
+            return channel_scores(base.weight, A, B, s, grad_A=A.grad, grad_B=B.grad, axis=axis)
+        if mode == "grad":
+            if base.weight.grad is None:
+                return None
+            return channel_scores(base.weight, A, B, s, grad_W=base.weight.grad, axis=axis)
+        return channel_scores(base.weight, A, B, s, axis=axis)
+
+    def _block_scores(self, b) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        units = channels = None
+        if b.prunes_heads:
+            parts = []
+            for role, axis in (("q_proj", "out"), ("k_proj", "out"), ("v_proj", "out"), ("o_proj", "in")):
+                layer = b.layers.get(role)
+                score = self._channel_scores(layer, axis) if layer is not None else None
+                if score is not None:
+                    parts.append(normalize_scores(gqa_unit_scores(score, b.num_kv_heads, head_dim=b.head_dim)))
+            units = torch.stack(parts).sum(0) if parts else None
+        if b.prunes_channels:
+            parts = []
+            for role, axis in (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in")):
+                layer = b.layers.get(role)
+                score = self._channel_scores(layer, axis) if layer is not None else None
+                if score is not None:
+                    parts.append(normalize_scores(score))
+            channels = torch.stack(parts).sum(0) if parts else None
+        return units, channels
+
+    @torch.no_grad()
+    def update_importance(self, global_step: int) -> None:
+        """Add the gradients present now to the moving average (no-op after the last event: it would be unused)."""
+        step = _step(global_step)
+        if step > self.schedule.final_step:
+            return
+        beta, seen = self.settings["importance_beta"], 0
+        if self.config.structured:
+            for b in self.blocks:
+                units, channels = self._block_scores(b)
+                for key, new in ((f"u{b.index}", units), (f"c{b.index}", channels)):
+                    if new is not None:
+                        self.importance[key] = moving_average(self.importance.get(key), new.cpu(), beta)
+                        seen += 1
+        else:
+            for name, layer in self.elements.items():
+                imp = self._importance(layer)
+                if imp is not None:
+                    self.importance[name] = moving_average(self.importance.get(name), imp, beta)
+                    seen += 1
+        if not seen and self.settings["importance"] != "magnitude":
+            raise RuntimeError(
+                "loraprune: no LoRA gradients were present when the importance was updated; call it after "
+                "loss.backward() and before optimizer.zero_grad(). (DeepSpeed ZeRO ≥ 2 keeps gradients out of "
+                ".grad; see docs/loraprune.md.)"
+            )
+        self._scored_step = step
+
+    # ---------------------------------------------------------------------------------------------------- masks
+
+    @torch.no_grad()
+    def update_and_allocate(self, global_step: int) -> None:
+        """Score this step's gradients unless :meth:`update_importance` already did; on a schedule event, prune."""
+        step = _step(global_step)
+        if step != self._scored_step:
+            self.update_importance(global_step)
+        if not self.schedule.is_event(step) or step <= self.last_step:
+            return
+        p = self.schedule.sparsity(step)
+        if self.config.structured:
+            self._update_structured(p)
+        else:
+            self._update_elements(p)
+        self.last_step, self.level = step, p
+
+    def _update_structured(self, p: float) -> None:
+        current = self.tuner.get_masks(self.adapter)
+        new: list[tuple[int, str, torch.Tensor]] = []
+        for b in self.blocks:
+            for kind, key, n_groups in (
+                ("units", f"u{b.index}", b.num_kv_heads),
+                ("channels", f"c{b.index}", b.intermediate),
+            ):
+                if kind not in current.get(b.index, {}):
+                    continue
+                mask = current[b.index][kind]
+                scores = self.importance.get(key)
+                if scores is None:
+                    scores = torch.zeros(n_groups)
+                new.append((b.index, kind, prune_lowest(scores, mask, n_pruned(p, n_groups))))
+        masks = broadcast_masks([m for _, _, m in new])
+        for (index, kind, _), mask in zip(new, masks):
+            self.tuner.set_block_masks(index, adapter=self.adapter, **{kind: mask})
+
+    def _update_elements(self, p: float) -> None:
+        nm = self.config.nm
+        names, masks = [], []
+        for name, layer in self.elements.items():
+            mask = layer.element_mask(self.adapter)
+            scores = self.importance.get(name)
+            if scores is None:
+                scores = torch.zeros(mask.shape)
+            scores = scores.to(mask.device)
+            if nm is None:
+                new = prune_lowest(scores.reshape(-1), mask.reshape(-1), n_pruned(p, mask.numel())).reshape(mask.shape)
+            else:  # progressive N:M: k of every M removed, k → M − N at the target
+                k = n_pruned(p / nm.sparsity if nm.sparsity else 0.0, nm.m - nm.n)
+                new = prune_lowest(scores.reshape(-1, nm.m), mask.reshape(-1, nm.m), k).reshape(mask.shape)
+            names.append(name)
+            masks.append(new)
+        for name, mask in zip(names, broadcast_masks(masks)):
+            self.elements[name].set_element_mask(self.adapter, mask)
+
+    # -------------------------------------------------------------------------------------------------- metrics
+
+    def metrics(self) -> dict[str, float]:
+        """``prune/…`` metrics: target level, sparsity per kind (heads, channels, parameters) and importance stats."""
+        pre = "prune/"
+        out: dict[str, float] = {pre + "target_sparsity": float(self.level)}
+        if self.config.structured:
+            self._structured_metrics(out)
+        else:
+            kept: dict[str, list[int]] = {}
+            for name, layer in self.elements.items():
+                mask = layer.element_mask(self.adapter)
+                k = kept.setdefault(name.rpartition(".")[2], [0, 0])
+                k[0] += int(mask.sum())
+                k[1] += mask.numel()
+            for role, (k, n) in sorted(kept.items()):
+                out[f"{pre}sparsity/{role}"] = 1 - k / n
+            total_k = sum(v[0] for v in kept.values())
+            total_n = sum(v[1] for v in kept.values())
+            out[pre + "sparsity"] = 1 - total_k / max(total_n, 1)
+        values = list(self.importance.values())
+        if values:
+            out[pre + "importance_mean"] = float(torch.stack([v.float().mean() for v in values]).mean())
+            out[pre + "importance_max"] = float(max(float(v.max()) for v in values))
+            out[pre + "importance_min"] = float(min(float(v.min()) for v in values))
+        return out
+
+    def _structured_metrics(self, out: dict[str, float]) -> None:
+        masks = self.tuner.get_masks(self.adapter)
+        heads = heads_total = kv = kv_total = ch = ch_total = 0
+        removed = total = 0
+        for b in self.tuner.prune_blocks(self.adapter):
+            sizes = {role: layer.get_base_layer().weight.numel() for role, layer in b.layers.items()}
+            total += sum(sizes.values())
+            m = masks.get(b.index, {}) if b.prunable else {}
+            if "units" in m:
+                n_cut = int((~m["units"]).sum())
+                kv += n_cut
+                kv_total += b.num_kv_heads
+                heads += n_cut * (b.num_heads // b.num_kv_heads)
+                heads_total += b.num_heads
+                removed += (
+                    n_cut / b.num_kv_heads * sum(sizes.get(r, 0) for r in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                )
+            if "channels" in m:
+                n_cut = int((~m["channels"]).sum())
+                ch += n_cut
+                ch_total += b.intermediate
+                removed += n_cut / b.intermediate * sum(sizes.get(r, 0) for r in ("gate_proj", "up_proj", "down_proj"))
+        pre = "prune/"
+        if kv_total:
+            out[pre + "pruned_heads"] = float(heads)
+            out[pre + "pruned_kv_heads"] = float(kv)
+            out[pre + "attention_sparsity"] = heads / heads_total
+        if ch_total:
+            out[pre + "pruned_channels"] = float(ch)
+            out[pre + "mlp_sparsity"] = ch / ch_total
+        out[pre + "param_sparsity"] = removed / max(total, 1)
+
+    # --------------------------------------------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule position, level and moving-average importance (tensors; masks travel with the adapter)."""
+        return {"last_step": self.last_step, "level": self.level, "importance": dict(self.importance)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = int(state.get("last_step", 0))
+        self.level = float(state.get("level", 0.0))
+        if "importance" in state:
+            self.importance = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in state["importance"].items()}
+
+
+def _step(global_step: int) -> int:
+    if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+        raise ValueError(f"global_step must be a non-negative integer (optimizer steps done), got {global_step!r}")
+    return global_step + 1
