@@ -376,3 +376,58 @@ def test_sparse_lora_fused_pack_is_cached_until_an_optimizer_step(tiny_model, mo
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     x = torch.randn(2, layer.in_features, dtype=BF16)
     torch.testing.assert_close(pickle.loads(pickle.dumps(layer))(x), layer(x))  # caches dropped, class importable
+
+
+# ------------------------------------------------------------------------------------------- module replacement
+
+
+def test_enable_replaces_modules_keeping_parameters_hooks_and_optimizer(tiny_model):
+    model = _pruned_model(tiny_model, dtype=BF16)
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    handle = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    names = enable_semi_structured(model, backend="emulate")
+    up = model.model.layers[0].mlp.up_proj
+    assert len(names) == 28 and type(up) is SemiStructuredLinear
+    assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], model.parameters()))
+    ids = torch.randint(0, 260, (1, 8))
+    model(ids)
+    assert seen == [SemiStructuredLinear]  # the hook registered before the replacement still runs
+    handle.remove()  # ... and its handle still removes it
+    model(ids)
+    assert len(seen) == 1
+    assert disable_semi_structured(model) == names
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def test_shared_module_is_replaced_at_every_path():
+    shared = _linear(32, 64, BF16)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared))
+    assert enable_semi_structured(model, backend="emulate") == ["0"]
+    assert model[0] is model[2][0] and type(model[0]) is SemiStructuredLinear
+    assert model[0].weight is shared.weight
+    disable_semi_structured(model)
+    assert model[0] is model[2][0] and type(model[0]) is nn.Linear
+
+
+def test_root_linear_needs_from_linear_and_from_linear_validates():
+    lin = _linear(32, 64, BF16)
+    with pytest.raises(ValueError, match=r"model is itself a Linear.*SemiStructuredLinear\.from_linear"):
+        enable_semi_structured(lin)
+    with pytest.raises(ValueError, match=r"model is itself a SemiStructuredLinear.*to_linear\(\)"):
+        disable_semi_structured(SemiStructuredLinear.from_linear(lin))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SemiStructuredLinear.from_linear(lin, backend="fast")
+    with pytest.raises(ValueError, match=r"linear must be a torch\.nn\.Linear, got Sequential"):
+        SemiStructuredLinear.from_linear(nn.Sequential(lin))
+    dense = nn.Linear(64, 32)
+    with pytest.raises(ValueError, match=r"module q is not 2:4 sparse: \d+ of 512 groups"):
+        SemiStructuredLinear.from_linear(dense, name="q")
+    sparse = SemiStructuredLinear.from_linear(lin, backend="emulate", name="q")
+    assert sparse.weight is lin.weight and sparse.bias is lin.bias and type(lin) is nn.Linear
+    back = sparse.to_linear()
+    assert type(back) is nn.Linear and back.weight is lin.weight
+    assert not any(k.startswith("_pp_ss") for k in vars(back))
