@@ -1,7 +1,8 @@
 """S-STE training of 2:4 masks on dense weights (Hu, Zhu, Chen, NeurIPS 2024, arXiv 2409.09099), Trainer glue.
 
-``apply_sste(model)`` swaps the model's linear layers to :class:`~prune_peft.sparsity.sste.SSTELinear` (forward
-``β·S(W)``, straight-through backward, β frozen at the swap); ``SSTECallback`` does that at train start, logs the
+``apply_sste(model)`` replaces the model's linear layers with :class:`~prune_peft.sparsity.sste.SSTELinear` (forward
+``β·S(W)``, straight-through backward, β frozen at the replacement; the same Parameter objects, so an optimizer built
+before and the state-dict keys stay valid); ``SSTECallback`` does that at train start, logs the
 mask-flip statistics (``sste/mask_flip_fraction``: share of 2:4 positions whose kept/pruned status changed per
 optimizer step, averaged over the logging interval; ``sste/mask_flips``: their count) and, with ``finalize=True``,
 bakes the hard 2:4 weights ``β·S(W)`` into plain ``nn.Linear`` layers at train end.
@@ -20,10 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
-from ..sparsity.sste import MaskFlipTracker, SSTELinear, soft_threshold24
-from ._trainer import find_trainer
+from ..sparsity.sste import MaskFlipTracker, SSTELinear
+from ._trainer import MetricsCallback
 from .prune import PruneDriver, register_driver
 
 __all__ = ["SSTECallback", "SSTEDriver", "apply_sste", "finalize_sste", "sste_layers"]
@@ -48,43 +48,52 @@ def _select(modules) -> Callable[[str], bool]:
     return lambda name: any(name == n or name.endswith("." + n) for n in names)
 
 
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Point every parent that holds ``old`` (tied modules included) at ``new`` instead."""
+    names = [name for name, module in model.named_modules(remove_duplicate=False) if module is old]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+
+
 def apply_sste(model: nn.Module, modules: str | Iterable[str] | Callable[[str], bool] | None = None) -> list[str]:
-    """Swap linear layers to S-STE (in place; parameters and state-dict keys unchanged); returns their names.
+    """Replace linear layers with S-STE layers (in place; same Parameters and state-dict keys); returns their names.
 
     ``modules=None``: every ``nn.Linear`` except output heads (``lm_head``, ...). Layers must have ``in_features``
-    divisible by 4 (ValueError naming the layer otherwise, before anything is swapped).
+    divisible by 4 (ValueError naming the layer otherwise, before anything is replaced). Hooks registered on a
+    replaced ``nn.Linear`` stay on the old module.
     """
     select = _select(modules)
     chosen = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or not select(name):
             continue
+        if not name:
+            raise ValueError("S-STE: apply_sste replaces layers inside a model; wrap a bare nn.Linear first")
         if module.in_features % 4:
             raise ValueError(f"S-STE: module {name} has in_features={module.in_features}, not divisible by 4")
         chosen.append((name, module))
     if not chosen:
         raise ValueError(f"S-STE: no nn.Linear layer selected (modules={modules!r})")
     for _, module in chosen:
-        module.__class__ = SSTELinear
-        module.init_scale()
+        _replace_module(model, module, SSTELinear.from_linear(module))
     return [n for n, _ in chosen]
 
 
 def finalize_sste(model: nn.Module) -> list[str]:
-    """Bake ``W ← β·S(W)`` (exactly 2:4) into every S-STE layer and turn it back into ``nn.Linear``."""
+    """Bake ``W ← β·S(W)`` (exactly 2:4) into every S-STE layer and replace it with an ``nn.Linear`` (same Parameters)."""
     names = []
     for name, module in sste_layers(model).items():
-        with torch.no_grad():
-            s, _ = soft_threshold24(module.weight)
-            module.weight.copy_(s * module.sste_scale.to(s.dtype))
-        del module._buffers["sste_scale"]
-        module.__class__ = nn.Linear
+        _replace_module(model, module, module.to_linear())
         names.append(name)
     return names
 
 
-class SSTECallback(TrainerCallback):
+class SSTECallback(MetricsCallback):
     """Trainer callback for S-STE 2:4 training of a (dense) model, with mask-flip statistics in the logs.
+
+    The metrics reach ``log_history`` with any Trainer, and the reporters (TensorBoard, W&B) with a Trainer that has
+    :class:`~prune_peft.callbacks._trainer.PruneTrainerMixin`.
 
     Example:
 
@@ -107,13 +116,12 @@ class SSTECallback(TrainerCallback):
         self.tracker = MaskFlipTracker()
         self.history: list[dict[str, float]] = []  # per optimizer step: flips, flip_fraction
         self._acc: dict[str, float] = {}
-        self._trainer = None
         self._model: nn.Module | None = None
 
     # --------------------------------------------------------------------------------------------------- setup
 
     def prepare(self, model: nn.Module) -> list[str]:
-        """Swap the layers (if not done yet) and record the initial masks."""
+        """Replace the layers (if not done yet) and record the initial masks."""
         self._model = model
         names = list(sste_layers(model)) or apply_sste(model, self.modules)
         if self.track_flips:
@@ -124,35 +132,11 @@ class SSTECallback(TrainerCallback):
         assert self._model is not None
         return {n: m.weight for n, m in sste_layers(self._model).items()}
 
-    def attach(self, trainer) -> SSTECallback:
-        """Route the flip metrics into ``trainer.log`` (log_history and reporters); found automatically otherwise."""
-        if self._trainer is trainer:
-            return self
-        self._trainer = trainer
-        original = trainer.log
-
-        def log(logs: dict[str, float], *args: Any, **kwargs: Any):
-            if "loss" in logs:
-                logs.update(self.flush_metrics())
-            return original(logs, *args, **kwargs)
-
-        trainer.log = log
-        return self
-
     # -------------------------------------------------------------------------------------------------- events
 
-    def on_init_end(self, args, state, control, **kwargs):
-        trainer = find_trainer(self)
-        if trainer is not None:
-            self.attach(trainer)
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._trainer is None:
-            trainer = find_trainer(self)
-            if trainer is not None:
-                self.attach(trainer)
         if model is None:
-            raise RuntimeError("SSTECallback needs the model (the Trainer passes it to callbacks)")
+            raise ValueError("SSTECallback needs the model (the Trainer passes it to callbacks as model=...)")
         self.prepare(model)
         self._acc = {}
 
@@ -171,8 +155,8 @@ class SSTECallback(TrainerCallback):
         self.history.append(record)
         return record
 
-    def flush_metrics(self) -> dict[str, float]:
-        """Metrics accumulated since the last log (empty when no step ran)."""
+    def log_metrics(self) -> dict[str, float]:
+        """Metrics accumulated since the last log (empty when no step ran); resets the accumulators."""
         steps = self._acc.get("steps", 0.0)
         if not steps:
             return {}
@@ -188,7 +172,7 @@ class SSTECallback(TrainerCallback):
 class SSTEDriver(PruneDriver):
     """``PruneCallback(method="s-ste")``: S-STE on the decoder-block linears (``include``/``exclude`` globs).
 
-    Setup swaps the layers (β frozen now, or restored from the checkpoint on resume); after every optimizer step the
+    Setup replaces the layers (β frozen now, or restored from the checkpoint on resume); after every optimizer step the
     masks are compared with the previous step's. Metrics at each logging step: ``sste/mask_flip_fraction`` (mean
     per-step share of 2:4 positions that flipped since the last log), ``sste/mask_flips`` (their count) and
     ``sste/last_flip_fraction``. Call :func:`finalize_sste` after training for hard 2:4 weights.

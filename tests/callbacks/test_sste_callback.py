@@ -23,7 +23,7 @@ def _train(tmp_path, callback, steps=4, lr=5e-2):
     return model, trainer
 
 
-def test_apply_sste_swaps_in_place_and_forward_is_24():
+def test_apply_sste_replaces_layers_in_place_and_forward_is_24():
     model = tiny_causal_lm(seed=0, num_hidden_layers=2)
     keys = set(model.state_dict())
     names = apply_sste(model)
@@ -36,6 +36,38 @@ def test_apply_sste_swaps_in_place_and_forward_is_24():
     s, _ = soft_threshold24(layer.weight.detach())
     torch.testing.assert_close(layer(x), nn.functional.linear(x, s * layer.sste_scale, layer.bias))
     assert is_nm_sparse(layer.sparse_weight().detach(), 2, 4)
+
+
+def test_apply_and_finalize_keep_the_parameter_objects():
+    model = tiny_causal_lm(seed=0, num_hidden_layers=1)
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before the replacement, as the Trainer does
+    apply_sste(model)
+    layer = model.model.layers[0].mlp.up_proj
+    assert type(layer) is SSTELinear and layer.weight is params["model.layers.0.mlp.up_proj.weight"]
+    assert list(dict(model.named_parameters())) == list(params)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    before = layer.weight.detach().clone()
+    model(torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+    opt.step()
+    assert not torch.equal(layer.weight.detach(), before)  # the optimizer trains the S-STE layer's weight
+    expected = layer.sparse_weight().detach()
+    finalize_sste(model)
+    linear = model.model.layers[0].mlp.up_proj
+    assert type(linear) is nn.Linear and linear.weight is params["model.layers.0.mlp.up_proj.weight"]
+    assert all(p is params[n] for n, p in model.named_parameters())
+    torch.testing.assert_close(linear.weight.detach(), expected, rtol=0, atol=0)
+
+
+def test_apply_sste_replaces_a_shared_layer_everywhere():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert apply_sste(model) == ["0"]
+    assert type(model[0]) is SSTELinear and model[2] is model[0] and model[0].weight is shared.weight
+    finalize_sste(model)
+    assert type(model[0]) is nn.Linear and model[2] is model[0] and model[0].weight is shared.weight
+    with pytest.raises(ValueError, match=r"wrap a bare nn\.Linear"):
+        apply_sste(nn.Linear(8, 8))
 
 
 def test_apply_sste_rejects_bad_width():
