@@ -9,7 +9,10 @@ documented methods:
 
 - ``log``: before the reporters run, every callback that is a :class:`MetricsCallback` adds its ``log_metrics()``.
 
-Without the mixin every callback still works; its metrics are appended to ``state.log_history`` in ``on_log`` (after
+Methods that change the batches or the loss extend it: :class:`~prune_peft.callbacks.qtuning.QTuningTrainerMixin`
+(a ``PruneTrainerMixin``) also overrides ``get_batch_samples``, ``compute_loss`` and ``train`` for Q-Tuning.
+
+Without the mixin every metrics-only callback still works (``QTuningCallback`` raises a ValueError naming the fix); its metrics are appended to ``state.log_history`` in ``on_log`` (after
 the reporters, so they are absent from TensorBoard/W&B).
 """
 
@@ -50,20 +53,3 @@ class PruneTrainerMixin:
                 if isinstance(cb, MetricsCallback):
                     logs.update(cb.log_metrics())
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
-
-
-def find_trainer(callback):  # TEMPORARY during the re-layout (issue 11): removed once no caller is left.
-    import inspect
-
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, Trainer) and any(cb is callback for cb in obj.callback_handler.callbacks):
-                return obj
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
