@@ -12,8 +12,9 @@ documented methods:
 Methods that change the batches or the loss extend it: :class:`~prune_peft.callbacks.qtuning.QTuningTrainerMixin`
 (a ``PruneTrainerMixin``) also overrides ``get_batch_samples``, ``compute_loss`` and ``train`` for Q-Tuning.
 
-Without the mixin every metrics-only callback still works (``QTuningCallback`` raises a ValueError naming the fix); its metrics are appended to ``state.log_history`` in ``on_log`` (after
-the reporters, so they are absent from TensorBoard/W&B).
+Without the mixin every metrics-only callback still works (``QTuningCallback`` raises a ValueError naming the fix);
+its metrics are appended to ``state.log_history`` in ``on_log`` (after the reporters, so they are absent from
+TensorBoard/W&B).
 """
 
 from __future__ import annotations
