@@ -44,6 +44,17 @@ __all__ = [
 
 WeightFn = Callable[[], torch.Tensor]
 
+
+def _linear(x: torch.Tensor, w_eff: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # ``y = x W_effᵀ + b`` in the merged weight's dtype, so the update is never rounded to the base dtype first
+    return F.linear(x.to(w_eff.dtype), w_eff, None if bias is None else bias.to(w_eff.dtype))
+
+
+def _input_grad(g2: torch.Tensor, w_eff: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # ``∂L/∂x = G W_eff`` (G: tokens × d_out), back in x's shape and dtype
+    return (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
+
+
 # ------------------------------------------------------------------------------------------------------- SparseLoRA
 
 
@@ -85,7 +96,7 @@ class _MaskedLora(torch.autograd.Function):
     def forward(ctx, x, bias, A, B, packed, weight_fn, width, scaling, exact):
         with torch.autocast(device_type=x.device.type, enabled=False):
             w_eff = masked_lora_weight(A, B, keep_values(packed, width, A.dtype), weight_fn, scaling)
-            y = F.linear(x.to(w_eff.dtype), w_eff, None if bias is None else bias.to(w_eff.dtype))
+            y = _linear(x, w_eff, bias)
         ctx.save_for_backward(x, A, B, packed)
         ctx.weight_fn, ctx.width, ctx.scaling, ctx.exact = weight_fn, width, scaling, exact
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -102,7 +113,7 @@ class _MaskedLora(torch.autograd.Function):
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
             w_eff = masked_lora_weight(A, B, keep, ctx.weight_fn, s)  # recomputed, never stored
-            grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
+            grad_x = _input_grad(g2, w_eff, x)
             del w_eff
         if need_A or need_B:
             grad_A, grad_B = masked_lora_factor_grads(g2, x2, A, B, keep, s, ctx.exact, need_A, need_B)
@@ -235,7 +246,7 @@ class _SPPFused(torch.autograd.Function):
     def forward(ctx, x, bias, W_row, w_col, weight_fn, row_block, scaling, with_base):
         with torch.autocast(device_type=x.device.type, enabled=False):
             w_eff = _SPPFused._weight(weight_fn(), W_row, w_col, row_block, scaling, with_base)
-            y = F.linear(x.to(w_eff.dtype), w_eff, None if bias is None else bias.to(w_eff.dtype))
+            y = _linear(x, w_eff, bias)
         ctx.save_for_backward(x, W_row, w_col, row_block)
         ctx.weight_fn, ctx.scaling, ctx.with_base = weight_fn, scaling, with_base
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -252,7 +263,7 @@ class _SPPFused(torch.autograd.Function):
         grad_x = grad_bias = grad_row = grad_col = None
         if need_x:
             w_eff = _SPPFused._weight(weight, W_row, w_col, row_block, s, ctx.with_base)
-            grad_x = (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
+            grad_x = _input_grad(g2, w_eff, x)
             del w_eff
         if need_row or need_col:
             dt = W_row.dtype
