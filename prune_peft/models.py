@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ._io import atomic_dir
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -55,7 +55,7 @@ def _gguf_location(alias: str) -> tuple[str, str]:
 def embedded_checkpoint(alias: str = DEFAULT_MODEL) -> Path:
     """Path of the converted safetensors checkpoint of an embedded model, converting on first use.
 
-    The conversion writes into a temporary folder next to the target and renames it into place, so an
+    The conversion is written with :func:`prune_peft._io.atomic_dir` (a temporary sibling swapped into place), so an
     interrupted conversion never leaves a half-written checkpoint behind.
     """
     if alias not in EMBEDDED_MODELS:
@@ -80,18 +80,10 @@ def embedded_checkpoint(alias: str = DEFAULT_MODEL) -> Path:
     clean = type(gguf_model)(config)
     clean.load_state_dict(gguf_model.state_dict())
     clean.generation_config = gguf_model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=True) as tmp:  # an incomplete earlier conversion is replaced
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

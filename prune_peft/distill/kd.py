@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._hf import find_decoder_blocks
+
 __all__ = ["LogitDistillation", "TeacherTopK", "causal_ce", "kd_loss", "precompute_teacher_topk"]
 
 
@@ -228,8 +230,6 @@ class LogitDistillation:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
-        from ..pruning.oneshot import find_decoder_blocks
-
         blocks_name, _ = find_decoder_blocks(student)
         decoder = student.get_submodule(blocks_name.rpartition(".")[0])
         self.teacher, self.topk = teacher, topk

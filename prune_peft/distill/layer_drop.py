@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._hf import find_decoder_blocks, text_config
+
 __all__ = ["LayerDropReport", "angular_distance", "block_distances", "drop_layers", "remove_blocks", "span_distances"]
 
 TOKEN_MODES = ("all", "last")
@@ -65,17 +67,6 @@ def span_distances(
     return torch.stack(sums), count
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    from ..pruning.oneshot import find_decoder_blocks
-
-    return find_decoder_blocks(model)
-
-
 @torch.no_grad()
 def block_distances(
     model: nn.Module,
@@ -94,7 +85,7 @@ def block_distances(
     """
     if token not in TOKEN_MODES:
         raise ValueError(f"token must be one of {list(TOKEN_MODES)}, got {token!r}")
-    _, blocks = _find_blocks(model)
+    _, blocks = find_decoder_blocks(model)
     if not isinstance(n, int) or not 1 <= n < len(blocks):
         raise ValueError(
             f"n must be an integer in [1, {len(blocks) - 1}] (the model has {len(blocks)} blocks), got {n!r}"
@@ -145,14 +136,14 @@ def remove_blocks(model: nn.Module, indices: list[int]) -> nn.Module:
     ``layer_idx`` attributes — the KV cache is indexed by them, so stale values would make generation write
     into the wrong (or a missing) cache slot.
     """
-    blocks_name, blocks = _find_blocks(model)
+    blocks_name, blocks = find_decoder_blocks(model)
     num = len(blocks)
     drop = sorted(set(indices))
     if not drop or drop[0] < 0 or drop[-1] >= num:
         raise ValueError(f"block indices must be in [0, {num - 1}], got {indices!r}")
     if len(drop) >= num:
         raise ValueError(f"cannot remove all {num} decoder blocks")
-    config = _text_config(model)
+    config = text_config(model)
     if getattr(config, "is_heterogeneous", False):
         raise ValueError("models with a heterogeneous per_layer_config are not supported by remove_blocks")
     keep = [i for i in range(num) if i not in set(drop)]
@@ -231,7 +222,7 @@ def drop_layers(
         student, report = drop_layers(model, n=6, calibration=texts, tokenizer=tok)
         student.save_pretrained("student")      # loads back with AutoModelForCausalLM.from_pretrained
     """
-    _, blocks = _find_blocks(model)
+    _, blocks = find_decoder_blocks(model)
     num = len(blocks)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < num:
         raise ValueError(f"n must be an integer in [1, {num - 1}] (the model has {num} decoder blocks), got {n!r}")

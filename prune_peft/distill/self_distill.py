@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import string
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_dir, atomic_write_json
 from ..sft_data import extract_final_answer
 from .generation import BACKENDS, batch_seed, length_buckets, make_backend, require_vllm
 
@@ -307,19 +307,6 @@ def _teacher_digest(teacher) -> dict:
     }
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class _ShardCache:
     """One Arrow shard (``datasets.save_to_disk``) per generated batch, renamed into place when complete."""
 
@@ -347,10 +334,10 @@ class _ShardCache:
                 for f in ("config.json", "stats.json"):
                     (self.root / f).unlink(missing_ok=True)
         self.shards.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-*"):  # leftovers of a write interrupted before its rename
+        for stale in self.root.glob(".tmp-*"):  # leftovers of a shard write of an older version
             shutil.rmtree(stale, ignore_errors=True)
         if not self.config_path.exists():
-            _write_json_atomic(self.config_path, config)
+            atomic_write_json(self.config_path, config, sort_keys=True)
 
     def load(self) -> dict[int, str]:
         from datasets import load_from_disk
@@ -366,16 +353,15 @@ class _ShardCache:
         from datasets import Dataset
         from datasets import utils as ds_utils
 
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         bars_were_on = not ds_utils.are_progress_bars_disabled()
         ds_utils.disable_progress_bars()  # one "Saving the dataset" bar per batch would drown the real progress bar
         try:
-            Dataset.from_dict({"index": indices, "rewrite": rewrites}).save_to_disk(str(tmp))
-            os.replace(tmp, self.shards / f"batch-{batch_index:06d}")
+            # built aside and renamed in: load() only ever sees complete "batch-*" shards
+            with atomic_dir(self.shards / f"batch-{batch_index:06d}", overwrite=True) as tmp:
+                Dataset.from_dict({"index": indices, "rewrite": rewrites}).save_to_disk(str(tmp))
         finally:
             if bars_were_on:
                 ds_utils.enable_progress_bars()
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,7 +543,7 @@ def self_distill(
     stats = _stats(rewrites, reasons)
     logger.info("self_distill: %s", stats)
     if cache is not None:
-        _write_json_atomic(cache.root / "stats.json", stats)
+        atomic_write_json(cache.root / "stats.json", stats, sort_keys=True)
     return result
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._hf import find_decoder_blocks
 from ..data import calibration_tokens
 from ..sparsity import (
     InputStats,
@@ -34,7 +35,7 @@ from ..sparsity import (
     wanda_scores,
 )
 
-__all__ = ["METHODS", "PruneReport", "check_prune_args", "find_decoder_blocks", "prune", "target_linears"]
+__all__ = ["METHODS", "PruneReport", "check_prune_args", "prune", "target_linears"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = {"magnitude": ("layer", "row", "global"), "wanda": ("row", "layer"), "sparsegpt": ("block",)}
@@ -69,23 +70,6 @@ class PruneReport:
         d["sparsity"] = self.sparsity
         d["nm_valid"] = self.nm_valid
         return d
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ``nn.ModuleList`` holding the decoder blocks (length = ``config.num_hidden_layers``)."""
-    n_layers = getattr(_text_config(model), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == n_layers:
-            return name, module
-    raise ValueError(
-        f"{type(model).__name__} has no recognizable decoder blocks: expected an nn.ModuleList of "
-        f"config.num_hidden_layers={n_layers} blocks (Llama/Qwen2/Mistral-style `model.layers`)"
-    )
 
 
 def target_linears(

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from prune_peft import prune
-from prune_peft.pruning.oneshot import find_decoder_blocks
+from prune_peft._hf import find_decoder_blocks
 from prune_peft.sparsity import InputStats, is_nm_sparse, nm_mask, sparsegpt_prune, unstructured_mask, wanda_scores
 
 CALIB = torch.randint(3, 260, (6, 32), generator=torch.Generator().manual_seed(0))
