@@ -29,7 +29,6 @@ import torch
 from ..sparsity.masks import is_nm_sparse, nm_violations, top2of4_mask
 
 __all__ = [
-    "PAIRS",
     "compress24",
     "compress24_reference",
     "decompress24",
@@ -46,7 +45,7 @@ __all__ = [
 Impl = Literal["auto", "triton", "torch"]
 
 # the 6 ways to keep 2 of 4 columns, in lexicographic order
-PAIRS: tuple[tuple[int, int], ...] = tuple(itertools.combinations(range(4), 2))
+_PAIRS: tuple[tuple[int, int], ...] = tuple(itertools.combinations(range(4), 2))
 
 # big blocks: the Triton interpreter costs ~3 ms per program instance; on GPU these are still modest tiles
 _BLOCK_GROUPS = 1024
@@ -165,15 +164,15 @@ def _pattern_table() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     Order: lexicographic over the rows' pair indices, which fixes the tie-break ("lowest pattern index").
     """
     rows = []
-    for choice in itertools.product(range(len(PAIRS)), repeat=4):
+    for choice in itertools.product(range(len(_PAIRS)), repeat=4):
         counts = [0, 0, 0, 0]
         for p in choice:
-            for c in PAIRS[p]:
+            for c in _PAIRS[p]:
                 counts[c] += 1
         if counts == [2, 2, 2, 2]:
             rows.append(choice)
     idx = torch.tensor(rows, dtype=torch.int32)
-    pairs = torch.tensor(PAIRS, dtype=torch.int32)
+    pairs = torch.tensor(_PAIRS, dtype=torch.int32)
     first, second = pairs[idx.long(), 0], pairs[idx.long(), 1]
     r = torch.arange(4, dtype=torch.int32)
     bits = ((1 << (4 * r + first)) | (1 << (4 * r + second))).sum(-1).to(torch.int32)

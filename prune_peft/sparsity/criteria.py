@@ -14,12 +14,13 @@ __all__ = ["InputStats", "magnitude_scores", "wanda_scores"]
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
-    """|W|."""
+    """Magnitude score ``S_ij = |W_ij|`` (float32; Han et al., 2015, arXiv 1506.02626)."""
     return weight.detach().float().abs()
 
 
 def wanda_scores(weight: torch.Tensor, act_sq_mean: torch.Tensor) -> torch.Tensor:
-    """|W_ij| · sqrt(mean_t x_tj²) — Wanda's score; ``act_sq_mean`` has one entry per input feature."""
+    """Wanda's score (Sun et al., 2023, arXiv 2306.11695) ``S_ij = |W_ij| · sqrt(mean_t x_tj²)``; ``act_sq_mean`` has
+    one entry per input feature."""
     if act_sq_mean.shape != (weight.shape[-1],):
         raise ValueError(
             f"act_sq_mean must have shape ({weight.shape[-1]},) to match the weight's input dim, "
@@ -31,8 +32,8 @@ def wanda_scores(weight: torch.Tensor, act_sq_mean: torch.Tensor) -> torch.Tenso
 class InputStats:
     """Streams calibration inputs of one linear layer.
 
-    Keeps the per-feature mean of x² (Wanda) and, when ``hessian=True``, H = (2/T)·Σ_t x_t x_tᵀ (SparseGPT),
-    both in float32, updated as running means so batches of any size can be added.
+    Keeps the per-feature mean of x² (Wanda, arXiv 2306.11695) and, when ``hessian=True``, H = (2/T)·Σ_t x_t x_tᵀ
+    (SparseGPT, arXiv 2301.00774), both in float32, updated as running means so batches of any size can be added.
     """
 
     def __init__(self, in_features: int, *, hessian: bool = False, device: torch.device | str = "cpu"):

@@ -30,7 +30,10 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(W_pruned, keep_mask)``; exactly ``int(sparsity·rows·cols_in_block)`` zeros per column block
+    """SparseGPT (Frantar & Alistarh, arXiv 2301.00774): prune ``weight`` column by column with the OBS update
+    ``W[:, i:] −= (w_i − q_i)/[H⁻¹]_ii · [H⁻¹]_{i, i:}``, masks chosen by the saliency ``w²/[H⁻¹]_jj²``.
+
+    Return ``(W_pruned, keep_mask)``; exactly ``int(sparsity·rows·cols_in_block)`` zeros per column block
     (unstructured) or N kept per M (pattern). Computed in float32; the result has ``weight``'s dtype."""
     if pattern is None:
         sparsity = validate_sparsity(sparsity if sparsity is not None else -1.0)
