@@ -7,8 +7,10 @@ import functools
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
+from ...kernels.adapters import masked_lora_24
+from ...kernels.semi_structured import SemiStructuredLinear
+from ...sparsity.adapters import masked_lora, masked_lora_delta, masked_lora_merged
 from .._base import QuantizedUnloadMixin, SparseAdapterLayer, layer_mapping
-from .._functional import masked_lora, masked_lora_delta, masked_lora_delta_forward, masked_lora_merged
 
 __all__ = ["SparseLoraLinear", "layer_mapping_sparse_lora"]
 
@@ -35,12 +37,14 @@ class SparseLoraLayerMixin(SparseAdapterLayer):
             return masked_lora_delta(A, B, self.sparse_mask(adapter).to(A.device), self.scaling[adapter])
 
     def _pp_branch(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        return masked_lora_delta_forward(x, *self._pp_args(adapter))
+        return masked_lora(x, None, None, *self._pp_args(adapter))
 
     def _pp_fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         A, B, packed, width, scaling, exact = self._pp_args(adapter)
-        bias = self.get_base_layer().bias
-        return masked_lora(x, self._pp_weight, bias, A, B, packed, width, scaling, exact)
+        base = self.get_base_layer()
+        if isinstance(base, SemiStructuredLinear):  # 2:4 base: W + ΔW as one sparse GEMM (kernels.adapters)
+            return masked_lora_24(x, base, self._pp_weight, A, B, packed, width, scaling, exact, adapter)
+        return masked_lora(x, self._pp_weight, base.bias, A, B, packed, width, scaling, exact)
 
     def _pp_merged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         return masked_lora_merged(weight, self._pp_delta(adapter).to(weight.device))
