@@ -1,0 +1,102 @@
+"""One-shot prune a model (magnitude, Wanda, SparseGPT) layer by layer, report perplexity, and save it.
+
+The output folder is written atomically: it holds the pruned model, its tokenizer and prune_report.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ._common import UsageError, print_json
+
+
+@dataclass
+class PruneOptions:
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "Hub id, local path, or embedded alias (smollm2-135m)."}
+    )
+    method: Literal["magnitude", "wanda", "sparsegpt"] = field(
+        default="wanda", metadata={"help": "Pruning criterion: magnitude, wanda or sparsegpt."}
+    )
+    sparsity: float | None = field(
+        default=None, metadata={"help": "Fraction of weights removed, in [0, 1); implied by --pattern N:M."}
+    )
+    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' (N kept of every M)."})
+    calibration: str = field(
+        default="shakespeare", metadata={"help": "Calibration text: 'shakespeare', a .txt file, or a saved dataset."}
+    )
+    nsamples: int = field(default=64, metadata={"help": "Calibration sequences."})
+    seqlen: int = field(default=512, metadata={"help": "Tokens per calibration sequence and perplexity window."})
+    include: list[str] | None = field(default=None, metadata={"help": "Glob patterns of module names to prune."})
+    exclude: list[str] | None = field(default=None, metadata={"help": "Glob patterns of module names kept dense."})
+    eval_windows: int = field(default=8, metadata={"help": "Held-out windows for perplexity before/after (0 = skip)."})
+    out: str | None = field(default=None, metadata={"help": "Output folder (required)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --out."})
+
+
+def option_types(argv: list[str], config: dict[str, Any]) -> tuple[type, ...]:
+    return (PruneOptions,)
+
+
+def calibration_texts(spec: str):
+    """'shakespeare' → the training split; a .txt file → its paragraphs; otherwise a datasets path on disk."""
+    import os
+
+    from ..data import shakespeare_texts
+
+    if spec == "shakespeare":
+        return shakespeare_texts("train")
+    if spec.endswith(".txt") and os.path.isfile(spec):
+        text = Path(spec).read_text()
+        return [p for p in text.split("\n\n") if p.strip()]
+    from datasets import load_from_disk
+
+    return load_from_disk(spec)
+
+
+def run(opts: PruneOptions) -> int:
+    from .._io import atomic_dir, atomic_write_json, check_output_dir
+    from ..pruning.oneshot import check_prune_args
+
+    # bad input fails before the model loads
+    check_prune_args(opts.method, opts.sparsity, opts.pattern)
+    if opts.out is None:
+        raise UsageError("--out is required (the folder the pruned model is saved to)")
+    check_output_dir(opts.out, overwrite=opts.overwrite, name="--out")
+
+    from ..data import shakespeare_texts
+    from ..evaluation import perplexity
+    from ..models import load_model_and_tokenizer
+    from ..pruning.oneshot import prune
+
+    model, tok = load_model_and_tokenizer(opts.model)
+    calibration = None if opts.method == "magnitude" else calibration_texts(opts.calibration)
+    result: dict[str, Any] = {"model": opts.model}
+    heldout = shakespeare_texts("heldout")
+    if opts.eval_windows:
+        result["ppl_dense"] = perplexity(model, tok, heldout, seqlen=opts.seqlen, max_windows=opts.eval_windows)
+    report = prune(
+        model,
+        method=opts.method,
+        sparsity=opts.sparsity,
+        pattern=opts.pattern,
+        calibration=calibration,
+        tokenizer=tok,
+        nsamples=opts.nsamples,
+        seqlen=opts.seqlen,
+        include=opts.include,
+        exclude=opts.exclude,
+    )
+    if opts.eval_windows:
+        result["ppl_pruned"] = perplexity(model, tok, heldout, seqlen=opts.seqlen, max_windows=opts.eval_windows)
+    result["prune"] = report.to_dict()
+    with atomic_dir(opts.out, overwrite=opts.overwrite, name="--out") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "prune_report.json", result)
+    summary = {k: v for k, v in result.items() if k != "prune"}
+    summary.update(sparsity=report.sparsity, nm_valid=report.nm_valid, seconds=round(report.seconds, 1))
+    print_json(summary)
+    return 0
