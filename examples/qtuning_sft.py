@@ -1,4 +1,4 @@
-"""Q-Tuning SFT: LoRA fine-tuning with joint sample and token pruning, in one extra line.
+"""Q-Tuning SFT: LoRA fine-tuning with joint sample and token pruning (QTuningSFTTrainer + QTuningCallback).
 
 Trains SmolLM2-135M-Instruct (embedded, offline) on generated arithmetic word problems with trl's SFTTrainer, keeping
 25 % of each batch's samples and 50 % of the tokens of misconception samples (the paper's "12.5 % of the data"
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    from prune_peft import QTuningCallback, QTuningConfig
+    from prune_peft import QTuningCallback, QTuningConfig, QTuningSFTTrainer
     from prune_peft.sft_data import arithmetic_problems
 
     if args.tiny:
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     train = arithmetic_problems(256, seed=0).remove_columns("answer")
     heldout = arithmetic_problems(32, seed=1).remove_columns("answer")
 
-    trainer = SFTTrainer(
+    # QTuningSFTTrainer = QTuningTrainerMixin + trl's SFTTrainer: it prunes each step's batch and loss as the
+    # QTuningCallback decides (for your own trainer class: `class T(QTuningTrainerMixin, YourTrainer)`)
+    trainer = QTuningSFTTrainer(
         model,
         args=SFTConfig(
             output_dir=args.out,
@@ -65,7 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=heldout,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-        # the one line Q-Tuning adds:
         callbacks=[QTuningCallback(QTuningConfig(args.sample_ratio, args.token_ratio, mode=args.mode))],
     )
     trainer.train()
