@@ -141,7 +141,8 @@ class LoRAPruneDriver(PruneDriver):
     def setup(self, model: nn.Module, args, state) -> None:
         check_not_sharded(model)  # the wrapped model: FSDP wrappers sit outside the tuner
         total = _max_steps(state, "loraprune")
-        self.pruner = self.tuner.prepare_pruning(total, adapter=self.adapter, **self.overrides)
+        self.tuner.prepare_pruning(total, adapter=self.adapter, **self.overrides)
+        self.pruner = self.tuner.pruner(self.adapter)
 
     def accumulate(self, model: nn.Module, state) -> None:
         self.tuner.update_importance(state.global_step, adapter=self.adapter)

@@ -299,36 +299,37 @@ class LoRAPruneModel(LoraModel):
 
     # ------------------------------------------------------------------------------------------------ algorithm
 
-    def prepare_pruning(
-        self, total_steps: int | None = None, adapter: str | None = None, **overrides: Any
-    ) -> LoRAPruner | list[LoRAPruner]:
-        """Validate the schedule for a run of ``total_steps`` optimizer steps and (re)start the pruner of ``adapter``.
+    def prepare_pruning(self, total_steps: int | None = None, adapter: str | None = None, **overrides: Any) -> None:
+        """Validate the schedule for a run of ``total_steps`` optimizer steps and (re)start the adapter's pruner.
 
         ``total_steps`` is the run's length (``PruneCallback`` passes the Trainer's ``max_steps``); the schedule
         spans ``config.schedule_steps`` when set (it must fit: ValueError otherwise), else ``total_steps``; one of
         the two is required. ``overrides`` replace config settings for this run (``target_sparsity``, ``warmup``,
         ``cooldown``, ``prune_every``, ``schedule``, ``schedule_steps``, ``initial_sparsity``, ``importance``,
         ``importance_beta``) without touching the saved config. Raises ValueError before anything changes.
-        ``adapter=None`` prepares every adapter of this tuner (then a list is returned).
+        ``adapter=None``: the active adapter(s).
         """
-        names = [adapter] if adapter is not None else list(self.peft_config)
+        names = self._adapter_names(adapter)
+        pruners = [LoRAPruner(self, name, total_steps, **overrides) for name in names]
+        self.__dict__.setdefault("_pp_pruners", {}).update({p.adapter: p for p in pruners})
+
+    def pruner(self, adapter: str | None = None) -> LoRAPruner:
+        """The adapter's :class:`LoRAPruner` (``importance``, ``schedule``, ``state_dict()`` / ``load_state_dict()``);
+        prepared from the config (``schedule_steps``) on first use. ``adapter=None``: the active adapter."""
+        name = self._adapter_names(adapter)[0]
+        store = self.__dict__.setdefault("_pp_pruners", {})
+        if name not in store:
+            self.prepare_pruning(adapter=name)
+        return store[name]
+
+    def _adapter_names(self, adapter: str | None) -> list[str]:
+        names = [adapter] if adapter is not None else [a for a in self.active_adapters if a in self.peft_config]
         for name in names:
             self.prune_blocks(name)  # ValueError for an unknown adapter
-        pruners = [LoRAPruner(self, name, total_steps, **overrides) for name in names]
-        store = self.__dict__.setdefault("_pp_pruners", {})
-        store.update({p.adapter: p for p in pruners})
-        return pruners[0] if adapter is not None else pruners
-
-    def pruner(self, adapter: str = "default") -> LoRAPruner:
-        """The adapter's :class:`LoRAPruner` (importance, schedule, ``state_dict()``); prepared from the config
-        (``schedule_steps``) on first use."""
-        store = self.__dict__.setdefault("_pp_pruners", {})
-        if adapter not in store:
-            self.prepare_pruning(adapter=adapter)
-        return store[adapter]
+        return names
 
     def _pruners(self, adapter: str | None) -> list[LoRAPruner]:
-        return [self.pruner(name) for name in ([adapter] if adapter is not None else list(self.peft_config))]
+        return [self.pruner(name) for name in self._adapter_names(adapter)]
 
     def update_importance(self, global_step: int, adapter: str | None = None) -> None:
         """Add the LoRA gradients present now to the moving-average importance (once per optimizer step).
