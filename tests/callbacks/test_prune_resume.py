@@ -1,5 +1,7 @@
 """Resume: k steps, stop, resume to 2k == 2k uninterrupted (masks, adapter weights, importance; CPU)."""
 
+import shutil
+
 import pytest
 import torch
 from prune_testlib import collate, loraprune_model, token_rows, training_args
@@ -20,11 +22,11 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _run(out, structure, stop=None, resume=None):
+def _run(out, structure, stop=None, resume=None, **kw):
     layers = 3 if structure == "head+channel" else 2  # element-wise: one prunable block keeps the test quick
     model = loraprune_model(structure=structure, target_sparsity=0.5, prune_every=1, layers=layers)
     callbacks = [PruneCallback()] + ([StopAt(stop)] if stop else [])
-    args = training_args(out, max_steps=2 * K, save_strategy="steps", save_steps=K, logging_steps=2)
+    args = training_args(out, max_steps=2 * K, save_strategy="steps", save_steps=K, logging_steps=2, **kw)
     trainer = Trainer(model=model, args=args, train_dataset=token_rows(64), data_collator=collate, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PruneCallback))
@@ -64,3 +66,17 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, structure):
     if structure == "head+channel":
         ch = resumed_model.base_model.get_masks()[1]["channels"]
         assert int((~ch).sum()) == 64
+
+
+def test_side_file_is_read_from_args_resume_from_checkpoint_and_required(tmp_path):
+    _, _, half_driver = _run(tmp_path / "split", "unstructured", stop=K)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(tmp_path / "split" / f"checkpoint-{K}"), moved)  # not under output_dir any more
+    assert (moved / SIDE_FILE).is_file()
+    trainer, _, driver = _run(tmp_path / "split", "unstructured", resume=str(moved), resume_from_checkpoint=str(moved))
+    assert trainer.state.global_step == 2 * K and driver.last_step > K
+
+    (moved / SIDE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=SIDE_FILE):  # refuses to continue with the importance reset
+        _run(tmp_path / "split2", "unstructured", resume=str(moved), resume_from_checkpoint=str(moved))
+    assert set(half_driver.importance)  # the state that would have been lost is not empty
