@@ -35,8 +35,8 @@ MEMORY_METHOD = (
     "arena (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_ARENA_MAX=1), so freed tensors leave the process and the peak RSS "
     "(getrusage ru_maxrss) tracks peak live memory. baseline_rss_mb = RSS once the model is loaded and paged in; "
     "extra_mb = peak_rss_mb - baseline_rss_mb, the memory the measured work added on top of the loaded model. "
-    "Each ratio names its numerator and denominator next to it. Timings never come from these processes "
-    "(page faults make them slower)."
+    "Each ratio names its numerator and denominator next to it. No time ratio comes from these processes (page "
+    "faults make them slower); oneshot's absolute prune time does, and its JSON says so."
 )
 
 
