@@ -5,7 +5,7 @@ below), so ``PeftModel.from_pretrained`` can load prune_peft adapters after ``im
 """
 
 from .callbacks.prune import PruneCallback, register_driver
-from .callbacks.qtuning import QTuningCallback, QTuningConfig, QTuningSFTTrainer, QTuningTrainer, QTuningTrainerMixin
+from .callbacks.qtuning import QTuningCallback, QTuningConfig, QTuningTrainer, QTuningTrainerMixin
 from .evaluation import perplexity, sparsity_report
 from .kernels import enable_semi_structured  # also makes prune_peft.kernels available
 from .models import load_model, load_model_and_tokenizer, load_tokenizer
@@ -42,3 +42,11 @@ __all__ = [
     "save_compacted",
     "sparsity_report",
 ]
+
+
+def __getattr__(name: str):
+    if name == "QTuningSFTTrainer":  # imports trl: loaded on first use (see callbacks/_qtuning_sft.py)
+        from .callbacks._qtuning_sft import QTuningSFTTrainer
+
+        return QTuningSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from trl import SFTTrainer
 
 from ..sparsity.qtuning import (
     IGNORE_INDEX,
@@ -50,7 +49,6 @@ from ._trainer import MetricsCallback, PruneTrainerMixin
 __all__ = [
     "QTuningCallback",
     "QTuningConfig",
-    "QTuningSFTTrainer",
     "QTuningTrainer",
     "QTuningTrainerMixin",
     "plot_eu_plane",
@@ -198,6 +196,8 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_sft_trainer(trainer) -> bool:
+    from trl import SFTTrainer  # here, not at import: `import prune_peft` loads no trl
+
     if not isinstance(trainer, SFTTrainer):
         return False
     try:  # the fused LM head (per-token log-probs and entropy, no full logits) arrived with trl 1.x
@@ -600,8 +600,12 @@ class QTuningTrainer(QTuningTrainerMixin, Trainer):
     """``transformers.Trainer`` with Q-Tuning: pass ``callbacks=[QTuningCallback(...)]``."""
 
 
-class QTuningSFTTrainer(QTuningTrainerMixin, SFTTrainer):
-    """``trl.SFTTrainer`` with Q-Tuning: pass ``callbacks=[QTuningCallback(...)]``."""
+def __getattr__(name: str) -> Any:
+    if name == "QTuningSFTTrainer":  # lives in ._qtuning_sft, which imports trl: loaded on first use
+        from ._qtuning_sft import QTuningSFTTrainer
+
+        return QTuningSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:

@@ -92,11 +92,23 @@ def parse_options(
     """Parse ``argv`` (config file defaults already read into ``config``) into one instance of each of ``types``."""
     parser = _parser_class()(list(types), prog=prog, description=description)
     if config:
+        # a short flag (--out, --lr) also works as a key: out: runs/x
+        spelled = {
+            alias.lstrip("-").replace("-", "_"): f.name
+            for t in types
+            for f in dataclasses.fields(t)
+            for alias in _as_list(f.metadata.get("aliases"))
+        }
+        config = {spelled.get(k, k): v for k, v in config.items()}
         unknown = sorted(set(config) - option_names(types))
         if unknown:
             raise UsageError(f"config file: unknown option(s) {unknown}; see `{prog} --help` for the names")
         parser.set_defaults(**config)  # flags given on the command line still win
     return parser.parse_args_into_dataclasses(list(argv), look_for_args_file=False)
+
+
+def _as_list(aliases: str | list[str] | None) -> list[str]:
+    return [aliases] if isinstance(aliases, str) else list(aliases or [])
 
 
 def _copy_default(f: dataclasses.Field) -> Any:

@@ -1,23 +1,10 @@
-"""The Q-Tuning example script and `prune-peft finetune --qtuning` (tiny models, 2 steps)."""
+"""`prune-peft finetune --qtuning` (tiny models, 2 steps)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from prune_peft.cli import main
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "qtuning_sft.py"
-
-
-def test_example_script_runs_on_a_tiny_model(tmp_path):
-    spec = importlib.util.spec_from_file_location("qtuning_sft", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--tiny", "--max-steps", "2", "--out", str(tmp_path)])
-    assert result["qtuning/kept_sample_share"] == 0.25  # 2 of each batch of 8
-    assert result["plots"] == ["eu_plane_step000002.png"] and result["eval_loss"] > 0
 
 
 def test_finetune_cli_with_qtuning(tiny_model, tokenizer, tmp_path, capsys):

@@ -1,8 +1,8 @@
+"""`prune-peft prune` on a tiny local model."""
+
 import json
 
-import pytest
-
-from prune_peft.cli import main, write_json
+from prune_peft.cli import main
 
 
 def test_prune_cli_on_local_model(tiny_model, tokenizer, tmp_path, capsys):
@@ -61,16 +61,3 @@ def test_prune_cli_bad_input_exit_code(tiny_model, tmp_path, capsys):
     assert rc == 2
     assert "impossible" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
-def test_write_json_atomic(tmp_path):
-    class Boom:
-        def __str__(self):
-            raise RuntimeError("cannot serialize")
-
-    path = tmp_path / "r.json"
-    write_json(path, {"a": 1})
-    with pytest.raises(RuntimeError):
-        write_json(path, {"b": Boom()})
-    assert json.loads(path.read_text()) == {"a": 1}  # the old file survives a failed write
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind

@@ -1,3 +1,5 @@
+"""`prune-peft distill` on a tiny saved teacher."""
+
 import json
 
 import pytest
@@ -25,8 +27,9 @@ def test_cli_distill_writes_dataset_and_stats(saved_teacher, tmp_path, capsys):
     assert stats["rows"] == 5 and stats["template"] == "math"
     assert json.loads(capsys.readouterr().out)["rows"] == 5
     assert (tmp_path / "data" / ".distilled.cache" / "config.json").exists()
-    with pytest.raises(SystemExit, match="exists and is not empty"):
-        main(argv)
+    assert main(argv) == 2  # --out exists: one line, exit code 2, like every other bad input
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and len(err.strip().splitlines()) == 1
     # a different setting against the same cache: clear error, exit code 2
     assert main([*argv[:-1], str(tmp_path / "other"), "--cache-dir", str(tmp_path / "data" / ".distilled.cache")]) == 0
     rc = main(
@@ -44,14 +47,3 @@ def test_cli_distill_bad_dataset(saved_teacher, tmp_path, capsys):
         rc == 2
         and "--dataset must be 'arithmetic', 'shakespeare' or a saved dataset folder" in capsys.readouterr().err
     )
-
-
-def test_self_distill_accepts_a_teacher_path(saved_teacher):
-    from prune_peft.distill import self_distill
-
-    out = self_distill(
-        saved_teacher, None, [{"prompt": "Q: 1+1?", "completion": "2"}], max_new_tokens=3, progress=False
-    )
-    assert len(out) == 1 and isinstance(out["distill_rewrite"][0], str)
-    with pytest.raises(ValueError, match="tokenizer is required when teacher is a model object"):
-        self_distill(object(), None, [{"prompt": "a", "completion": "b"}])
