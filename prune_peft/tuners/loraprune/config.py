@@ -36,8 +36,10 @@ class LoRAPruneConfig(LoraConfig):
 
     Importance ``I = |Ĝ ⊙ (W + s·BA)|`` with ``Ĝ = G_B·A + B·G_A − G_B·G_A`` (no gradient of the frozen base is
     ever formed), grouped per GQA unit (one KV head with its query heads) and per MLP channel, L2-normalised per module,
-    summed per block and smoothed by a moving average over optimizer steps. :class:`prune_peft.PruneCallback` drives
-    it from the Trainer: masks grow on a cubic schedule and land exactly on ``target_sparsity`` at the end.
+    summed per block and smoothed by a moving average over optimizer steps. The tuner runs it, AdaLoRA-style:
+    ``model.base_model.update_and_allocate(global_step)`` after each ``optimizer.step()`` in any loop, or
+    :class:`prune_peft.PruneCallback` from the Trainer; masks grow on a cubic schedule and land exactly on
+    ``target_sparsity`` at the end.
 
     Structured masks multiply the outputs of q/k/v (whole GQA units) and gate/up (channels); o_proj/down_proj see zero
     inputs there, so the masked model equals the compacted one (:func:`prune_peft.compact`).
@@ -56,7 +58,8 @@ class LoRAPruneConfig(LoraConfig):
         schedule (`str`, defaults to `"cubic"`): `"cubic"` (Zhu & Gupta) or `"linear"`, over optimizer steps.
         initial_sparsity, warmup, cooldown (`float`): p0 and the warmup / cooldown fractions of the schedule.
         prune_every (`int`, defaults to `10`): optimizer steps between mask updates (the last one always fires).
-        schedule_steps (`int`, *optional*): schedule length T; default the Trainer's ``max_steps``.
+        schedule_steps (`int`, *optional*): schedule length T; default the run's length (the Trainer's
+            ``max_steps``, or ``total_steps`` of ``model.base_model.prepare_pruning``).
         exclude_layers (`list[int]`, *optional*): decoder blocks never pruned; default the first ⌊10 %⌋ and the last.
 
     Example:
