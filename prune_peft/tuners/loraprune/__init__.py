@@ -3,5 +3,13 @@
 from .config import LoRAPruneConfig
 from .layer import LoRAPruneLinear
 from .model import LoRAPruneModel, PruneBlock, default_excluded_layers
+from .pruner import LoRAPruner
 
-__all__ = ["LoRAPruneConfig", "LoRAPruneLinear", "LoRAPruneModel", "PruneBlock", "default_excluded_layers"]
+__all__ = [
+    "LoRAPruneConfig",
+    "LoRAPruneLinear",
+    "LoRAPruneModel",
+    "LoRAPruner",
+    "PruneBlock",
+    "default_excluded_layers",
+]
