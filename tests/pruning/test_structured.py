@@ -121,3 +121,19 @@ def test_compact_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="element-wise"):
         compact(model, masks={0: {"channels": torch.arange(128) < 64}})
+
+
+def test_compact_uses_public_tuner_api_and_the_tuner_does_not_import_pruning():
+    import ast
+    from pathlib import Path
+
+    import prune_peft.pruning.structured as structured
+    import prune_peft.tuners.loraprune as loraprune
+
+    tree = ast.parse(Path(structured.__file__).read_text())
+    private = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_pp")]
+    assert private == []  # compact() reaches the tuner and its layers through public methods only
+    for path in Path(loraprune.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "pruning" not in (node.module or ""), f"{path.name} imports {node.module}: an import cycle"
