@@ -86,3 +86,28 @@ def test_fresh_process_roundtrips_on_the_oldest_and_newest_peft(tmp_path):
         refused, *checked = loaded["checked"]
         assert "KeyError" in refused and "SPARSE_LORA" in refused
         assert sorted(checked) == ["new/sparse_lora", "new/spp", "old/sparse_lora", "old/spp"]
+
+
+def test_registration_is_one_visible_call_in_prune_peft_init():
+    """Registration is ``register_adapter_types()`` at the top level of prune_peft/__init__.py, not a side effect of
+    importing a tuner folder; every registered type is in ``ADAPTER_TYPES``."""
+    import ast
+
+    from prune_peft.tuners import ADAPTER_TYPES
+    from prune_peft.tuners.loraprune import LoRAPruneConfig, LoRAPruneModel
+
+    root = Path(prune_peft.__file__).parent
+
+    def calls(path, top_level_only=False):
+        tree = ast.parse(path.read_text())
+        nodes = [n.value for n in tree.body if isinstance(n, ast.Expr)] if top_level_only else ast.walk(tree)
+        return {n.func.id for n in nodes if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+    assert "register_adapter_types" in calls(root / "__init__.py", top_level_only=True)
+    folders = sorted((root / "tuners").glob("*/__init__.py"))
+    assert len(folders) == 3
+    for init in folders:
+        assert not calls(init) & {"register_adapter_type", "register_peft_method"}, init
+    assert [n for n, *_ in ADAPTER_TYPES] == ["sparse_lora", "spp", "loraprune"]
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.LORAPRUNE] is LoRAPruneConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LORAPRUNE] is LoRAPruneModel
