@@ -27,7 +27,7 @@ from ...sparsity.loraprune import (
     prune_lowest,
 )
 from ...sparsity.masks import gqa_unit_scores
-from ...sparsity.schedules import SCHEDULE_KEYS, PruneSchedule, check_schedule_values
+from ...sparsity.schedules import SCHEDULE_KEYS, PruneSchedule
 from .config import IMPORTANCE, check_importance_beta
 
 __all__ = ["OVERRIDABLE", "LoRAPruner", "broadcast_masks", "check_not_sharded"]
@@ -123,7 +123,6 @@ class LoRAPruner:
                 "the first update (PruneCallback passes the Trainer's max_steps)"
             )
         try:
-            check_schedule_values(**{k: s[k] for k in SCHEDULE_KEYS})
             self.schedule = PruneSchedule.from_settings(s, total_steps, "loraprune")
         except ValueError as exc:
             msg = str(exc)
