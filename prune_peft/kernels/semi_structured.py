@@ -550,6 +550,9 @@ def enable_for_bases(model: nn.Module, bases: dict[str, nn.Module], backend: Bac
         if type(base) not in (nn.Linear, SemiStructuredLinear):
             _warn_once(f"{type(base).__name__} bases (quantized or custom linear layers) are not supported")
             continue
+        if hasattr(base, "_hf_hook"):
+            _warn_once(f"{name} has an accelerate hook (device_map offloading) and is left a plain nn.Linear")
+            continue
         if base.weight.device.type != "meta":
             check_24(base.weight.detach(), name)
         chosen.append((name, base))

@@ -431,3 +431,33 @@ def test_root_linear_needs_from_linear_and_from_linear_validates():
     back = sparse.to_linear()
     assert type(back) is nn.Linear and back.weight is lin.weight
     assert not any(k.startswith("_pp_ss") for k in vars(back))
+
+
+def test_layer_with_accelerate_hook_is_left_alone_with_a_warning():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = nn.Sequential(_linear(32, 64, BF16), _linear(32, 64, BF16, seed=1))
+    add_hook_to_module(model[1], ModelHook())
+    with pytest.warns(SemiStructuredFallbackWarning, match="1 has an accelerate hook"):
+        assert enable_semi_structured(model, backend="emulate") == ["0"]
+    assert type(model[0]) is SemiStructuredLinear and type(model[1]) is nn.Linear
+    with pytest.raises(ValueError, match="accelerate hook"):
+        SemiStructuredLinear.from_linear(model[1])
+
+
+def test_import_does_not_need_triton():
+    # triton blocked: importing prune_peft and running the 2:4 layer's CPU path must not touch it
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, prune_peft\n"
+        "from prune_peft.kernels import SemiStructuredLinear, prune24\n"
+        "lin = torch.nn.Linear(8, 4)\n"
+        "lin.weight.data.mul_(prune24(lin.weight.data, impl='torch')[1])\n"
+        "SemiStructuredLinear.from_linear(lin, backend='dense')(torch.randn(2, 8))\n"
+        "assert 'prune_peft.kernels._triton24' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
