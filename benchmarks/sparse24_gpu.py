@@ -80,7 +80,7 @@ def _time(fn, warmup: int = 5, iters: int = 20) -> float:
 def bench_linear(d_in: int, d_out: int, tokens: int, transposable: bool, check: bool) -> dict:
     from torch import nn
 
-    from prune_peft.kernels import enable_semi_structured, prune24, transposable_mask24
+    from prune_peft.kernels import SemiStructuredLinear, prune24, transposable_mask24
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def bench_linear(d_in: int, d_out: int, tokens: int, transposable: bool, check: 
     sparse = nn.Linear(d_in, d_out, bias=False, device=dev, dtype=dt).requires_grad_(False)
     with torch.no_grad():
         sparse.weight.copy_(dense.weight)
-    enable_semi_structured(sparse)
+    sparse = SemiStructuredLinear.from_linear(sparse)
     x = torch.randn(tokens, d_in, device=dev, dtype=dt)
     backend = sparse.semi_structured_backend(x)[0]
     xg = x.clone().requires_grad_()
