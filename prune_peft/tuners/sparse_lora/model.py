@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from peft.tuners.lora import LoraModel
 
-from .._base import SparseTunerMixin, _remove_adapter_layers
+from ...kernels.semi_structured import enable_for_bases
+from .._base import SparseTunerMixin, _remove_adapter_layers, sparse_layers
 
 __all__ = ["SparseLoraModel"]
 
@@ -28,10 +29,10 @@ class SparseLoraModel(SparseTunerMixin, LoraModel):
         before = {id(m) for m in model.modules()}
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if getattr(self.peft_config.get(adapter_name), "use_semi_structured", False):
-            from ...kernels.semi_structured import enable_for_adapter
-
-            try:  # validates every target (2:4) before swapping anything
-                enable_for_adapter(model, adapter_name)
+            layers = sparse_layers(model).items()
+            bases = {name: layer.get_base_layer() for name, layer in layers if adapter_name in layer.lora_A}
+            try:  # validates every target (2:4) before replacing anything
+                enable_for_bases(model, bases)
             except BaseException:
                 _remove_adapter_layers(model, adapter_name, before)
                 raise
