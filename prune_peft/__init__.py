@@ -4,8 +4,9 @@ Importing the package registers its PEFT adapter types with peft (the explicit `
 below), so ``PeftModel.from_pretrained`` can load prune_peft adapters after ``import prune_peft``.
 """
 
+from .callbacks._trainer import PruneTrainerMixin, lazy_trainer
 from .callbacks.prune import PruneCallback, register_driver
-from .callbacks.qtuning import QTuningCallback, QTuningConfig, QTuningTrainer, QTuningTrainerMixin
+from .callbacks.qtuning import QTuningCallback, QTuningConfig, QTuningTrainerMixin
 from .evaluation import perplexity, sparsity_report
 from .kernels import enable_semi_structured  # also makes prune_peft.kernels available
 from .models import load_model, load_model_and_tokenizer, load_tokenizer
@@ -21,6 +22,9 @@ __all__ = [
     "LoRAPruneConfig",
     "PruneCallback",
     "PruneReport",
+    "PruneSFTTrainer",
+    "PruneTrainer",
+    "PruneTrainerMixin",
     "QTuningCallback",
     "QTuningConfig",
     "QTuningSFTTrainer",
@@ -45,8 +49,4 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "QTuningSFTTrainer":  # imports trl: loaded on first use (see callbacks/_qtuning_sft.py)
-        from .callbacks._qtuning_sft import QTuningSFTTrainer
-
-        return QTuningSFTTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_trainer(__name__, name)  # PruneTrainer, PruneSFTTrainer, QTuningTrainer, QTuningSFTTrainer

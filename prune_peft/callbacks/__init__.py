@@ -4,15 +4,17 @@ The Q-Tuning selection math is in :mod:`prune_peft.sparsity.qtuning`, the S-STE 
 :mod:`prune_peft.sparsity.sste`.
 """
 
-from ._trainer import MetricsCallback, PruneTrainerMixin
+from ._trainer import MetricsCallback, PruneTrainerMixin, lazy_trainer
 from .prune import PruneCallback, PruneDriver, register_driver
-from .qtuning import QTuningCallback, QTuningConfig, QTuningTrainer, QTuningTrainerMixin
+from .qtuning import QTuningCallback, QTuningConfig, QTuningTrainerMixin
 from .sste import SSTECallback, apply_sste, finalize_sste  # registers the "s-ste" PruneCallback driver
 
 __all__ = [
     "MetricsCallback",
     "PruneCallback",
     "PruneDriver",
+    "PruneSFTTrainer",
+    "PruneTrainer",
     "PruneTrainerMixin",
     "QTuningCallback",
     "QTuningConfig",
@@ -27,8 +29,4 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "QTuningSFTTrainer":  # imports trl: loaded on first use (see ._qtuning_sft)
-        from ._qtuning_sft import QTuningSFTTrainer
-
-        return QTuningSFTTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_trainer(__name__, name)  # PruneTrainer, PruneSFTTrainer, QTuningTrainer, QTuningSFTTrainer

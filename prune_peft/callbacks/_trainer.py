@@ -54,3 +54,15 @@ class PruneTrainerMixin:
                 if isinstance(cb, MetricsCallback):
                     logs.update(cb.log_metrics())
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+TRAINERS = ("PruneSFTTrainer", "PruneTrainer", "QTuningSFTTrainer", "QTuningTrainer")
+
+
+def lazy_trainer(module: str, name: str):
+    """PEP 562 ``__getattr__`` body: the ready-made trainers of :mod:`.trainers`, imported on first use."""
+    if name in TRAINERS:
+        from . import trainers
+
+        return getattr(trainers, name)
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")

@@ -29,10 +29,12 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 from ..sparsity.qtuning import (
     IGNORE_INDEX,
@@ -44,12 +46,11 @@ from ..sparsity.qtuning import (
     select_tokens,
     token_nll_entropy,
 )
-from ._trainer import MetricsCallback, PruneTrainerMixin
+from ._trainer import MetricsCallback, PruneTrainerMixin, lazy_trainer
 
 __all__ = [
     "QTuningCallback",
     "QTuningConfig",
-    "QTuningTrainer",
     "QTuningTrainerMixin",
     "plot_eu_plane",
 ]
@@ -596,16 +597,8 @@ class QTuningTrainerMixin(PruneTrainerMixin):
         return (loss, outputs) if return_outputs else loss
 
 
-class QTuningTrainer(QTuningTrainerMixin, Trainer):
-    """``transformers.Trainer`` with Q-Tuning: pass ``callbacks=[QTuningCallback(...)]``."""
-
-
 def __getattr__(name: str) -> Any:
-    if name == "QTuningSFTTrainer":  # lives in ._qtuning_sft, which imports trl: loaded on first use
-        from ._qtuning_sft import QTuningSFTTrainer
-
-        return QTuningSFTTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_trainer(__name__, name)
 
 
 def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:

@@ -218,9 +218,9 @@ def run(opts: FinetuneOptions, adapter, qtuning, args: FinetuneTrainingArguments
     peft_config = build_adapter_config(opts.method, adapter)  # bad method settings fail before loading
     out = check_output_dir(args.output_dir, overwrite=opts.overwrite, name="--out")
 
-    from ..callbacks._qtuning_sft import QTuningSFTTrainer
     from ..callbacks.prune import PruneCallback
     from ..callbacks.qtuning import QTuningCallback
+    from ..callbacks.trainers import QTuningSFTTrainer
     from ..models import load_model_and_tokenizer
 
     keep = {"prompt", "completion", "messages", "text"}

@@ -480,10 +480,15 @@ class SparseTunerMixin:
         return model
 
 
-def _remove_adapter_layers(model: nn.Module, adapter_name: str, keep: set[int], everything: bool = False) -> None:
-    """Undo an injection: layers created by it go back to their base layer, older ones lose the adapter."""
+def _remove_adapter_layers(
+    model: nn.Module, adapter_name: str, keep: set[int], everything: bool = False, layer_cls: type | None = None
+) -> None:
+    """Undo an injection: layers created by it go back to their base layer, older ones lose the adapter.
+
+    ``layer_cls``: the adapter layer class to look for (default :class:`SparseAdapterLayer`).
+    """
     for name, module in list(model.named_modules()):
-        if not isinstance(module, SparseAdapterLayer):
+        if not isinstance(module, layer_cls or SparseAdapterLayer):
             continue
         if everything or id(module) not in keep:
             parent_name, _, child = name.rpartition(".")

@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import TrainingArguments
 
-from prune_peft.callbacks.qtuning import QTuningCallback, QTuningTrainer
+from prune_peft.callbacks.qtuning import QTuningCallback
+from prune_peft.callbacks.trainers import QTuningTrainer
 from prune_peft.testing import byte_tokenizer, tiny_causal_lm
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from ... import _hf
 from ...sparsity.loraprune import n_pruned
+from .._base import _remove_adapter_layers
 from .layer import LoRAPruneLinear
 from .pruner import LoRAPruner
 
@@ -101,15 +102,7 @@ class LoRAPruneModel(LoraModel):
 
     def _pp_rollback(self, model: nn.Module, adapter_name: str, before: set[int]) -> None:
         only = set(self.peft_config) <= {adapter_name}
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, LoRAPruneLinear):
-                continue
-            if only or id(module) not in before:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, module.get_base_layer())
-            elif adapter_name in module.lora_A:
-                module.delete_adapter(adapter_name)
+        _remove_adapter_layers(model, adapter_name, before, everything=only, layer_cls=LoRAPruneLinear)
         self.peft_config.pop(adapter_name, None)
         if only and hasattr(model, "peft_config"):
             del model.peft_config
