@@ -164,37 +164,36 @@ class LoRAPruner:
 
     # ---------------------------------------------------------------------------------------------- importance
 
-    def _importance(self, layer) -> torch.Tensor | None:
-        """Element importance of one layer under the configured metric (None when its gradients are missing)."""
+    def _factors(self, layer):
+        """``(W, A, B, s, mode)`` of one layer; ``None`` when the configured metric's gradients are missing."""
         a = self.adapter
-        base = layer.get_base_layer()
+        W = layer.get_base_layer().weight
         A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
         mode = self.settings["importance"]
+        missing = (A.grad is None or B.grad is None) if mode == "lora" else mode == "grad" and W.grad is None
+        return None if missing else (W, A, B, s, mode)
+
+    def _importance(self, layer) -> torch.Tensor | None:
+        """Element importance of one layer under the configured metric (None when its gradients are missing)."""
+        if (factors := self._factors(layer)) is None:
+            return None
+        W, A, B, s, mode = factors
         if mode == "lora":
-            if A.grad is None or B.grad is None:
-                return None
-            return lora_importance(base.weight, A, B, A.grad, B.grad, s)
+            return lora_importance(W, A, B, A.grad, B.grad, s)
         if mode == "grad":
-            if base.weight.grad is None:
-                return None
-            return grad_importance(base.weight, base.weight.grad, A, B, s)
-        return torch.addmm(base.weight.detach().float(), B.detach().float(), A.detach().float(), alpha=s).abs_()
+            return grad_importance(W, W.grad, A, B, s)
+        return torch.addmm(W.detach().float(), B.detach().float(), A.detach().float(), alpha=s).abs_()
 
     def _channel_scores(self, layer, axis: str) -> torch.Tensor | None:
         """Row (``"out"``) or column (``"in"``) sums of one layer's importance; None when its gradients are missing."""
-        a = self.adapter
-        base = layer.get_base_layer()
-        A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
-        mode = self.settings["importance"]
+        if (factors := self._factors(layer)) is None:
+            return None
+        W, A, B, s, mode = factors
         if mode == "lora":
-            if A.grad is None or B.grad is None:
-                return None
-            return channel_scores(base.weight, A, B, s, grad_A=A.grad, grad_B=B.grad, axis=axis)
+            return channel_scores(W, A, B, s, grad_A=A.grad, grad_B=B.grad, axis=axis)
         if mode == "grad":
-            if base.weight.grad is None:
-                return None
-            return channel_scores(base.weight, A, B, s, grad_W=base.weight.grad, axis=axis)
-        return channel_scores(base.weight, A, B, s, axis=axis)
+            return channel_scores(W, A, B, s, grad_W=W.grad, axis=axis)
+        return channel_scores(W, A, B, s, axis=axis)
 
     def _block_scores(self, b) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         units = channels = None
