@@ -17,6 +17,7 @@ and unloads quantized bases to dequantized sparse ``nn.Linear`` layers.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +29,15 @@ from ..sparsity.masks import describe_pattern, mask_mismatch
 from ._buffers import AdapterBuffers, PackedMasks
 from ._registry import current_injection, injecting, layer_takes_config
 
-__all__ = ["SparseAdapterLayer", "SparseTunerMixin", "dense_weight", "set_sparse_masks", "sparse_layers"]
+__all__ = [
+    "SparseAdapterLayer",
+    "SparseConfigMixin",
+    "SparseTunerMixin",
+    "adapter_digests",
+    "dense_weight",
+    "set_sparse_masks",
+    "sparse_layers",
+]
 
 VARIANT_KWARG_KEYS = ("alora_offsets",)
 # init_lora_weights values that rewrite the *base* weight (PiSSA, OLoRA, CorDA, LoftQ) would destroy its zeros
@@ -388,12 +397,28 @@ class SparseTunerMixin:
         return module
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """peft's injection, all-or-nothing, followed by the load checks (before any adapter weight is loaded).
+
+        Every path that attaches a saved adapter injects first and loads second (``PeftModel.from_pretrained``,
+        ``PeftModel.load_adapter``, transformers' ``model.load_adapter``), so checking here covers them all: the
+        config's ``sparse_digests`` (written by :class:`SparseConfigMixin`) must match this base's zero pattern, and a
+        config read from a local folder has its weights file read and checked (readable, complete, shapes, masks
+        against the base and against the digests). Any failure removes the injected layers again and raises.
+        """
         before = {id(m) for m in model.modules()}
+        config = self.peft_config.get(adapter_name)
+        source = getattr(config, "_pp_source", None)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._pp_check_digests(model, adapter_name, getattr(config, "sparse_digests", None))
+            if source is not None:
+                self._pp_check_file(model, adapter_name, source, getattr(config, "sparse_digests", None))
         except BaseException:
             _remove_adapter_layers(model, adapter_name, before)
             raise
+        finally:
+            if config is not None and source is not None:
+                config._pp_source = None  # checked once; a reused config object is not tied to that folder
         self._pp_refresh_card(adapter_name)
 
     def _pp_refresh_card(self, adapter_name: str) -> None:
@@ -401,15 +426,87 @@ class SparseTunerMixin:
         if config is not None:
             summary = _sparsity_summary(sparse_layers(self.model).values(), adapter_name)
             config._pp_card = {"method": self.method, **summary}
+            config._pp_digests = adapter_digests(self.model, adapter_name)  # written to adapter_config.json
+
+    def _pp_check_digests(self, model: nn.Module, adapter_name: str, expected: dict | None) -> None:
+        """The base's zero pattern must be the one recorded in the adapter's config (transformers' load path too)."""
+        if not expected:
+            return
+        if not isinstance(expected, dict):
+            raise ValueError(f"{self.method}: sparse_digests must be a dict {{module: [base, mask]}}, got {expected!r}")
+        wrong = []
+        for name, layer in sparse_layers(model).items():
+            want = expected.get(name)
+            if want is None or adapter_name not in layer.lora_sparse_mask or layer.merged:
+                continue
+            if layer.get_base_layer().weight.device.type == "meta":
+                continue
+            if not isinstance(want, (list, tuple)) or not want or base_digest(layer) != want[0]:
+                wrong.append(name)
+        if wrong:
+            shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+            raise ValueError(
+                f"{self.method}: adapter {adapter_name!r} was created on a base with other zeros than this model at "
+                f"{len(wrong)} layer(s) ({shown}; adapter_config.json sparse_digests): load it onto the pruned base "
+                "it was trained on, or set config.sparse_digests=None to adapt this base anew"
+            )
+
+    def _pp_check_file(self, model: nn.Module, adapter_name: str, source: str, expected: dict | None) -> None:
+        """Read and check the adapter weights file of a local folder before anything is loaded from it."""
+        import os
+
+        path = os.path.join(source, "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            return  # .bin or a remote file: peft reports what is missing; the load hooks still check masks
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path)
+        except Exception as exc:
+            raise ValueError(
+                f"{self.method}: adapter file {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated, "
+                "empty or not a safetensors file: save or download the adapter again"
+            ) from exc
+        problems = []
+        for name, layer in sparse_layers(model).items():
+            if adapter_name not in layer.lora_sparse_mask:
+                continue
+            own = {k: v for k, v in layer.state_dict(prefix=f"{name}.").items() if f".{adapter_name}" in k}
+            for key, value in own.items():
+                saved = tensors.get("base_model.model." + _strip_adapter(key, adapter_name))
+                if saved is None:
+                    problems.append(f"{key}: missing from the file")
+                elif tuple(saved.shape) != tuple(value.shape):
+                    problems.append(f"{key}: saved shape {tuple(saved.shape)}, this model needs {tuple(value.shape)}")
+            prefix = f"base_model.model.{name}."
+            packed = tensors.get(prefix + "lora_sparse_mask")
+            if packed is None or tuple(packed.shape) != tuple(layer.lora_sparse_mask.packed(adapter_name).shape):
+                continue  # reported above
+            problem = layer._pp_incoming_problem(adapter_name, packed, tensors.get(prefix + "lora_sparse_nnz"))
+            if problem:
+                problems.append(f"{name}: {problem}")
+            want = (expected or {}).get(name)
+            if isinstance(want, (list, tuple)) and len(want) > 1 and _digest(packed) != want[1]:
+                problems.append(f"{name}: the saved mask does not match its digest in adapter_config.json (tampered)")
+        if problems:
+            shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(
+                f"{self.method}: adapter file {path} does not fit this model ({len(problems)} problem(s)); load it "
+                f"onto the pruned base and configuration it was saved with:\n  {shown}"
+            )
 
     # -------------------------------------------------------------------------------------------------- loading
 
     def _pp_before_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        """Validate every incoming mask before anything is loaded; on a mismatch undo the injection and raise."""
+        """Validate every incoming mask and shape before anything is loaded; on a problem raise, changing nothing.
+
+        Runs for ``set_peft_model_state_dict`` / ``PeftModel.load_adapter`` into an existing adapter (Trainer resume).
+        A folder loaded as a new adapter was already checked at injection (:meth:`inject_adapter`).
+        """
         marker = ".lora_sparse_mask."
         root = prefix + "model."
         layers = None
-        problems, adapters = [], set()
+        problems = []
         for key, value in state_dict.items():
             if not key.startswith(root) or marker not in key:
                 continue
@@ -424,24 +521,25 @@ class SparseTunerMixin:
             problem = layer._pp_incoming_problem(adapter, value, nnz)
             if problem:
                 problems.append(f"{module_name}: {problem}")
-                adapters.add(adapter)
-        if problems:
-            for adapter in adapters:
-                self._pp_discard(adapter)
+        problems += self._pp_shape_problems(state_dict, prefix)
+        if problems:  # raised before any tensor is copied: the model stays exactly as it was
             shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise ValueError(
-                f"{self.method}: the adapter's masks do not match this base model's zeros "
-                f"({len(problems)} layer(s)); load it onto the pruned base it was trained on:\n  {shown}"
+                f"{self.method}: the adapter does not fit this model ({len(problems)} problem(s)); load it onto the "
+                f"pruned base and configuration it was trained with:\n  {shown}"
             )
 
-    def _pp_discard(self, adapter_name: str) -> None:
-        """Remove a just-injected adapter; the last one leaves the base model as it was before ``get_peft_model``."""
-        if set(self.peft_config) <= {adapter_name}:
-            _remove_adapter_layers(self.model, adapter_name, set(), everything=True)
-            if hasattr(self.model, "peft_config"):
-                del self.model.peft_config
-        else:
-            self.delete_adapter(adapter_name)
+    def _pp_shape_problems(self, state_dict, prefix: str) -> list[str]:
+        """Incoming adapter tensors whose shape differs from ours (torch would copy the others, then raise)."""
+        own = self.state_dict()
+        out = []
+        for key, value in state_dict.items():
+            if not key.startswith(prefix) or ".lora_" not in key:
+                continue
+            mine = own.get(key[len(prefix) :])
+            if mine is not None and hasattr(value, "shape") and tuple(value.shape) != tuple(mine.shape):
+                out.append(f"{key[len(prefix) :]}: saved shape {tuple(value.shape)}, this model has {tuple(mine.shape)}")
+        return out
 
     # -------------------------------------------------------------------------------------------------- merging
 
@@ -563,6 +661,88 @@ def set_sparse_masks(model: nn.Module, masks: dict[str, torch.Tensor], adapter_n
     tuner = getattr(model, "base_model", model)
     if isinstance(tuner, SparseTunerMixin):
         tuner._pp_refresh_card(adapter_name)
+
+
+# ------------------------------------------------------------------------------------------ digests (load checks)
+
+
+def _digest(packed: torch.Tensor) -> str:
+    """16 hex digits of SHA-256 over a bit-packed uint8 mask and its shape (device-independent)."""
+    import hashlib
+
+    h = hashlib.sha256(str(tuple(packed.shape)).encode())
+    h.update(packed.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def base_digest(layer: SparseAdapterLayer) -> str:
+    """Digest of the zero pattern of a layer's (dequantized) base weight: ``W ≠ 0``, bit-packed."""
+    from ..sparsity.packing import pack_mask
+
+    return _digest(pack_mask(dense_weight(layer.get_base_layer()) != 0))
+
+
+def adapter_digests(model: nn.Module, adapter_name: str) -> dict[str, list[str]]:
+    """``{module name: [digest of the base's zero pattern, digest of the adapter's mask]}`` (see :func:`_digest`)."""
+    out = {}
+    for name, layer in sparse_layers(model).items():
+        if adapter_name not in layer.lora_sparse_mask or layer.merged:
+            continue
+        if int(layer.lora_sparse_nnz.get(adapter_name).item()) < 0:  # meta base: values not known yet
+            continue
+        out[name] = [base_digest(layer), _digest(layer.lora_sparse_mask.packed(adapter_name))]
+    return out
+
+
+def _strip_adapter(key: str, adapter_name: str) -> str:
+    """``a.lora_A.default.weight`` → ``a.lora_A.weight``: a module key as peft saves it (adapter name removed)."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == adapter_name:
+            del parts[i]
+            break
+    return ".".join(parts)
+
+
+@dataclass
+class SparseConfigMixin:
+    """Config fields and hooks shared by the sparsity-preserving adapter configs (placed before ``LoraConfig``).
+
+    ``sparse_digests`` is written to ``adapter_config.json`` on save: per target module, a digest of the base's zero
+    pattern and of the adapter's mask. On load it is checked against the base before any weight is loaded (every
+    load path, transformers' ``model.load_adapter`` included) and against the masks in the weights file, so an
+    adapter never lands on a base with other zeros and a tampered mask is refused. ``from_pretrained`` remembers a
+    local source folder so the tuner can read and check the weights file before injecting.
+
+    Not covered (stock peft, no extension point): a config edited to ``"peft_type": "LORA"`` is built by peft as a
+    plain ``LoraConfig`` (peft warns that ``sparse_digests`` and the other fields are unknown and drops them) and
+    loads as plain LoRA; nothing of prune_peft runs on that path.
+    """
+
+    sparse_digests: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Written on save, checked on load: {module: [digest of the base's zero pattern, digest of the "
+            "mask]}. A mismatch refuses the load; set to None to adapt a different base with this config."
+        },
+    )
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        digests = getattr(self, "_pp_digests", None)
+        if digests:  # the injected adapter's own digests win over those the config was loaded with
+            out["sparse_digests"] = digests
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        import os
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            config._pp_source = os.fspath(path)
+        return config
 
 
 # ----------------------------------------------------------------------------------------------------- configs

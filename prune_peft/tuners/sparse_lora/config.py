@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from .._base import validate_lora_fields
+from .._base import SparseConfigMixin, validate_lora_fields
 from .._registry import ensure_peft_type
 
 __all__ = ["SparseLoraConfig"]
@@ -15,7 +15,7 @@ GRAD_MODES = ("exact", "lors")
 
 
 @dataclass
-class SparseLoraConfig(LoraConfig):
+class SparseLoraConfig(SparseConfigMixin, LoraConfig):
     """LoRA whose update keeps the base's sparsity: ``ΔW = M ⊙ s·B A`` (SQFT SparsePEFT).
 
     ``M`` is the boolean mask of the base weight (``W ≠ 0``, on the dequantized weight for bitsandbytes bases),

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from .._base import validate_lora_fields
+from .._base import SparseConfigMixin, validate_lora_fields
 from .._registry import ensure_peft_type
 
 __all__ = ["SPPConfig"]
@@ -16,7 +16,7 @@ ON_INDIVISIBLE = ("error", "uneven")
 
 
 @dataclass
-class SPPConfig(LoraConfig):
+class SPPConfig(SparseConfigMixin, LoraConfig):
     """SPP: a row/column rescaling of the base weight, ``ΔW = s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W``.
 
     Per adapted layer the trainable parameters are ``W_row ∈ R^{R×d_in}`` (``lora_A``, Kaiming-uniform) and
