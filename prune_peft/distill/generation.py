@@ -3,11 +3,20 @@
 The transformers path sorts prompts by length into buckets (little padding), left-pads them (a decoder continues
 from the last position, so real tokens must end every row) and seeds torch per batch, so a batch's output does not
 depend on which batches ran before it — what makes an interrupted run resume to the same result.
+
+Shared-prefix caching: every rewrite prompt starts with the same template tokens (system prompt, chat markup), so
+the longest common token prefix of all prompts is prefilled once into a transformers ``DynamicCache``; each batch
+gets a deep copy expanded to its size (``Cache.batch_repeat_interleave``) and ``generate`` runs only the rest. A row
+is then ``[prefix][pad…][suffix]``: the attention mask hides the pads and ``generate`` derives position ids from
+the mask's cumulative sum, so every real token sees exactly the context and position it has in the per-sample loop.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import logging
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +26,7 @@ __all__ = [
     "TransformersBackend",
     "VLLMBackend",
     "batch_seed",
+    "common_prefix",
     "generate_texts",
     "length_buckets",
     "make_backend",
@@ -25,6 +35,8 @@ __all__ = [
 ]
 
 BACKENDS = ("transformers", "vllm")
+
+logger = logging.getLogger(__name__)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -40,6 +52,19 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def common_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Longest token prefix shared by all prompts, one token short of the shortest prompt (``generate`` needs at
+    least one uncached token per row to produce the first logits). Empty for fewer than two prompts."""
+    if len(prompts) < 2:
+        return []
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return list(first[:n])
+
+
 def _pad_token_id(tokenizer, model=None) -> int:
     for cand in (
         getattr(tokenizer, "pad_token_id", None),
@@ -51,43 +76,130 @@ def _pad_token_id(tokenizer, model=None) -> int:
     raise ValueError("tokenizer has neither a pad_token nor an eos_token; set tokenizer.pad_token")
 
 
+def _supports_prefix_cache(model) -> bool:
+    """A transformers generation model (or a peft wrapper of one): ``generate`` accepts ``past_key_values``."""
+    from transformers import GenerationMixin
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, GenerationMixin)
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the KV-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 class TransformersBackend:
-    """Left-padded batched ``model.generate``; ``generation_kwargs`` pass straight through."""
+    """Left-padded batched ``model.generate``; ``generation_kwargs`` pass straight through.
+
+    ``prefix_ids``: token ids every prompt starts with (:func:`common_prefix`); they are prefilled once and their KV
+    cache is reused by every batch. ``None`` or empty: no prefix caching (the plain batched ``generate``).
+    ``timings`` accumulates wall seconds: ``prefix_prefill`` (the one shared prefill) and ``generate`` (the rest).
+    """
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, generation_kwargs: dict | None = None):
+    def __init__(
+        self, model, tokenizer, generation_kwargs: dict | None = None, prefix_ids: Sequence[int] | None = None
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.generation_kwargs = dict(generation_kwargs or {})
+        for key in ("past_key_values", "cache"):
+            if key in self.generation_kwargs:
+                raise ValueError(f"generation_kwargs must not hold {key!r}: the backend manages the KV cache")
         self.pad_id = _pad_token_id(tokenizer, model)
+        self.prefix = list(prefix_ids or [])
+        if self.prefix and not _supports_prefix_cache(model):
+            logger.info("prefix caching off: %s is not a transformers generation model", type(model).__name__)
+            self.prefix = []
+        self._prefix_cache = None  # DynamicCache of the prefix, batch 1 (filled on first use)
         self.calls = 0  # number of generate() calls (tests count recomputation with it)
+        self.timings = {"prefix_prefill": 0.0, "generate": 0.0}
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @torch.no_grad()
+    def _prefill_prefix(self):
+        from transformers import DynamicCache, cache_utils
+
+        t0 = time.perf_counter()
+        ids = torch.tensor([self.prefix], dtype=torch.long, device=self._device())
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        cache = out["cache"] if "cache" in out else out.get("past_key_values")
+        self.timings["prefix_prefill"] += time.perf_counter() - t0
+        # Layers that hold the whole prefix as plain key/value tensors can be copied and expanded per batch: full
+        # attention, and sliding-window attention while the prefix fits the window; linear-attention, quantized and
+        # other layers keep other state.
+        plain = tuple(
+            getattr(cache_utils, n) for n in ("DynamicLayer", "DynamicSlidingWindowLayer") if hasattr(cache_utils, n)
+        )
+        layers = getattr(cache, "layers", None)
+        if (
+            not isinstance(cache, DynamicCache)
+            or not layers
+            or any(type(layer) not in plain or layer.keys.shape[-2] != len(self.prefix) for layer in layers)
+        ):
+            logger.info("prefix caching off: the model's cache (%s) cannot be shared as is", type(cache).__name__)
+            self.prefix = []
+            return None
+        return cache
+
     def generate(self, prompts: list[list[int]], seed: int) -> list[str]:
+        """Decoded continuations of ``prompts`` (special tokens skipped)."""
+        return self.tokenizer.batch_decode(self.generate_ids(prompts, seed), skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """New token ids per prompt, ``[B, T]`` as lists (rows that stopped early are padded with the pad id)."""
         if not prompts:
             return []
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p) :] = 1
-        torch.manual_seed(seed)
+        p = len(self.prefix)
+        bad = [i for i, q in enumerate(prompts) if p and (list(q[:p]) != self.prefix or len(q) <= p)]
+        if bad:
+            raise ValueError(
+                f"prompts {bad[:5]} do not start with prefix_ids ({p} tokens) followed by at least one more token"
+            )
         was_training = self.model.training
         self.model.eval()
         try:
+            if self.prefix and self._prefix_cache is None:
+                self._prefix_cache = self._prefill_prefix()
+            p = len(self.prefix)  # 0 when the model's cache cannot be shared
+            tails = [q[p:] for q in prompts]
+            width = max(len(t) for t in tails)
+            ids = torch.full((len(prompts), p + width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(prompts), p + width), dtype=torch.long)
+            if p:
+                ids[:, :p] = torch.tensor(self.prefix, dtype=torch.long)
+                mask[:, :p] = 1
+            for row, t in enumerate(tails):
+                ids[row, p + width - len(t) :] = torch.tensor(t, dtype=torch.long)
+                mask[row, p + width - len(t) :] = 1
+            extra = {}
+            if p:
+                cache = copy.deepcopy(self._prefix_cache)  # generate extends the cache in place
+                cache.batch_repeat_interleave(len(prompts))
+                extra[_cache_kwarg(self.model)] = cache
+            device = self._device()
+            torch.manual_seed(seed)
             self.calls += 1
+            t0 = time.perf_counter()
             out = self.model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 pad_token_id=self.pad_id,
+                **extra,
                 **self.generation_kwargs,
             )
+            self.timings["generate"] += time.perf_counter() - t0
         finally:
             self.model.train(was_training)
-        return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        return out[:, p + width :].tolist()
 
 
 # transformers generate kwargs → vLLM SamplingParams fields
@@ -160,12 +272,20 @@ class VLLMBackend:
         return [o.outputs[0].text for o in outs]
 
 
-def make_backend(name: str, teacher, tokenizer, generation_kwargs: dict, engine_kwargs: dict | None = None):
-    """A generation backend by name (``"transformers"`` or ``"vllm"``)."""
+def make_backend(
+    name: str,
+    teacher,
+    tokenizer,
+    generation_kwargs: dict,
+    engine_kwargs: dict | None = None,
+    prefix_ids: Sequence[int] | None = None,
+):
+    """A generation backend by name (``"transformers"`` or ``"vllm"``); ``prefix_ids`` is the transformers path's
+    shared prefix (vLLM caches prefixes itself with ``engine_kwargs={"enable_prefix_caching": True}``)."""
     if name == "transformers":
         if engine_kwargs:
             raise ValueError(f"engine_kwargs apply to backend='vllm' only, got {sorted(engine_kwargs)}")
-        return TransformersBackend(teacher, tokenizer, generation_kwargs)
+        return TransformersBackend(teacher, tokenizer, generation_kwargs, prefix_ids=prefix_ids)
     if name == "vllm":
         return VLLMBackend(teacher, tokenizer, generation_kwargs, **(engine_kwargs or {}))
     raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
@@ -179,20 +299,28 @@ def generate_texts(
     batch_size: int = 16,
     seed: int = 0,
     add_special_tokens: bool = True,
+    prefix_cache: bool = True,
     on_batch: Callable[[int, list[int], list[str]], None] | None = None,
+    timings: dict | None = None,
     **generation_kwargs,
 ) -> list[str]:
     """Generate a continuation for every prompt (strings or token-id lists), batched by length; input order kept.
 
-    ``batch_size=1`` is the plain per-sample loop. Greedy unless ``do_sample=True`` is passed; any other
-    ``model.generate`` keyword (``max_new_tokens``, ``temperature``, ``top_p`` …) passes through.
+    ``batch_size=1, prefix_cache=False`` is the plain per-sample loop. ``prefix_cache``: prefill the prompts'
+    common token prefix once and reuse its KV cache in every batch (same tokens as without it). Greedy unless
+    ``do_sample=True`` is passed; any other ``model.generate`` keyword (``max_new_tokens``, ``temperature``,
+    ``top_p`` …) passes through. ``timings`` (a dict) receives the wall seconds of the shared ``prefix_prefill``
+    and of the ``generate`` calls.
     """
+    if not isinstance(prefix_cache, bool):
+        raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
     ids = [
         list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
         for p in prompts
     ]
     generation_kwargs.setdefault("do_sample", False)
-    backend = TransformersBackend(model, tokenizer, generation_kwargs)
+    prefix = common_prefix(ids) if prefix_cache else []
+    backend = TransformersBackend(model, tokenizer, generation_kwargs, prefix_ids=prefix)
     out: list[str | None] = [None] * len(ids)
     for b, batch in enumerate(length_buckets([len(x) for x in ids], batch_size)):
         texts = backend.generate([ids[i] for i in batch], batch_seed(seed, b))
@@ -200,4 +328,6 @@ def generate_texts(
             out[i] = t
         if on_batch is not None:
             on_batch(b, batch, texts)
+    if timings is not None:
+        timings.update(backend.timings)
     return out  # type: ignore[return-value]
