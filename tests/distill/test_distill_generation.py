@@ -92,3 +92,20 @@ def test_prompt_without_the_prefix_is_rejected_before_any_work():
     assert backend.calls == 0 and backend._prefix_cache is None
     with pytest.raises(ValueError, match="'cache'"):
         TransformersBackend(model, tok, {"cache": None})
+
+
+def test_self_distill_rewrites_are_the_same_with_the_prefix_cache():
+    from prune_peft.distill import self_distill
+
+    torch.manual_seed(0)
+    model, tok = tiny_causal_lm("llama", max_position_embeddings=1024), byte_tokenizer()
+    ds = arithmetic_problems(4, seed=5)
+    runs = {
+        flag: self_distill(
+            model, tok, ds, template="math", filter="none", batch_size=2, prefix_cache=flag, progress=False, **GREEDY
+        )["distill_rewrite"]
+        for flag in (True, False)
+    }
+    assert runs[True] == runs[False]
+    with pytest.raises(ValueError, match="prefix_cache must be True or False"):
+        self_distill(model, tok, ds, template="math", prefix_cache=1, progress=False)
