@@ -1,15 +1,17 @@
 """SparseLoRA over a 2:4 base on sparse tensor cores.
 
-SparseLoRA's update ``ΔW = M ⊙ s·B A`` has the base's mask, so ``W + ΔW`` is 2:4 with the *same* pattern. Its fused
-path (one GEMM with ``W + ΔW``, see :mod:`prune_peft.sparsity.adapters`) therefore maps onto one sparse GEMM: the
-merged weight is compressed once per optimizer step (cached while W, A, B, M and s are unchanged, so gradient
-accumulation, activation checkpointing and generation reuse it) and multiplied on sparse tensor cores.
-``∂L/∂x = G (W + ΔW)`` is sparse too when the mask is transposable. The adapter gradients are exactly those of
+SparseLoRA's update ``ΔW = M ⊙ s·B A`` has the base's mask, so ``ΔW`` is 2:4 with the base's pattern. Adding it to
+``W`` in half precision (the only dtypes sparse tensor cores serve) would round away every update below half an ulp
+of the weight, so the two are *concatenated along the input dimension* instead: ``y = [x | x] [W | ΔW]ᵀ + b``, one
+sparse GEMM with fp32 accumulation in which ``W`` and ``ΔW`` are never summed in half precision (each 2:4 group lies
+inside ``W`` or inside ``ΔW``). ``[W | ΔW]`` is compressed once per optimizer step (cached while W, A, B, M and s are
+unchanged, so gradient accumulation, activation checkpointing and generation reuse it). ``∂L/∂x = G W + G ΔW`` is one
+sparse GEMM with ``[W | ΔW]ᵀ`` when the mask is transposable. The adapter gradients are exactly those of
 :class:`~prune_peft.sparsity.adapters._MaskedLora` (``grad_mode`` respected).
 
-Running the frozen base sparse and the masked branch ``x (M ⊙ s·BA)ᵀ`` separately would add a dense GEMM per
-layer (the masked branch cannot be factored into low-rank products), which is slower than the dense fused path.
-Plain LoRA does not have this problem: its branch is low-rank, so only the base layer is replaced.
+Running the frozen base sparse and the masked branch ``x (M ⊙ s·BA)ᵀ`` as a dense GEMM would add a dense GEMM per
+layer (the masked branch cannot be factored into low-rank products). Plain LoRA does not have this problem: its
+branch is low-rank, so only the base layer is replaced.
 
 Wiring: nothing here knows the adapter layers. A SparseLoRA layer whose base is a :class:`SemiStructuredLinear`
 calls :func:`masked_lora_24` from its fused forward; the caches live on that base (dropped when it is copied or
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..sparsity.adapters import masked_lora, masked_lora_factor_grads, masked_lora_weight
+from ..sparsity.adapters import _masked_product, masked_lora, masked_lora_factor_grads
 from ..sparsity.packing import keep_values, unpack_mask
 from .semi_structured import (
     SemiStructuredLinear,
@@ -38,7 +40,7 @@ __all__ = ["fused_problem", "masked_lora_24"]
 
 
 class _FusedPack:
-    """Compressed ``W + M ⊙ s·BA`` (and its transpose, lazily) for one set of (W, A, B, M, s, dtype) versions.
+    """Compressed ``[W | M ⊙ s·BA]`` (d_out × 2·d_in; its transpose lazily) for one set of (W, A, B, M, s, dtype) versions.
 
     Reused while none of them changes: by every micro-batch of a gradient-accumulation step, by activation
     checkpointing's recomputation, and by every decoding step in generation; rebuilt after each optimizer step.
@@ -61,15 +63,14 @@ class _FusedPack:
 
 
 class _SparseMaskedLora(torch.autograd.Function):
-    """``y = x (W + M ⊙ s·B A)ᵀ + b`` with the merged 2:4 weight on sparse tensor cores."""
+    """``y = [x | x] [W | M ⊙ s·B A]ᵀ + b`` (= ``x (W + ΔW)ᵀ + b``) on sparse tensor cores, in ``dtype``."""
 
     @staticmethod
-    def forward(ctx, x, bias, A, B, packed_mask, width, scaling, exact, fused: _FusedPack, dtype, transposable):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            y = packed_linear(x2, fused.fwd(), bias.to(dtype) if bias is not None else None)
+    def forward(ctx, x, bias, A, B, packed_mask, width, scaling, grad_mode, fused: _FusedPack, dtype, transposable):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = packed_linear(torch.cat([x2, x2], dim=1), fused.fwd(), bias.to(dtype) if bias is not None else None)
         ctx.save_for_backward(x, A, B, packed_mask)
-        ctx.width, ctx.scaling, ctx.exact = width, scaling, exact
+        ctx.width, ctx.scaling, ctx.grad_mode = width, scaling, grad_mode
         ctx.fused, ctx.dtype, ctx.transposable = fused, dtype, transposable
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -84,14 +85,15 @@ class _SparseMaskedLora(torch.autograd.Function):
         grad_x = grad_bias = grad_A = grad_B = None
         if need_x:
             gd = g2.to(ctx.dtype)
-            if ctx.transposable:  # Wᵀ is 2:4 too: ∂L/∂x = G W on sparse tensor cores
-                grad_x = packed_linear(gd, ctx.fused.bwd())
+            if ctx.transposable:  # [W | ΔW]ᵀ is 2:4 too: G [W | ΔW] on sparse tensor cores
+                both = packed_linear(gd, ctx.fused.bwd())
             else:
-                grad_x = gd @ ctx.fused.make_weight()  # recomputed, not kept
-            grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        if need_A or need_B:  # the same gradients as the dense fused path
+                both = gd @ ctx.fused.make_weight()  # recomputed, not kept
+            w = ctx.width
+            grad_x = (both[:, :w].float() + both[:, w:].float()).reshape(x.shape).to(x.dtype)
+        if need_A or need_B:  # the same gradients as the dense path
             keep = keep_values(packed_mask, ctx.width, A.dtype)
-            grad_A, grad_B = masked_lora_factor_grads(g2, x2, A, B, keep, s, ctx.exact, need_A, need_B)
+            grad_A, grad_B = masked_lora_factor_grads(g2, x2, A, B, keep, s, ctx.grad_mode, need_A, need_B, ctx.dtype)
         if need_bias:
             grad_bias = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_bias, grad_A, grad_B, *([None] * 7)
@@ -106,11 +108,11 @@ def masked_lora_24(
     packed_mask: torch.Tensor,
     width: int,
     scaling: float,
-    exact: bool,
+    grad_mode: str,
     adapter: str,
 ) -> torch.Tensor:
-    """SparseLoRA's fused forward ``x (W + M ⊙ s·B A)ᵀ + b`` over a 2:4 ``base``: one sparse GEMM on the merged weight
-    when the backend and the mask allow it, else the dense fused path
+    """SparseLoRA's forward ``x (W + M ⊙ s·B A)ᵀ + b`` over a 2:4 ``base``: one sparse GEMM on ``[W | ΔW]`` when the
+    backend and the mask allow it, else the dense path
     (:func:`~prune_peft.sparsity.adapters.masked_lora`, same arguments) with one warning per reason.
 
     ``weight`` gives the base weight ``W`` (the adapter layer's ``_pp_weight``); ``packed_mask``/``width`` are the
@@ -121,16 +123,16 @@ def masked_lora_24(
     if backend == "dense" or problem:
         if reason or problem:
             _warn_once(reason or f"{base._pp_ss_name}: {problem}")
-        return masked_lora(x, weight, base.bias, A, B, packed_mask, width, scaling, exact)
+        return masked_lora(x, weight, base.bias, A, B, packed_mask, width, scaling, grad_mode)
     dtype = _compute_dtype(x)
     fused = _fused_pack(base, adapter, backend, dtype, weight, A, B, packed_mask, width, scaling)
     return _SparseMaskedLora.apply(
-        x, base.bias, A, B, packed_mask, width, scaling, exact, fused, dtype, base._pp_ss_transposable
+        x, base.bias, A, B, packed_mask, width, scaling, grad_mode, fused, dtype, base._pp_ss_transposable
     )
 
 
 def _fused_pack(base, adapter, backend, dtype, weight, A, B, packed, width, scaling) -> _FusedPack:
-    """The cached pack of ``W + M ⊙ s·BA`` for this adapter, made anew when any operand changed."""
+    """The cached pack of ``[W | M ⊙ s·BA]`` for this adapter, made anew when any operand changed."""
     w = base.weight
     key = (backend, dtype, float(scaling), *((t.data_ptr(), t._version) for t in (A, B, w, packed)))
     entry = base._pp_ss_fused.get(adapter)
@@ -138,7 +140,8 @@ def _fused_pack(base, adapter, backend, dtype, weight, A, B, packed, width, scal
 
         @torch.no_grad()
         def make_weight() -> torch.Tensor:
-            return masked_lora_weight(A, B, keep_values(packed, width, A.dtype), weight, scaling).to(dtype)
+            delta = _masked_product(A, B, keep_values(packed, width, A.dtype), scaling)
+            return torch.cat([weight().to(dtype), delta.to(dtype)], dim=1)
 
         entry = base._pp_ss_fused[adapter] = _FusedPack(key, make_weight, backend, base._pp_ss_name)
     return entry

@@ -11,13 +11,24 @@ Plain autograd through these formulas keeps the dense ``ΔW`` (and its intermedi
 d_out×d_in tensor per adapted layer, more than the whole LoRA graph. Following LoRS (Hu et al., arXiv 2501.08582),
 the functions below save only their inputs (activation, adapter factors, the packed mask; the frozen weight is
 fetched again through a callable) and *recompute* the update in backward. Gradients are exact by default; SparseLoRA
-additionally offers LoRS's "graph rearrangement" (``exact=False``): the factor gradients are the plain-LoRA ones (mask
-dropped), which saves the one extra dense ``Gᵀ X`` product per layer.
+additionally offers LoRS's "graph rearrangement" (``grad_mode="lors"``): the factor gradients drop the mask (and, as
+in LoRS, the scale s), which saves the one extra dense ``Gᵀ X`` product per layer.
 
-When the base weight is available as a float tensor the update is fused into the base matmul (``y = x (W + ΔW)ᵀ + b``):
-one matmul in forward and one for the input gradient, and exactly what the merged model computes — merges use the
-same helpers (:func:`masked_lora_merged`, :func:`spp_merged`), so merged and unmerged outputs agree to the last bit
-in fp32.
+Precision. The update is formed in the adapter dtype and is never added to the weight in half precision, where any
+``|ΔW_ij| <`` half an ulp of ``W_ij`` would be rounded away (for SPP every ``|S| < 2⁻⁸`` in bf16). The GEMMs run in
+the *compute dtype*: the autocast dtype when autocast is on for the input's device (autocast is respected, never
+switched off), else the input's dtype.
+
+* compute dtype fp32/fp64: the update is fused into the base matmul, ``y = x (W + ΔW)ᵀ + b`` with ``W + ΔW`` in
+  (at least) fp32: one GEMM forward and one for ``∂L/∂x``.
+* compute dtype fp16/bf16: base and update are two GEMMs in the compute dtype (fp32 accumulation),
+  ``y = x Wᵀ + b + x ΔWᵀ``; ``ΔW`` is rounded to the compute dtype only relative to itself.
+
+Measured on one 1536×576 layer with 4×256 bf16 tokens (CPU, 2 threads, forward + ``∂L/∂x``): two bf16 GEMMs
+66 ms, one GEMM in fp32 on ``W + ΔW`` ("fused with fp32 accumulation") 126 ms, the branch in the fp32 adapter dtype
+as peft computes LoRA's 173 ms. The two-GEMM form is the fastest at equal accuracy relative to the update.
+
+Merges are computed in (at least) fp32 and cast once to the base dtype: an exact zero stays exactly zero.
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ import torch.nn.functional as F
 from .packing import keep_values
 
 __all__ = [
+    "GRAD_MODES",
+    "compute_dtype",
     "masked_lora",
     "masked_lora_delta",
     "masked_lora_factor_grads",
@@ -43,16 +56,48 @@ __all__ = [
 ]
 
 WeightFn = Callable[[], torch.Tensor]
+HALF = (torch.float16, torch.bfloat16)
+# "exact": true gradients; "lors": LoRS's rearranged factor gradients (mask and scale dropped, as its LorsFn does);
+# "lors_scaled": the rearranged gradients times s (plain-LoRA gradients: prune_peft's behaviour before 0.x)
+GRAD_MODES = ("exact", "lors", "lors_scaled")
+
+# Benchmarks only (benchmarks/adapters.py): the pre-fix fused path, ``x · cast_to_base_dtype(W + ΔW)ᵀ`` with autocast
+# switched off, which rounds away updates below half an ulp of the weight in fp16/bf16. Never set it in training.
+_LEGACY_ROUNDED_FUSE = False
 
 
-def _linear(x: torch.Tensor, w_eff: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # ``y = x W_effᵀ + b`` in the merged weight's dtype, so the update is never rounded to the base dtype first
-    return F.linear(x.to(w_eff.dtype), w_eff, None if bias is None else bias.to(w_eff.dtype))
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs of a layer with input ``x`` run in: the autocast dtype when autocast is on for ``x``'s
+    device, else ``x.dtype``."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
-def _input_grad(g2: torch.Tensor, w_eff: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # ``∂L/∂x = G W_eff`` (G: tokens × d_out), back in x's shape and dtype
-    return (g2.to(w_eff.dtype) @ w_eff).reshape(x.shape).to(x.dtype)
+def _wide(*dtypes: torch.dtype) -> torch.dtype:
+    """The widest of ``dtypes`` and fp32: where ``W + ΔW`` is formed without rounding the update away."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def _fuses(cd: torch.dtype) -> bool:
+    return cd not in HALF or _LEGACY_ROUNDED_FUSE
+
+
+def _grad_x(g2: torch.Tensor, mats: list[torch.Tensor], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    # ``∂L/∂x = G Σ mats`` (G: tokens × d_out), each product in ``dt``, back in x's shape and dtype
+    gd = g2.to(dt)
+    out = gd @ mats[0].to(dt)
+    for m in mats[1:]:
+        out = out + gd @ m.to(dt)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def _check_grad_mode(grad_mode: str) -> None:
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode={grad_mode!r} is not supported (allowed: {GRAD_MODES})")
 
 
 # ------------------------------------------------------------------------------------------------------- SparseLoRA
@@ -61,7 +106,7 @@ def _input_grad(g2: torch.Tensor, w_eff: torch.Tensor, x: torch.Tensor) -> torch
 def _masked_product(A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scaling: float) -> torch.Tensor:
     # the scale goes on the d_out×r factor and the mask is one in-place multiply by 0/1 values (``keep``, in A's
     # dtype): two passes over d_out×d_in, and a multiply is ~20× faster than masked_fill_ on CPU
-    return ((B * scaling) @ A).mul_(keep)
+    return ((B * scaling) @ A).mul_(keep.to(A.dtype))
 
 
 def masked_lora_delta(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -70,53 +115,82 @@ def masked_lora_delta(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scal
 
 
 def masked_lora_merged(weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-    """Merged SparsePEFT weight (SQFT, arXiv 2410.03750) ``W ± ΔW``, computed in the update's dtype and cast to the
-    base dtype — the fused forward's weight, so merged and unmerged outputs agree bitwise."""
-    if sign < 0:
-        delta = -delta
-    return delta.add(weight).to(weight.dtype)
+    """Merged SparsePEFT weight (SQFT, arXiv 2410.03750) ``W ± ΔW``, computed in (at least) fp32 and cast once to the
+    base dtype: where ``W`` and ``ΔW`` are zero the result is exactly zero."""
+    dt = _wide(weight.dtype, delta.dtype)
+    return torch.add(weight.to(dt), delta.to(dt), alpha=sign).to(weight.dtype)
 
 
 def masked_lora_weight(
     A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, weight_fn: WeightFn | None, scaling: float
 ) -> torch.Tensor:
-    """The fused forward's weight ``W + M ⊙ s·B A`` (SQFT, arXiv 2410.03750) in the base dtype (``keep``: the mask as 0/1 values in A's
-    dtype); with ``weight_fn=None`` only the update ``M ⊙ s·B A``."""
+    """``W + M ⊙ s·B A`` (SQFT, arXiv 2410.03750) in (at least) fp32 (``keep``: the mask as 0/1 values in A's dtype);
+    with ``weight_fn=None`` only the update ``M ⊙ s·B A`` in A's dtype. Never rounded to a half-precision base dtype:
+    the caller decides how to multiply with it."""
     delta = _masked_product(A, B, keep, scaling)
     if weight_fn is None:
         return delta
     weight = weight_fn()
-    return delta.add_(weight).to(weight.dtype)  # == masked_lora_merged(weight, delta)
+    dt = _wide(A.dtype, weight.dtype)
+    return delta.to(dt).add_(weight.to(dt))
 
 
 class _MaskedLora(torch.autograd.Function):
-    """``y = x (W + M ⊙ s·B A)ᵀ + b``; with ``weight_fn=None`` only the branch ``x (M ⊙ s·B A)ᵀ``."""
+    """``y = x (W + M ⊙ s·B A)ᵀ + b``; with ``weight_fn=None`` only the branch ``x (M ⊙ s·B A)ᵀ``.
+
+    ``mode``: "branch" (no base), "fused" (one GEMM on ``W + ΔW`` in ≥ fp32), "split" (``x Wᵀ + x ΔWᵀ``, two GEMMs
+    in the half-precision compute dtype) or "legacy" (benchmarks only, see ``_LEGACY_ROUNDED_FUSE``).
+    """
 
     @staticmethod
-    def forward(ctx, x, bias, A, B, packed, weight_fn, width, scaling, exact):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            w_eff = masked_lora_weight(A, B, keep_values(packed, width, A.dtype), weight_fn, scaling)
-            y = _linear(x, w_eff, bias)
+    def forward(ctx, x, bias, A, B, packed, weight_fn, width, scaling, grad_mode):
+        cd = compute_dtype(x)
+        keep = keep_values(packed, width, A.dtype)
+        if weight_fn is None:
+            mode = "branch"
+            y = F.linear(x.to(cd), _masked_product(A, B, keep, scaling).to(cd))
+        elif _LEGACY_ROUNDED_FUSE:
+            mode = "legacy"
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                w_eff = masked_lora_weight(A, B, keep, weight_fn, scaling)
+                cd = weight_fn().dtype
+                y = F.linear(x.to(cd), w_eff.to(cd), None if bias is None else bias.to(cd))
+        elif _fuses(cd):
+            mode = "fused"
+            w_eff = masked_lora_weight(A, B, keep, weight_fn, scaling)
+            cd = w_eff.dtype
+            y = F.linear(x.to(cd), w_eff, None if bias is None else bias.to(cd))
+        else:
+            mode = "split"
+            xc = x.to(cd)
+            y = F.linear(xc, weight_fn().to(cd), None if bias is None else bias.to(cd))
+            y = y + F.linear(xc, _masked_product(A, B, keep, scaling).to(cd))
         ctx.save_for_backward(x, A, B, packed)
-        ctx.weight_fn, ctx.width, ctx.scaling, ctx.exact = weight_fn, width, scaling, exact
+        ctx.weight_fn, ctx.width, ctx.scaling, ctx.grad_mode = weight_fn, width, scaling, grad_mode
+        ctx.mode, ctx.cd = mode, cd
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, A, B, packed = ctx.saved_tensors
-        s = ctx.scaling
+        s, cd, mode = ctx.scaling, ctx.cd, ctx.mode
         need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
         keep = keep_values(packed, ctx.width, A.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
-        if need_x:
-            w_eff = masked_lora_weight(A, B, keep, ctx.weight_fn, s)  # recomputed, never stored
-            grad_x = _input_grad(g2, w_eff, x)
-            del w_eff
+        if need_x:  # the update is recomputed, never stored
+            if mode == "split":
+                grad_x = _grad_x(g2, [ctx.weight_fn(), _masked_product(A, B, keep, s)], x, cd)
+            elif mode == "branch":
+                grad_x = _grad_x(g2, [_masked_product(A, B, keep, s)], x, cd)
+            else:  # fused / legacy: ∂L/∂x = G (W + ΔW)
+                w_eff = masked_lora_weight(A, B, keep, ctx.weight_fn, s)
+                grad_x = _grad_x(g2, [w_eff], x, cd)
         if need_A or need_B:
-            grad_A, grad_B = masked_lora_factor_grads(g2, x2, A, B, keep, s, ctx.exact, need_A, need_B)
+            gemm = A.dtype if mode == "legacy" else cd
+            grad_A, grad_B = masked_lora_factor_grads(g2, x2, A, B, keep, s, ctx.grad_mode, need_A, need_B, gemm)
         if need_bias:
             grad_bias = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_bias, grad_A, grad_B, None, None, None, None, None
@@ -129,22 +203,30 @@ def masked_lora_factor_grads(
     B: torch.Tensor,
     keep: torch.Tensor,
     scaling: float,
-    exact: bool,
+    grad_mode: str = "exact",
     need_A: bool = True,
     need_B: bool = True,
+    gemm_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(∂L/∂A, ∂L/∂B)`` of the SparsePEFT layer ``y = x (W + M ⊙ s·B A)ᵀ`` (SQFT, arXiv 2410.03750) from ``G`` (tokens×d_out) and ``X`` (tokens×d_in).
+    """``(∂L/∂A, ∂L/∂B)`` of the SparsePEFT layer ``y = x (W + M ⊙ s·B A)ᵀ`` (SQFT, arXiv 2410.03750) from ``G``
+    (tokens×d_out) and ``X`` (tokens×d_in), in A's dtype.
 
-    exact: ``D = M ⊙ Gᵀ X`` (∂L/∂ΔW restricted to the mask), ``∂L/∂B = s·D Aᵀ``, ``∂L/∂A = s·Bᵀ D``.
-    LoRS (Hu et al., arXiv 2501.08582): the mask is dropped, ``∂L/∂B = s·Gᵀ (X Aᵀ)``, ``∂L/∂A = s·(G B)ᵀ X`` —
-    plain-LoRA gradients, O(r·(d_in + d_out)) per token. ``keep``: the mask as 0/1 values in A's dtype.
+    ``"exact"``: ``D = M ⊙ Gᵀ X`` (∂L/∂ΔW restricted to the mask; the one dense GEMM runs in ``gemm_dtype``, default
+    A's dtype), ``∂L/∂B = s·D Aᵀ``, ``∂L/∂A = s·Bᵀ D``.
+    ``"lors"`` (LoRS, Hu et al., arXiv 2501.08582, ``LorsFn``): mask and scale dropped, ``∂L/∂B = Gᵀ (X Aᵀ)``,
+    ``∂L/∂A = (G B)ᵀ X`` — O(r·(d_in + d_out)) per token. ``"lors_scaled"``: the same times s (plain-LoRA
+    gradients). ``keep``: the mask as 0/1 values in A's dtype.
     """
-    g2a, x2a = g2.to(A.dtype), x2.to(A.dtype)
-    if exact:
-        d = (g2a.t() @ x2a).mul_(keep)
+    _check_grad_mode(grad_mode)
+    dt = A.dtype
+    if grad_mode == "exact":
+        gd = gemm_dtype or dt
+        d = (g2.to(gd).t() @ x2.to(gd)).to(dt).mul_(keep)
         return ((B.t() * scaling) @ d if need_A else None), ((d @ A.t()).mul_(scaling) if need_B else None)
-    grad_B = (g2a.t() @ (x2a @ A.t())).mul_(scaling) if need_B else None
-    grad_A = ((g2a @ B).t() @ x2a).mul_(scaling) if need_A else None
+    g2a, x2a = g2.to(dt), x2.to(dt)
+    s = scaling if grad_mode == "lors_scaled" else 1.0
+    grad_B = (g2a.t() @ (x2a @ A.t())).mul_(s) if need_B else None
+    grad_A = ((g2a @ B).t() @ x2a).mul_(s) if need_A else None
     return grad_A, grad_B
 
 
@@ -157,16 +239,17 @@ def masked_lora(
     packed_mask: torch.Tensor,
     in_features: int,
     scaling: float,
-    exact: bool = True,
+    grad_mode: str = "exact",
 ) -> torch.Tensor:
-    """Fused base + SparsePEFT update (SQFT, arXiv 2410.03750): ``y = x (W + M ⊙ s·B A)ᵀ + b``.
+    """Base + SparsePEFT update (SQFT, arXiv 2410.03750): ``y = x (W + M ⊙ s·B A)ᵀ + b`` in the compute dtype.
 
     ``weight_fn()`` returns the frozen base weight ``W``; with ``weight_fn=None`` (and ``bias=None``) only the branch
     ``x (M ⊙ s·B A)ᵀ``, added to a base output computed elsewhere. ``packed_mask``: ``M`` bit-packed
-    (:func:`~prune_peft.sparsity.packing.pack_mask`) with ``in_features`` columns. ``exact=False``: LoRS's
-    mask-free factor gradients (arXiv 2501.08582, see :func:`masked_lora_factor_grads`).
+    (:func:`~prune_peft.sparsity.packing.pack_mask`) with ``in_features`` columns. ``grad_mode``: see
+    :func:`masked_lora_factor_grads`. Fp32/fp64 compute: one GEMM on ``W + ΔW``; fp16/bf16: ``x Wᵀ + x ΔWᵀ``.
     """
-    return _MaskedLora.apply(x, bias, A, B, packed_mask, weight_fn, in_features, scaling, exact)
+    _check_grad_mode(grad_mode)
+    return _MaskedLora.apply(x, bias, A, B, packed_mask, weight_fn, in_features, scaling, grad_mode)
 
 
 # -------------------------------------------------------------------------------------------------------------- SPP
@@ -206,11 +289,19 @@ def spp_merged(
     scaling: float,
     sign: float = 1.0,
 ) -> torch.Tensor:
-    """Merged SPP weight (Lu et al., arXiv 2405.16057) ``current ± S ⊙ base`` in the adapter dtype, cast to ``current``'s dtype — the fused forward's weight when
-    ``current is base`` (one fused multiply-add over d_out×d_in)."""
+    """Merged SPP weight (Lu et al., arXiv 2405.16057) ``current ± S ⊙ base``, one fused multiply-add over d_out×d_in
+    in (at least) fp32, cast once to ``current``'s dtype (zeros of ``current`` and ``base`` stay exactly zero)."""
     scale = spp_scale(W_row, w_col, row_block, scaling)
-    dt = scale.dtype
-    return torch.addcmul(current.to(dt), base.to(dt), scale, value=sign).to(current.dtype)
+    dt = _wide(scale.dtype, current.dtype)
+    return torch.addcmul(current.to(dt), base.to(dt), scale.to(dt), value=sign).to(current.dtype)
+
+
+def _spp_weight_eff(weight, W_row, w_col, row_block, s) -> torch.Tensor:
+    """``W + S ⊙ W`` in (at least) fp32 — the fused forward's weight."""
+    scale = spp_scale(W_row, w_col, row_block, s)
+    dt = _wide(scale.dtype, weight.dtype)
+    w = weight.to(dt)
+    return torch.addcmul(w, w, scale.to(dt))
 
 
 def _spp_grads(e, W_row, w_col, row_block, s, need_row, need_col):
@@ -234,40 +325,61 @@ def _spp_grads(e, W_row, w_col, row_block, s, need_row, need_col):
 
 
 class _SPPFused(torch.autograd.Function):
-    """``y = x (W + ΔW)ᵀ + b`` (``with_base``) or ``x ΔWᵀ``, building the d_out×d_in update transiently."""
+    """``y = x (W + ΔW)ᵀ + b`` (``with_base``) or ``x ΔWᵀ``, building the d_out×d_in update transiently.
 
-    @staticmethod
-    def _weight(weight, W_row, w_col, row_block, s, with_base):
-        if with_base:
-            return spp_merged(weight, weight, W_row, w_col, row_block, s)
-        return spp_delta(weight, W_row, w_col, row_block, s)
+    Modes as in :class:`_MaskedLora`: "branch", "fused" (≥ fp32), "split" (half precision) or "legacy".
+    """
 
     @staticmethod
     def forward(ctx, x, bias, W_row, w_col, weight_fn, row_block, scaling, with_base):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            w_eff = _SPPFused._weight(weight_fn(), W_row, w_col, row_block, scaling, with_base)
-            y = _linear(x, w_eff, bias)
+        cd = compute_dtype(x)
+        weight = weight_fn()
+        if not with_base:
+            mode = "branch"
+            y = F.linear(x.to(cd), spp_delta(weight, W_row, w_col, row_block, scaling).to(cd))
+        elif _LEGACY_ROUNDED_FUSE:
+            mode = "legacy"
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                cd = weight.dtype
+                w_eff = spp_merged(weight, weight, W_row, w_col, row_block, scaling)
+                y = F.linear(x.to(cd), w_eff, None if bias is None else bias.to(cd))
+        elif _fuses(cd):
+            mode = "fused"
+            w_eff = _spp_weight_eff(weight, W_row, w_col, row_block, scaling)
+            cd = w_eff.dtype
+            y = F.linear(x.to(cd), w_eff, None if bias is None else bias.to(cd))
+        else:
+            mode = "split"
+            xc = x.to(cd)
+            y = F.linear(xc, weight.to(cd), None if bias is None else bias.to(cd))
+            y = y + F.linear(xc, spp_delta(weight, W_row, w_col, row_block, scaling).to(cd))
         ctx.save_for_backward(x, W_row, w_col, row_block)
-        ctx.weight_fn, ctx.scaling, ctx.with_base = weight_fn, scaling, with_base
+        ctx.weight_fn, ctx.scaling, ctx.mode, ctx.cd = weight_fn, scaling, mode, cd
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, W_row, w_col, row_block = ctx.saved_tensors
-        s = ctx.scaling
+        s, cd, mode = ctx.scaling, ctx.cd, ctx.mode
         need_x, need_bias, need_row, need_col = ctx.needs_input_grad[:4]
         weight = ctx.weight_fn()
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_row = grad_col = None
         if need_x:
-            w_eff = _SPPFused._weight(weight, W_row, w_col, row_block, s, ctx.with_base)
-            grad_x = _input_grad(g2, w_eff, x)
-            del w_eff
+            if mode == "split":
+                grad_x = _grad_x(g2, [weight, spp_delta(weight, W_row, w_col, row_block, s)], x, cd)
+            elif mode == "branch":
+                grad_x = _grad_x(g2, [spp_delta(weight, W_row, w_col, row_block, s)], x, cd)
+            elif mode == "legacy":
+                grad_x = _grad_x(g2, [spp_merged(weight, weight, W_row, w_col, row_block, s)], x, cd)
+            else:
+                grad_x = _grad_x(g2, [_spp_weight_eff(weight, W_row, w_col, row_block, s)], x, cd)
         if need_row or need_col:
             dt = W_row.dtype
-            e = (g2.to(dt).t() @ x2.to(dt)).mul_(weight.to(dt))
+            gd = dt if mode == "legacy" else cd
+            e = (g2.to(gd).t() @ x2.to(gd)).to(dt).mul_(weight.to(dt))
             grad_row, grad_col = _spp_grads(e, W_row, w_col, row_block, s, need_row, need_col)
         if need_bias:
             grad_bias = g2.sum(0).to(ctx.bias_dtype)
@@ -275,51 +387,53 @@ class _SPPFused(torch.autograd.Function):
 
 
 class _SPPBlockwise(torch.autograd.Function):
-    """The SPP branch ``x ΔWᵀ`` one row block at a time (SPP's memory-optimised form).
+    """The SPP branch ``x ΔWᵀ`` one row block at a time (SPP's memory-optimised form), in the compute dtype.
 
     Block k computes ``s · ((x ⊙ W_row[k]) W_kᵀ) ⊙ w_col[k]`` with ``W_k`` the k-th block of output rows, so neither
     ``Rep(W_row) ⊙ W`` nor any other d_out×d_in tensor is ever formed; the largest temporary is one
-    tokens×d_in activation. Backward recomputes the per-block products instead of saving them.
+    tokens×d_in activation. Backward recomputes the per-block products instead of saving them; the factor
+    gradients are reduced in (at least) fp32.
     """
 
     @staticmethod
     def forward(ctx, x, W_row, w_col, weight_fn, bounds, scaling):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            weight = weight_fn()
-            x2 = x.reshape(-1, x.shape[-1]).to(W_row.dtype)
-            out = x2.new_empty(x2.shape[0], weight.shape[0])
-            for k, (r0, r1) in enumerate(bounds):
-                out[:, r0:r1] = (x2 * W_row[k]) @ weight[r0:r1].to(W_row.dtype).t()
-            out.mul_(w_col.reshape(1, -1) * scaling)
+        cd = compute_dtype(x)
+        weight = weight_fn()
+        x2 = x.reshape(-1, x.shape[-1]).to(cd)
+        out = x2.new_empty(x2.shape[0], weight.shape[0])
+        for k, (r0, r1) in enumerate(bounds):
+            out[:, r0:r1] = (x2 * W_row[k].to(cd)) @ weight[r0:r1].to(cd).t()
+        out.mul_((w_col.reshape(1, -1) * scaling).to(cd))
         ctx.save_for_backward(x, W_row, w_col)
-        ctx.weight_fn, ctx.bounds, ctx.scaling = weight_fn, bounds, scaling
+        ctx.weight_fn, ctx.bounds, ctx.scaling, ctx.cd = weight_fn, bounds, scaling, cd
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, W_row, w_col = ctx.saved_tensors
-        s = ctx.scaling
+        s, cd = ctx.scaling, ctx.cd
         need_x, need_row, need_col = ctx.needs_input_grad[:3]
         weight = ctx.weight_fn()
-        dt = W_row.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)
-        grad_x = torch.zeros_like(x2) if need_x else None
+        acc = _wide(W_row.dtype, cd)
+        x2 = x.reshape(-1, x.shape[-1]).to(cd)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)
+        col = w_col.reshape(-1)
+        grad_x = torch.zeros(x2.shape, dtype=acc, device=x2.device) if need_x else None
         grad_row = torch.zeros_like(W_row) if need_row else None
         grad_col = torch.zeros_like(w_col).reshape(-1) if need_col else None
         for k, (r0, r1) in enumerate(ctx.bounds):
-            w_k = weight[r0:r1].to(dt)
+            w_k = weight[r0:r1].to(cd)
             g_k = g2[:, r0:r1]
             if need_x or need_row:
-                p_k = (g_k * (w_col.reshape(-1)[r0:r1] * s)) @ w_k  # tokens × d_in
+                p_k = ((g_k * (col[r0:r1] * s).to(cd)) @ w_k).to(acc)  # tokens × d_in
                 if need_x:
-                    grad_x.addcmul_(p_k, W_row[k].expand_as(p_k))
+                    grad_x.addcmul_(p_k, W_row[k].to(acc).expand_as(p_k))
                 if need_row:
-                    grad_row[k] = (p_k * x2).sum(0)
+                    grad_row[k] = (p_k * x2.to(acc)).sum(0).to(W_row.dtype)
                 del p_k
             if need_col:
-                q_k = (x2 * W_row[k]) @ w_k.t()  # recomputed forward product, tokens × block
-                grad_col[r0:r1] = (g_k * q_k).sum(0) * s
+                q_k = ((x2 * W_row[k].to(cd)) @ w_k.t()).to(acc)  # recomputed forward product, tokens × block
+                grad_col[r0:r1] = ((g_k.to(acc) * q_k).sum(0) * s).to(w_col.dtype)
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
         if grad_col is not None:
@@ -336,7 +450,8 @@ def spp(
     row_block: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """Fused base + SPP update (Lu et al., arXiv 2405.16057): ``y = x (W + s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W)ᵀ + b``."""
+    """Base + SPP update (Lu et al., arXiv 2405.16057): ``y = x (W + s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W)ᵀ + b`` in the
+    compute dtype (fp32/fp64: one GEMM on ``W + ΔW``; fp16/bf16: ``x Wᵀ + x ΔWᵀ``)."""
     return _SPPFused.apply(x, bias, W_row, w_col, weight_fn, row_block, scaling, True)
 
 
@@ -350,8 +465,9 @@ def spp_branch(
     scaling: float,
     blockwise: bool,
 ) -> torch.Tensor:
-    """The SPP branch ``x ΔWᵀ`` alone (Lu et al., arXiv 2405.16057; ``ΔW`` as in :func:`spp_delta`): blockwise (low
-    memory, block k is ``s·((x ⊙ W_row[k]) W_kᵀ) ⊙ w_col[k]``) or through the transient dense update."""
+    """The SPP branch ``x ΔWᵀ`` alone (Lu et al., arXiv 2405.16057; ``ΔW`` as in :func:`spp_delta`) in the compute
+    dtype: blockwise (low memory, block k is ``s·((x ⊙ W_row[k]) W_kᵀ) ⊙ w_col[k]``) or through the transient dense
+    update."""
     if blockwise:
         return _SPPBlockwise.apply(x, W_row, w_col, weight_fn, bounds, scaling)
     return _SPPFused.apply(x, None, W_row, w_col, weight_fn, row_block, scaling, False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from prune_peft.sparsity.adapters import masked_lora, spp, spp_branch, spp_delta
+from prune_peft.sparsity.adapters import masked_lora, masked_lora_merged, spp, spp_branch, spp_delta, spp_merged
 from prune_peft.sparsity.packing import pack_mask
 from prune_peft.tuners.spp.layer import spp_blocks
 
@@ -55,17 +55,45 @@ def test_masked_lora_equals_dense_oracle(tensors):
         torch.testing.assert_close(got, want)
 
 
-def test_lors_mode_gives_plain_lora_factor_gradients(tensors):
+@pytest.mark.parametrize("grad_mode, factor", [("lors", 1.0), ("lors_scaled", 0.7)])
+def test_lors_modes_give_rearranged_factor_gradients(tensors, grad_mode, factor):
+    """LoRS's LorsFn: ∂L/∂A_out = Gᵀ(X B_inᵀ), ∂L/∂B_in = (G A_out)ᵀ X — mask and scale dropped ("lors");
+    "lors_scaled" keeps s (plain-LoRA gradients)."""
     t = tensors
-    y = masked_lora(t["x"], lambda: t["W"], None, t["A"], t["B"], _packed(t), D_IN, 0.7, exact=False)
+    y = masked_lora(t["x"], lambda: t["W"], None, t["A"], t["B"], _packed(t), D_IN, 0.7, grad_mode)
     gx, gA, gB = torch.autograd.grad(y.sum(), (t["x"], t["A"], t["B"]))
     exact = torch.nn.functional.linear(t["x"], t["W"] + 0.7 * (t["B"] @ t["A"]) * t["mask"])
     torch.testing.assert_close(y, exact)  # the forward stays exactly masked
     torch.testing.assert_close(gx, torch.autograd.grad(exact.sum(), t["x"])[0])  # and so does the input gradient
-    plain = torch.nn.functional.linear(t["x"], t["W"]) + 0.7 * (t["x"] @ t["A"].t()) @ t["B"].t()
-    pA, pB = torch.autograd.grad(plain.sum(), (t["A"], t["B"]))
-    torch.testing.assert_close(gA, pA)
-    torch.testing.assert_close(gB, pB)
+    G = torch.ones(2 * 3, D_OUT, dtype=F64)
+    X = t["x"].detach().reshape(-1, D_IN)
+    A, B = t["A"].detach(), t["B"].detach()
+    torch.testing.assert_close(gB, factor * G.t() @ (X @ A.t()))
+    torch.testing.assert_close(gA, factor * (G @ B).t() @ X)
+
+
+def test_unknown_grad_mode_is_refused(tensors):
+    t = tensors
+    with pytest.raises(ValueError, match="grad_mode='fast'.*allowed"):
+        masked_lora(t["x"], lambda: t["W"], None, t["A"], t["B"], _packed(t), D_IN, 0.7, "fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merges_keep_every_zero_and_the_update_in_half_precision(dtype):
+    """Merges run in fp32 and cast once: zeros stay zero, and the merged weight is round(W + ΔW), not W."""
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(16, 8, generator=g) > 0.5
+    W = (torch.randn(16, 8, generator=g) * mask).to(dtype)
+    delta = 0.3 * torch.randn(16, 8, generator=g) * mask  # large enough to move every kept weight
+    merged = masked_lora_merged(W, delta)
+    assert merged.dtype == dtype and bool((merged[~mask] == 0).all())
+    assert torch.equal(merged, (W.float() + delta).to(dtype))
+    W_row, w_col = torch.randn(4, 8, generator=g), torch.randn(16, 1, generator=g)
+    rb = torch.arange(16) // 4
+    merged = spp_merged(W, W, W_row, w_col, rb, 0.5)
+    scale = 0.5 * W_row.repeat_interleave(4, 0) * w_col
+    assert bool((merged[~mask] == 0).all())
+    assert torch.equal(merged, (W.float() + scale * W.float()).to(dtype))
 
 
 def test_nothing_dense_is_saved_for_backward(tensors):
@@ -116,4 +144,6 @@ def test_spp_update_is_zero_where_the_base_is_zero(tensors):
     row_block = torch.arange(D_OUT) // 3
     delta = spp_delta(t["W"], t["W_row"].detach(), t["w_col"].detach(), row_block, 0.7)
     assert bool((delta[~t["mask"]] == 0).all())
+    oracle = 0.7 * (t["W_row"].detach().repeat_interleave(3, 0) * t["w_col"].detach()) * t["W"]
+    torch.testing.assert_close(delta, oracle)
     assert spp_blocks(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)] and bounds[-1] == (9, 12)

@@ -11,7 +11,7 @@ from .._registry import ensure_peft_type
 
 __all__ = ["SparseLoraConfig"]
 
-GRAD_MODES = ("exact", "lors")
+GRAD_MODES = ("exact", "lors", "lors_scaled")
 
 
 @dataclass
@@ -30,8 +30,12 @@ class SparseLoraConfig(SparseConfigMixin, LoraConfig):
             Refuse target modules whose weight has no zero (usually: the model was not pruned).
         grad_mode (`str`, *optional*, defaults to `"exact"`):
             `"exact"`: true gradients of the masked update (one extra d_out×d_in product per layer in backward).
-            `"lors"`: LoRS's rearrangement (Hu et al., arXiv 2501.08582): the factors get plain-LoRA gradients
-            (mask dropped), O(r·(d_in + d_out)) per token; the forward pass and merges stay exactly masked.
+            `"lors"`: LoRS's rearrangement (Hu et al., arXiv 2501.08582) as its ``LorsFn`` computes it: the factor
+            gradients drop the mask *and the scale s* (``∂L/∂B = Gᵀ(X Aᵀ)``, ``∂L/∂A = (G B)ᵀ X``), O(r·(d_in + d_out))
+            per token; the forward pass and merges stay exactly masked. With s ≠ 1 this changes the effective
+            learning rate of the factors by 1/s relative to `"exact"`.
+            `"lors_scaled"`: the same rearrangement times s (plain-LoRA gradients; what `"lors"` meant before
+            prune_peft made it match the reference).
         use_semi_structured (`bool`, *optional*, defaults to `False`):
             Run the 2:4 base on sparse tensor cores (``prune_peft.kernels.enable_semi_structured``); needs every
             target module to be 2:4. Exact dense fallback (one warning) on CPU, pre-sm80 GPUs and fp32.
@@ -53,8 +57,8 @@ class SparseLoraConfig(SparseConfigMixin, LoraConfig):
     grad_mode: str = field(
         default="exact",
         metadata={
-            "help": "'exact': exact gradients of M ⊙ s·BA; 'lors': LoRS plain-LoRA gradients for A and B (faster, "
-            "mask dropped in the factor gradients only)."
+            "help": "'exact': exact gradients of M ⊙ s·BA; 'lors': LoRS's rearranged factor gradients (faster; mask "
+            "and scale s dropped in the factor gradients only, as LoRS's LorsFn); 'lors_scaled': the same times s."
         },
     )
     use_semi_structured: bool = field(

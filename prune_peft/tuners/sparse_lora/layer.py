@@ -19,7 +19,7 @@ class SparseLoraLayerMixin(SparseAdapterLayer):
     method = "sparse_lora"
 
     def _pp_setup(self, adapter: str, config, weight: torch.Tensor | None) -> None:
-        self._pp_opts[adapter]["exact"] = config.grad_mode == "exact"
+        self._pp_opts[adapter]["grad_mode"] = config.grad_mode
 
     def _pp_args(self, adapter: str):
         return (
@@ -28,7 +28,7 @@ class SparseLoraLayerMixin(SparseAdapterLayer):
             self.lora_sparse_mask.packed(adapter),
             self.in_features,
             self.scaling[adapter],
-            self._pp_opts[adapter].get("exact", True),
+            self._pp_opts[adapter].get("grad_mode", "exact"),
         )
 
     def _pp_delta(self, adapter: str) -> torch.Tensor:
@@ -40,11 +40,11 @@ class SparseLoraLayerMixin(SparseAdapterLayer):
         return masked_lora(x, None, None, *self._pp_args(adapter))
 
     def _pp_fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        A, B, packed, width, scaling, exact = self._pp_args(adapter)
+        A, B, packed, width, scaling, grad_mode = self._pp_args(adapter)
         base = self.get_base_layer()
-        if isinstance(base, SemiStructuredLinear):  # 2:4 base: W + ΔW as one sparse GEMM (kernels.adapters)
-            return masked_lora_24(x, base, self._pp_weight, A, B, packed, width, scaling, exact, adapter)
-        return masked_lora(x, self._pp_weight, base.bias, A, B, packed, width, scaling, exact)
+        if isinstance(base, SemiStructuredLinear):  # 2:4 base: [W | ΔW] as one sparse GEMM (kernels.adapters)
+            return masked_lora_24(x, base, self._pp_weight, A, B, packed, width, scaling, grad_mode, adapter)
+        return masked_lora(x, self._pp_weight, base.bias, A, B, packed, width, scaling, grad_mode)
 
     def _pp_merged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         return masked_lora_merged(weight, self._pp_delta(adapter).to(weight.device))
