@@ -248,28 +248,39 @@ class SparseAdapterLayer:
 
     # --------------------------------------------------------------------------------------------------- forward
 
-    def _pp_fusable(self, args: tuple, kwargs: dict) -> str | None:
-        """The single active adapter when the fused path applies, else None (peft's path with our variant)."""
+    def _pp_single(self, args: tuple, kwargs: dict) -> str | None:
+        """The single active adapter when this layer's own forward applies, else None (peft's path, our variant)."""
         if self.disable_adapters or self.merged or args:
             return None
         if any(kwargs.get(k) is not None for k in kwargs):
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1 or not self._pp_opts.get(active[0], {}).get("fuse", True):
-            return None
-        dropout = self.lora_dropout[active[0]]
+        return active[0] if len(active) == 1 else None
+
+    def _pp_fusable(self, adapter: str) -> bool:
+        """Whether base and update may run as one autograd Function on ``W`` (no dropout on the branch input, no
+        hooks on the base that a direct use of its weight would skip)."""
+        if not self._pp_opts.get(adapter, {}).get("fuse", True):
+            return False
+        dropout = self.lora_dropout[adapter]
         if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
-            return None
+            return False
         base = self.get_base_layer()
-        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
-            return None
-        return active[0]
+        return not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter = self._pp_fusable(args, kwargs)
+        """One active adapter: ``base(x) + branch(dropout(x))`` with the branch GEMM in the compute dtype (the
+        autocast dtype, else the input's), or the fused Function when nothing sits between ``x`` and the base
+        (it keeps ``W + ΔW`` in ≥ fp32 or runs two GEMMs in half precision, see :mod:`prune_peft.sparsity.adapters`).
+        The update is never added to a half-precision weight."""
+        adapter = self._pp_single(args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        return self._pp_fused_forward(x, adapter)
+        if self._pp_fusable(adapter):
+            return self._pp_fused_forward(x, adapter)
+        result = self.base_layer(x)
+        branch = self._pp_branch(self.lora_dropout[adapter](x), adapter)
+        return result + branch.to(result.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         # peft < 0.21 ignores variants here; one implementation for every version
