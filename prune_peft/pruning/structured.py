@@ -10,12 +10,22 @@ Which groups go, in order of preference: the ``masks`` argument; the masks a LoR
 the model (``model.prune_peft_masks``); the masks of an unmerged LoRAPrune adapter; otherwise groups whose weights
 (and biases) are exactly zero in every one of their rows (q, k and v for a unit; gate and up for a channel).
 
-The per-layer sizes go into ``config.prune_peft_layers``; ``save_compacted`` / ``load_compacted`` round-trip them
-(stock ``from_pretrained`` would build full-size layers and refuse the smaller weights)::
+Where the sizes go decides who can load the result:
+
+* **uniform** (every block keeps the same number of GQA units and MLP channels — ``LoRAPruneConfig(uniform=True)``):
+  the stock config fields ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` are rewritten
+  (``head_dim`` kept explicit), so plain ``AutoModelForCausalLM.from_pretrained`` — and every engine that reads a
+  transformers checkpoint (vLLM, TGI, llama.cpp's converter) — loads it without prune_peft.
+* **non-uniform** (blocks of different sizes, e.g. LoRAPrune's default excluded blocks kept whole): stock configs have
+  one size for all blocks, so the per-layer sizes go into ``config.prune_peft_layers`` and only
+  :func:`load_compacted` (prune_peft) can build the model; stock ``from_pretrained`` would build full-size layers and
+  refuse the smaller weights, and no serving engine loads it.
+
+::
 
     small = compact(model.merge_and_unload())
     save_compacted(small, "out/")
-    small = load_compacted("out/")
+    small = load_compacted("out/")   # uniform: AutoModelForCausalLM.from_pretrained("out/") works as well
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from torch import nn
 from .. import _hf
 from ..tuners.loraprune import LoRAPruneLinear, LoRAPruneModel
 
-__all__ = ["compact", "compacted_shapes", "load_compacted", "save_compacted"]
+__all__ = ["compact", "compacted_shapes", "is_uniform", "load_compacted", "save_compacted"]
 
 LAYERS_KEY = "prune_peft_layers"
 
@@ -167,14 +177,32 @@ def compact(model: nn.Module, masks: dict[int, dict[str, torch.Tensor]] | None =
             layers["intermediate_size"][i] = len(keep)
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = len(keep)
-    setattr(config, LAYERS_KEY, layers)
-    _refresh_tuners(model)
     if getattr(config, "head_dim", None) is None:
         config.head_dim = head_dim
+    _write_sizes(config, layers)
+    _refresh_tuners(model)
     for attr in ("prune_peft_masks", "prune_peft_meta"):
         if hasattr(hf, attr):
             delattr(hf, attr)
     return model
+
+
+def is_uniform(layers: dict) -> bool:
+    """True when every block has the same head counts and intermediate size (a stock config can describe it)."""
+    return all(len(set(values)) == 1 for values in layers.values())
+
+
+def _write_sizes(config, layers: dict) -> None:
+    """Uniform sizes: the stock fields (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``;
+    ``head_dim`` stays explicit since it no longer equals hidden/heads). Otherwise ``config.prune_peft_layers``."""
+    if is_uniform(layers):
+        config.num_attention_heads = layers["num_attention_heads"][0]
+        config.num_key_value_heads = layers["num_key_value_heads"][0]
+        config.intermediate_size = layers["intermediate_size"][0]
+        if hasattr(config, LAYERS_KEY):
+            delattr(config, LAYERS_KEY)
+    else:
+        setattr(config, LAYERS_KEY, layers)
 
 
 def _refresh_tuners(model: nn.Module) -> None:
@@ -216,9 +244,8 @@ def _reshape_empty(model: nn.Module, layers: dict) -> None:
 
 
 def save_compacted(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:
-    """``model.save_pretrained(path)``; the config carries ``prune_peft_layers`` for :func:`load_compacted`."""
-    if compacted_shapes(model) is None:
-        raise ValueError("save_compacted: the model has no prune_peft_layers in its config; call compact() first")
+    """``model.save_pretrained(path)``. A uniform compaction has a stock config (any ``from_pretrained`` loads it);
+    a non-uniform one carries ``prune_peft_layers`` and loads only through :func:`load_compacted`."""
     model.save_pretrained(path, **kwargs)
 
 
@@ -230,8 +257,9 @@ def load_compacted(path: str | os.PathLike, dtype: torch.dtype | None = None, de
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     layers = compacted_shapes(config)
-    if layers is None:
-        raise ValueError(f"load_compacted: {path}/config.json has no {LAYERS_KEY}; use from_pretrained instead")
+    if layers is None:  # uniform compaction (or a plain model): the stock loader builds the right shapes
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        return (model.to(device) if device is not None else model).eval()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
     _reshape_empty(model, layers)
     index = path / "model.safetensors.index.json"

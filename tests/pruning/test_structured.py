@@ -110,11 +110,9 @@ def test_compact_errors(tmp_path):
         compact(tiny_causal_lm(num_hidden_layers=2), masks={0: {"units": torch.tensor([False, False])}})
     with pytest.raises(ValueError, match="unit mask"):
         compact(tiny_causal_lm(num_hidden_layers=2), masks={0: {"units": torch.tensor([True, False, True])}})
-    with pytest.raises(ValueError, match="compact"):
-        save_compacted(tiny_causal_lm(num_hidden_layers=2), tmp_path)
+    # a plain (or uniformly compacted) folder has a stock config: load_compacted defers to from_pretrained
     tiny_causal_lm(num_hidden_layers=2).save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="prune_peft_layers"):
-        load_compacted(tmp_path / "plain")
+    assert compacted_shapes(load_compacted(tmp_path / "plain")) is None
     model = get_peft_model(tiny_causal_lm(num_hidden_layers=2), LoRAPruneConfig(structure="unstructured"))
     model.base_model.element_layers()["model.layers.0.mlp.up_proj"].set_element_mask(
         "default", torch.rand(128, 64) > 0.5
@@ -137,3 +135,108 @@ def test_compact_uses_public_tuner_api_and_the_tuner_does_not_import_pruning():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert "pruning" not in (node.module or ""), f"{path.name} imports {node.module}: an import cycle"
+
+
+# ------------------------------------------------------------------------------------------------ uniform=True
+
+_STOCK_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ids = torch.load(sys.argv[2])
+torch.save(model(ids).logits, sys.argv[3])
+assert "prune_peft" not in sys.modules, "the stock load imported prune_peft"
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+
+def stock_logits(folder, ids, tmp_path):
+    """Logits of ``folder`` loaded by plain from_pretrained in a fresh interpreter that never imports prune_peft."""
+    import subprocess
+    import sys
+
+    torch.save(ids, tmp_path / "ids.pt")
+    out = subprocess.run(
+        [sys.executable, "-c", _STOCK_LOAD, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return torch.load(tmp_path / "logits.pt"), int(out.stdout.split()[-1])
+
+
+def _uniform_trained(arch="llama", multiple=16, sparsity=0.5, steps=4):
+    model = get_peft_model(
+        tiny_causal_lm(arch, num_hidden_layers=3),
+        LoRAPruneConfig(
+            r=4,
+            target_sparsity=sparsity,
+            uniform=True,
+            channel_multiple=multiple,
+            schedule_steps=steps,
+            warmup=0.0,
+            cooldown=0.0,
+            prune_every=1,
+        ),
+    )
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        ids = _ids(step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_uniform_loraprune_compacts_to_a_stock_checkpoint(arch, tmp_path):
+    model = _uniform_trained(arch, multiple=16, sparsity=0.3)
+    masks = model.base_model.get_masks()
+    assert sorted(masks) == [0, 1, 2]  # no block excluded
+    units = {int(m["units"].sum()) for m in masks.values()}
+    channels = {int(m["channels"].sum()) for m in masks.values()}
+    # 2 KV units: round(0.3 * 2) = 1 removed; 128 channels: 128 - 38 = 90 kept -> rounded to 96 (multiple of 16)
+    assert units == {1} and channels == {96}
+    assert len({tuple(m["channels"].tolist()) for m in masks.values()}) > 1  # chosen per block, not shared
+    ids = _ids(7)
+    masked = model(ids).logits
+    small = compact(model.merge_and_unload())
+    cfg = small.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.head_dim) == (2, 1, 96, 16)
+    assert compacted_shapes(small) is None and not hasattr(cfg, "prune_peft_layers")
+    torch.testing.assert_close(small(ids).logits, masked, rtol=1e-5, atol=1e-5)
+    save_compacted(small, tmp_path / "small")
+    logits, n_params = stock_logits(tmp_path / "small", ids, tmp_path)
+    torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
+    assert n_params == _n_params(small)
+
+
+def test_uniform_channel_rounding_and_bad_settings():
+    from prune_peft.tuners.loraprune.pruner import uniform_kept
+
+    assert [uniform_kept(k, 128, 64) for k in (128, 127, 96, 95, 64, 20, 0)] == [128, 128, 128, 64, 64, 64, 64]
+    assert uniform_kept(10, 40, 64) == 40  # a block narrower than the multiple is never pruned below its width
+    assert LoRAPruneConfig(uniform=True).exclude_layers == []
+    with pytest.raises(ValueError, match="exclude_layers"):
+        LoRAPruneConfig(uniform=True, exclude_layers=[0])
+    with pytest.raises(ValueError, match="channel_multiple"):
+        LoRAPruneConfig(uniform=True, channel_multiple=0)
+    with pytest.raises(ValueError, match="uniform"):
+        LoRAPruneConfig(uniform=True, structure="2:4")
+
+
+def test_non_uniform_compaction_is_refused_by_stock_from_pretrained(tmp_path):
+    """Documented: per-layer sizes live in prune_peft_layers, which only load_compacted reads."""
+    model = _pruned_peft()
+    ids = _ids()
+    masked = model(ids).logits
+    small = compact(model.merge_and_unload())
+    save_compacted(small, tmp_path / "small")
+    torch.testing.assert_close(load_compacted(tmp_path / "small")(ids).logits, masked, rtol=1e-5, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    # stock from_pretrained builds full-size blocks from the one size in the config and refuses the weights
+    with pytest.raises(RuntimeError, match="mismatched"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "small")

@@ -61,6 +61,12 @@ class LoRAPruneConfig(LoraConfig):
         schedule_steps (`int`, *optional*): schedule length T; default the run's length (the Trainer's
             ``max_steps``, or ``total_steps`` of ``model.base_model.prepare_pruning``).
         exclude_layers (`list[int]`, *optional*): decoder blocks never pruned; default the first ⌊10 %⌋ and the last.
+        uniform (`bool`, defaults to `False`): every block — the ones LoRAPrune would exclude by default included —
+            keeps the same number of GQA units and MLP channels (``n_pruned(p, groups)`` per block, rounded for
+            channels; *which* groups go is decided per block from its own moving-average importance). ``compact()``
+            then writes a stock config that plain ``from_pretrained`` loads (no prune_peft import).
+        channel_multiple (`int`, defaults to `64`): with ``uniform=True`` the kept channel count is rounded to the
+            nearest multiple of this (at least one multiple, at most the full width).
 
     Example:
 
@@ -101,6 +107,17 @@ class LoRAPruneConfig(LoraConfig):
     exclude_layers: Optional[list[int]] = field(
         default=None,
         metadata={"help": "Decoder block indices never pruned; default: the first int(0.1·L) and the last block."},
+    )
+    uniform: bool = field(
+        default=False,
+        metadata={
+            "help": "Prune every block (none excluded) to the same number of GQA units and MLP channels, so the "
+            "compacted model has a stock config that from_pretrained loads without prune_peft."
+        },
+    )
+    channel_multiple: int = field(
+        default=64,
+        metadata={"help": "uniform=True: kept MLP channels are rounded to a multiple of this (kernel-friendly)."},
     )
 
     def __post_init__(self) -> None:
@@ -158,6 +175,26 @@ class LoRAPruneConfig(LoraConfig):
                     f"loraprune: exclude_layers must be a list of block indices, got {self.exclude_layers!r}"
                 )
             self.exclude_layers = sorted(set(self.exclude_layers))
+        self._validate_uniform()
+
+    def _validate_uniform(self) -> None:
+        """``uniform=True``: a stock config has one size for every block, so no block can be left unpruned."""
+        if not isinstance(self.uniform, bool):
+            raise ValueError(f"loraprune: uniform must be True or False, got {self.uniform!r}")
+        m = self.channel_multiple
+        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+            raise ValueError(f"loraprune: channel_multiple must be a positive integer, got {m!r}")
+        if not self.uniform:
+            return
+        if not self.structured:
+            _refuse("uniform", True, f"False with structure={self.structure!r} (uniform needs a structured pattern)")
+        if self.exclude_layers:
+            raise ValueError(
+                f"loraprune: uniform=True prunes every decoder block to the same size (a stock config has one "
+                f"num_key_value_heads and one intermediate_size), so exclude_layers={self.exclude_layers!r} cannot "
+                "be honoured; drop exclude_layers or use uniform=False (compacted output then needs prune_peft)"
+            )
+        self.exclude_layers = []  # no default exclusion: excluded blocks would keep their full size
 
 
 def _linear():

@@ -30,7 +30,7 @@ from ...sparsity.masks import gqa_unit_scores
 from ...sparsity.schedules import SCHEDULE_KEYS, PruneSchedule
 from .config import IMPORTANCE, check_importance_beta
 
-__all__ = ["OVERRIDABLE", "LoRAPruner", "broadcast_masks", "check_not_sharded"]
+__all__ = ["OVERRIDABLE", "LoRAPruner", "broadcast_masks", "check_not_sharded", "uniform_kept"]
 
 # settings a run may override without changing the adapter (the structure is fixed when the adapter is created)
 OVERRIDABLE = (*SCHEDULE_KEYS, "importance_beta", "importance")
@@ -274,10 +274,21 @@ class LoRAPruner:
                 scores = self.importance.get(key)
                 if scores is None:
                     scores = torch.zeros(n_groups)
-                new.append((b.index, kind, prune_lowest(scores, mask, n_pruned(p, n_groups))))
+                new.append((b.index, kind, prune_lowest(scores, mask, self._n_cut(p, kind, n_groups))))
         masks = broadcast_masks([m for _, _, m in new])
         for (index, kind, _), mask in zip(new, masks):
             self.tuner.set_block_masks(index, adapter=self.adapter, **{kind: mask})
+
+    def _n_cut(self, p: float, kind: str, n_groups: int) -> int:
+        """Groups to remove from one block at level ``p``; ``uniform=True`` rounds kept channels to a multiple.
+
+        The count depends only on the block's size, so equal-size blocks keep equal counts (a stock config);
+        which groups go is chosen per block from its own importance.
+        """
+        cut = n_pruned(p, n_groups)
+        if kind == "channels" and getattr(self.config, "uniform", False):
+            cut = n_groups - uniform_kept(n_groups - cut, n_groups, self.config.channel_multiple)
+        return cut
 
     def _update_elements(self, p: float) -> None:
         nm = self.config.nm
@@ -368,6 +379,14 @@ class LoRAPruner:
         self.level = float(state.get("level", 0.0))
         if "importance" in state:
             self.importance = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in state["importance"].items()}
+
+
+def uniform_kept(kept: int, total: int, multiple: int) -> int:
+    """``kept`` rounded to the nearest multiple of ``multiple`` (half up), within [min(multiple, total), total]."""
+    if kept >= total:
+        return total
+    rounded = (kept + multiple // 2) // multiple * multiple
+    return min(total, max(rounded, min(multiple, total)))
 
 
 def _step(global_step: int) -> int:
