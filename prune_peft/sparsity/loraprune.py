@@ -13,7 +13,7 @@ estimate of removing the *merged* weight:
 Structured scores sum I over the dimension a group does not remove: over inputs for output channels (rows of
 q/k/v/gate/up), over outputs for input channels (columns of o_proj/down_proj). Each module's group-score vector is
 L2-normalised, the vectors of one block are summed, and an exponential moving average over optimizer steps,
-Ī ← β·Ī + (1 − β)·I (β = 0.9), smooths them. The ``n`` lowest-scoring groups are pruned; pruned groups stay pruned.
+Ī ← β·Ī + (1 − β)·I (β = 0.9, Ī = 0 before the first step), smooths them. The ``n`` lowest-scoring groups are pruned; pruned groups stay pruned.
 
 Everything here works on plain tensors; nothing knows about peft or transformers.
 """
@@ -110,11 +110,14 @@ def normalize_scores(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def moving_average(old: torch.Tensor | None, new: torch.Tensor, beta: float) -> torch.Tensor:
-    """Ī ← β·Ī + (1 − β)·I (LoRAPrune, arXiv 2305.18403); the first observation initialises Ī. NaN/inf in ``new`` keeps ``old`` (as the reference)."""
-    if not bool(torch.isfinite(new).all()):
-        return old if old is not None else torch.zeros_like(new)
+    """Ī ← β·Ī + (1 − β)·I with Ī starting at zero (LoRAPrune, arXiv 2305.18403; reference ``update_sensitivity_dict``).
+
+    ``old=None`` is the all-zero start, so the first observation enters with weight ``1 − β`` (0.1 at β = 0.9), as in
+    the reference. Skipping non-finite updates is the caller's decision (the reference skips a step's update of every
+    block when any score is NaN; see ``LoRAPruner.update_importance``).
+    """
     if old is None:
-        return new.clone()
+        return new.float().mul(1.0 - beta)
     return old.mul(beta).add_(new, alpha=1.0 - beta)
 
 
@@ -148,8 +151,12 @@ def grad_importance(
     B: torch.Tensor | None = None,
     scaling: float = 0.0,
 ) -> torch.Tensor:
-    """First-order Taylor element importance from the true base gradient, |∂L/∂W ⊙ (W + s·B A)| (float32; LLM-Pruner,
-    Ma et al., arXiv 2305.11627 — the gradient LoRAPrune's Ĝ estimates)."""
+    """Element importance from the true base gradient, I = |∂L/∂W ⊙ (W + s·B A)| (float32).
+
+    LoRAPrune's ``prune_metric="grad"`` (arXiv 2305.18403, reference ``compute_sensitivity``): the same first-order
+    Taylor score as :func:`lora_importance`, with the real ∂L/∂W in place of the estimate Ĝ and the *merged* weight
+    W + s·BA as the weight being removed.
+    """
     merged = weight.detach().float()
     if A is not None and B is not None:
         merged = torch.addmm(merged, B.detach().float(), A.detach().float(), alpha=scaling)

@@ -52,9 +52,12 @@ class LoRAPruneConfig(LoraConfig):
             `"head+channel"`, `"head"`, `"channel"`, `"unstructured"` or an `"N:M"` pattern such as `"2:4"`.
             Element-wise structures use the same score per weight; their merge masks ``W + s·BA``.
         importance (`str`, defaults to `"lora"`):
-            `"lora"` (the formula above), `"magnitude"` (``|W + s·BA|``), or `"grad"` (the true base gradient,
-            ``|∂L/∂W ⊙ W|``; needs base weights with ``requires_grad=True`` — LLM-Pruner style, for comparison).
-        importance_beta (`float`, defaults to `0.9`): moving-average factor β in ``Ī ← β·Ī + (1 − β)·I``.
+            `"lora"` (the formula above), `"magnitude"` (``|W + s·BA|``), or `"grad"` (the reference's third metric:
+            the true base gradient, ``|∂L/∂W ⊙ (W + s·BA)|``). For `"grad"` the pruner makes the scored base weights
+            require grad when pruning is prepared and drops their ``.grad`` right after scoring, before
+            ``optimizer.step()``, so the base is never trained (float bases only; bitsandbytes bases are refused).
+        importance_beta (`float`, defaults to `0.9`): moving-average factor β in ``Ī ← β·Ī + (1 − β)·I``, Ī starting
+            at zero as in the reference; a step with any non-finite score leaves every Ī unchanged.
         schedule (`str`, defaults to `"cubic"`): `"cubic"` (Zhu & Gupta) or `"linear"`, over optimizer steps.
         initial_sparsity, warmup, cooldown (`float`): p0 and the warmup / cooldown fractions of the schedule.
         prune_every (`int`, defaults to `10`): optimizer steps between mask updates (the last one always fires).

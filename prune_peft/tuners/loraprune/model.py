@@ -330,6 +330,8 @@ class LoRAPruneModel(LoraModel):
         Call it after ``loss.backward()`` (and gradient clipping) and before ``optimizer.step()`` to score the
         weights the gradients belong to — this is what ``PruneCallback`` does, in ``on_pre_optimizer_step``. Without
         it, :meth:`update_and_allocate` scores the same gradients against the just-updated LoRA weights.
+        With ``importance="grad"`` it is required (``update_and_allocate`` raises otherwise): it drops the base
+        gradients once scored, so the optimizer step cannot update the base weights.
         """
         for pruner in self._pruners(adapter):
             pruner.update_importance(global_step)

@@ -12,6 +12,7 @@ mask and when. Nothing here knows about the Trainer.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from ...sparsity.masks import gqa_unit_scores
 from ...sparsity.schedules import SCHEDULE_KEYS, PruneSchedule
 from .config import IMPORTANCE, check_importance_beta
 
-__all__ = ["OVERRIDABLE", "LoRAPruner", "broadcast_masks", "check_not_sharded", "uniform_kept"]
+__all__ = ["OVERRIDABLE", "LoRAPruner", "broadcast_masks", "check_not_sharded", "dense_weight", "uniform_kept"]
 
 # settings a run may override without changing the adapter (the structure is fixed when the adapter is created)
 OVERRIDABLE = (*SCHEDULE_KEYS, "importance_beta", "importance")
@@ -142,17 +143,47 @@ class LoRAPruner:
                     raise ValueError(f"loraprune: target_sparsity={p} would remove every channel of {b.name}")
         else:
             self.elements = tuner.element_layers(adapter)
+        # importance="grad": base weights this pruner made require grad (re-frozen when pruning is over); inherited
+        # from the adapter's previous pruner so a re-prepared run still knows which ones were frozen originally
+        previous = tuner.__dict__.get("_pp_pruners", {}).get(adapter)
+        self._unfrozen: list[nn.Parameter] = list(previous._unfrozen) if previous is not None else []
         if s["importance"] == "grad":
-            frozen = [n for n, m in self._layers() if not m.get_base_layer().weight.requires_grad]
-            if frozen:
-                raise ValueError(
-                    f"loraprune: importance='grad' needs gradients of the base weights, but {frozen[0]} (and "
-                    f"{len(frozen) - 1} more) is frozen; set requires_grad=True on them or use importance='lora'"
-                )
+            self._unfreeze_bases()
+        elif self._unfrozen:
+            self._refreeze_bases()
         self.importance: dict[str, torch.Tensor] = {}
+        self.skipped_updates = 0  # optimizer steps whose importance update was skipped (a non-finite score)
         self.last_step = 0
         self.level = 0.0
         self._scored_step = 0  # schedule step whose gradients are already in the moving average
+
+    # ------------------------------------------------------------------------------------- importance="grad"
+
+    def _unfreeze_bases(self) -> None:
+        """Let the scored base weights receive ``.grad`` (the reference's ``unfreeze``, called after the optimizer
+        is built). The pruner drops every base gradient right after scoring it (:meth:`update_importance`, before
+        ``optimizer.step()``), so no optimizer ever updates the base, even one that holds the weight."""
+        quantized = [n for n, m in self._layers() if _quantized(m.get_base_layer().weight)]
+        if quantized:
+            raise ValueError(
+                f"loraprune: importance='grad' needs float base weights that can hold a gradient; {quantized[0]} "
+                "is quantized (bitsandbytes). Use importance='lora' (the default) or load the base in bf16/fp16."
+            )
+        for _, layer in self._layers():
+            W = layer.get_base_layer().weight
+            if not W.requires_grad:
+                W.requires_grad_(True)
+                self._unfrozen.append(W)
+
+    def _refreeze_bases(self) -> None:
+        for W in self._unfrozen:
+            W.grad = None
+            W.requires_grad_(False)
+        self._unfrozen = []
+
+    def _drop_base_grads(self) -> None:
+        for _, layer in self._layers():
+            layer.get_base_layer().weight.grad = None
 
     def _layers(self):
         if self.config.structured:
@@ -165,13 +196,17 @@ class LoRAPruner:
     # ---------------------------------------------------------------------------------------------- importance
 
     def _factors(self, layer):
-        """``(W, A, B, s, mode)`` of one layer; ``None`` when the configured metric's gradients are missing."""
+        """``(W, A, B, s, mode)`` of one layer (W de-quantized when the base is bitsandbytes); ``None`` when the
+        configured metric's gradients are missing."""
         a = self.adapter
         W = layer.get_base_layer().weight
         A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
         mode = self.settings["importance"]
         missing = (A.grad is None or B.grad is None) if mode == "lora" else mode == "grad" and W.grad is None
-        return None if missing else (W, A, B, s, mode)
+        return None if missing else (dense_weight(W), A, B, s, mode)
+
+    def _base_grad(self, layer) -> torch.Tensor:
+        return layer.get_base_layer().weight.grad
 
     def _importance(self, layer) -> torch.Tensor | None:
         """Element importance of one layer under the configured metric (None when its gradients are missing)."""
@@ -181,7 +216,7 @@ class LoRAPruner:
         if mode == "lora":
             return lora_importance(W, A, B, A.grad, B.grad, s)
         if mode == "grad":
-            return grad_importance(W, W.grad, A, B, s)
+            return grad_importance(W, self._base_grad(layer), A, B, s)
         return torch.addmm(W.detach().float(), B.detach().float(), A.detach().float(), alpha=s).abs_()
 
     def _channel_scores(self, layer, axis: str) -> torch.Tensor | None:
@@ -192,7 +227,7 @@ class LoRAPruner:
         if mode == "lora":
             return channel_scores(W, A, B, s, grad_A=A.grad, grad_B=B.grad, axis=axis)
         if mode == "grad":
-            return channel_scores(W, A, B, s, grad_W=W.grad, axis=axis)
+            return channel_scores(W, A, B, s, grad_W=self._base_grad(layer), axis=axis)
         return channel_scores(W, A, B, s, axis=axis)
 
     def _block_scores(self, b) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -217,31 +252,63 @@ class LoRAPruner:
 
     @torch.no_grad()
     def update_importance(self, global_step: int) -> None:
-        """Add the gradients present now to the moving average (no-op after the last event: it would be unused)."""
+        """Add the gradients present now to the moving average (no-op after the last event: it would be unused).
+
+        As the reference's ``update_sensitivity_dict``: Ī starts at zero, and when any new score of the step is
+        NaN/inf the whole step's update is skipped (every block keeps its old Ī; counted in ``skipped_updates``).
+        With ``importance="grad"`` the base gradients are dropped (``W.grad = None``) once scored, so the optimizer
+        step that follows cannot update the base; after the last pruning event the bases are frozen again.
+        """
         step = _step(global_step)
-        if step > self.schedule.final_step:
-            return
-        beta, seen = self.settings["importance_beta"], 0
+        grad_mode = self.settings["importance"] == "grad"
+        try:
+            if step <= self.schedule.final_step:
+                self._accumulate()
+        finally:
+            if grad_mode:
+                self._drop_base_grads()
+        if grad_mode and step >= self.schedule.final_step:
+            self._refreeze_bases()  # the masks are final: no more base gradients are needed
+        self._scored_step = step
+
+    def _accumulate(self) -> None:
+        beta = self.settings["importance_beta"]
+        new: dict[str, torch.Tensor] = {}
         if self.config.structured:
             for b in self.blocks:
                 units, channels = self._block_scores(b)
-                for key, new in ((f"u{b.index}", units), (f"c{b.index}", channels)):
-                    if new is not None:
-                        self.importance[key] = moving_average(self.importance.get(key), new.cpu(), beta)
-                        seen += 1
-        else:
+                for key, score in ((f"u{b.index}", units), (f"c{b.index}", channels)):
+                    if score is not None:
+                        new[key] = score.cpu()
+        else:  # element-wise: the new averages are formed first, so a skipped step leaves every old one untouched
             for name, layer in self.elements.items():
                 imp = self._importance(layer)
                 if imp is not None:
-                    self.importance[name] = moving_average(self.importance.get(name), imp, beta)
-                    seen += 1
-        if not seen and self.settings["importance"] != "magnitude":
+                    if not bool(torch.isfinite(imp).all()):
+                        self._skip()
+                        return
+                    new[name] = moving_average(self.importance.get(name), imp, beta)
+        if not new and self.settings["importance"] != "magnitude":
             raise RuntimeError(
                 "loraprune: no LoRA gradients were present when the importance was updated; call it after "
                 "loss.backward() and before optimizer.zero_grad(). (DeepSpeed ZeRO ≥ 2 keeps gradients out of "
                 ".grad; see docs/loraprune.md.)"
             )
-        self._scored_step = step
+        if self.config.structured:
+            if not all(bool(torch.isfinite(v).all()) for v in new.values()):
+                self._skip()
+                return
+            new = {k: moving_average(self.importance.get(k), v, beta) for k, v in new.items()}
+        self.importance.update(new)
+
+    def _skip(self) -> None:
+        self.skipped_updates += 1
+        warnings.warn(
+            "loraprune: a non-finite importance score (NaN/inf gradients); this step's importance update was skipped "
+            "for every block, as in the reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     # ---------------------------------------------------------------------------------------------------- masks
 
@@ -250,6 +317,14 @@ class LoRAPruner:
         """Score this step's gradients unless :meth:`update_importance` already did; on a schedule event, prune."""
         step = _step(global_step)
         if step != self._scored_step:
+            if self.settings["importance"] == "grad" and step <= self.schedule.final_step:
+                self._drop_base_grads()
+                raise RuntimeError(
+                    "loraprune: importance='grad' must be scored before optimizer.step(): call "
+                    "model.base_model.update_importance(global_step) after loss.backward() (PruneCallback does, in "
+                    "on_pre_optimizer_step). It drops the base gradients once scored, so the optimizer cannot update "
+                    "the base weights; scoring after the step would let an optimizer that holds them train the base."
+                )
             self.update_importance(global_step)
         if not self.schedule.is_event(step) or step <= self.last_step:
             return
@@ -387,6 +462,30 @@ def uniform_kept(kept: int, total: int, multiple: int) -> int:
         return total
     rounded = (kept + multiple // 2) // multiple * multiple
     return min(total, max(rounded, min(multiple, total)))
+
+
+def _quantized(W: torch.Tensor) -> bool:
+    return not W.is_floating_point()
+
+
+def dense_weight(W: torch.Tensor) -> torch.Tensor:
+    """The base weight as a float tensor: bitsandbytes int8 weights de-quantized as ``W_int8 · SCB / 127`` (the
+    reference's 8-bit path; SCB is the per-row absmax), 4-bit ones through ``bitsandbytes.functional``; float
+    weights unchanged."""
+    if W.is_floating_point():
+        return W
+    scb = getattr(W, "SCB", None)
+    if W.dtype == torch.int8 and scb is not None:
+        return W.detach().float() * (scb.detach().float().reshape(-1, 1) / 127.0)
+    quant_state = getattr(W, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnb_f
+
+        return bnb_f.dequantize_4bit(W.detach(), quant_state).float()
+    raise ValueError(
+        f"loraprune: cannot read a float weight from a {W.dtype} base weight of type {type(W).__name__} "
+        "(supported: float weights and bitsandbytes int8 / 4-bit)"
+    )
 
 
 def _step(global_step: int) -> int:

@@ -86,11 +86,13 @@ def test_gqa_units_group_query_heads_with_their_kv_head():
 def test_normalize_and_moving_average():
     v = torch.tensor([3.0, 4.0])
     torch.testing.assert_close(normalize_scores(v), torch.tensor([0.6, 0.8]))
+    # the reference's update_sensitivity_dict: Ī starts at zero, so the first observation enters with weight 0.1
     first = moving_average(None, v, 0.9)
-    torch.testing.assert_close(first, v)  # first observation initialises
-    torch.testing.assert_close(moving_average(first, torch.tensor([13.0, 14.0]), 0.9), torch.tensor([4.0, 5.0]))
-    # NaN in a new score keeps the old average (the reference skips the update)
-    torch.testing.assert_close(moving_average(first, torch.tensor([float("nan"), 1.0]), 0.9), v)
+    torch.testing.assert_close(first, torch.tensor([0.3, 0.4]))
+    torch.testing.assert_close(moving_average(first, torch.tensor([13.0, 14.0]), 0.9), torch.tensor([1.57, 1.76]))
+    # the running average is a new tensor: the caller can still keep the old one (skipped updates)
+    moving_average(first, torch.tensor([1.0, 1.0]), 0.9)
+    torch.testing.assert_close(first, torch.tensor([0.3, 0.4]))
 
 
 @pytest.mark.parametrize("p,n,expect", [(0.5, 32, 16), (0.5, 3, 2), (0.2, 3, 1), (0.1, 3, 0), (0.3, 10, 3), (0, 9, 0)])
