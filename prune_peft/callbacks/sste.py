@@ -7,8 +7,11 @@ mask-flip statistics (``sste/mask_flip_fraction``: share of 2:4 positions whose 
 optimizer step, averaged over the logging interval; ``sste/mask_flips``: their count) and, with ``finalize=True``,
 bakes the hard 2:4 weights ``β·S(W)`` into plain ``nn.Linear`` layers at train end.
 
-The same is available as ``PruneCallback(method="s-ste")`` (driver :class:`SSTEDriver`, registered here), which
-also keeps the frozen β in the checkpoint so a resumed run uses the original scales.
+The same is available as ``PruneCallback(method="s-ste")`` (driver :class:`SSTEDriver`, registered here). Both keep
+the frozen β of every layer in the checkpoint (``trainer_state.json``, as an ``ExportableState``), so a resumed run
+uses the scales computed from the weights at the original start, not from the trained weights it resumes from (the
+reference computes β once, ``init_scale``). A plain loop saves and restores them with :func:`sste_betas` /
+:func:`load_sste_betas`.
 
 This is full (dense-weight) fine-tuning with a dynamic mask; to keep a fixed mask use SparseLoRA/SPP instead.
 """
@@ -21,12 +24,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.trainer_callback import ExportableState
 
 from ..sparsity.sste import MaskFlipTracker, SSTELinear
 from ._trainer import MetricsCallback
 from .prune import PruneDriver, register_driver
 
-__all__ = ["SSTECallback", "SSTEDriver", "apply_sste", "finalize_sste", "sste_layers"]
+__all__ = ["SSTECallback", "SSTEDriver", "apply_sste", "finalize_sste", "load_sste_betas", "sste_betas", "sste_layers"]
 
 _DEFAULT_EXCLUDE = ("lm_head", "embed_out", "output_layer", "score", "classifier")
 
@@ -34,6 +38,36 @@ _DEFAULT_EXCLUDE = ("lm_head", "embed_out", "output_layer", "score", "classifier
 def sste_layers(model: nn.Module) -> dict[str, SSTELinear]:
     """``{name: layer}`` of every S-STE layer in ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, SSTELinear)}
+
+
+def sste_betas(model: nn.Module) -> dict[str, float]:
+    """``{name: β}`` of every S-STE layer: the frozen scales, JSON-able (float32 → float → float32 is exact)."""
+    return {n: float(m.sste_scale) for n, m in sste_layers(model).items()}
+
+
+def load_sste_betas(model: nn.Module, betas: dict[str, float]) -> None:
+    """Restore frozen scales saved by :func:`sste_betas` (after :func:`apply_sste` on the resumed model, which
+    recomputed β from the trained weights). ValueError naming the layers when a saved β has no S-STE layer."""
+    layers = sste_layers(model)
+    missing = sorted(set(betas) - set(layers))
+    if missing:
+        raise ValueError(
+            f"S-STE: saved betas name {missing[:3]} ({len(missing)} in all), which are not S-STE layers of this "
+            "model; apply_sste with the same modules before restoring"
+        )
+    for name, beta in betas.items():
+        layer = layers[name]
+        layer.sste_scale = torch.tensor(float(beta), dtype=torch.float32, device=layer.weight.device)
+
+
+def _saved_attributes(callback, state) -> dict | None:
+    """The ``attributes["saved"]`` this callback type stored in the checkpoint being resumed (None at a fresh start)."""
+    if state is None or not getattr(state, "global_step", 0):
+        return None
+    data = (getattr(state, "stateful_callbacks", None) or {}).get(type(callback).__name__)
+    if isinstance(data, list):
+        data = data[-1] if data else None
+    return (data.get("attributes") or {}).get("saved") if isinstance(data, dict) else None
 
 
 def _select(modules) -> Callable[[str], bool]:
@@ -89,11 +123,12 @@ def finalize_sste(model: nn.Module) -> list[str]:
     return names
 
 
-class SSTECallback(MetricsCallback):
+class SSTECallback(MetricsCallback, ExportableState):
     """Trainer callback for S-STE 2:4 training of a (dense) model, with mask-flip statistics in the logs.
 
     The metrics reach ``log_history`` with any Trainer, and the reporters (TensorBoard, W&B) with a Trainer that has
-    :class:`~prune_peft.callbacks._trainer.PruneTrainerMixin`.
+    :class:`~prune_peft.callbacks._trainer.PruneTrainerMixin`. The frozen β travel in the checkpoint and are restored
+    on ``trainer.train(resume_from_checkpoint=...)``.
 
     Example:
 
@@ -117,6 +152,7 @@ class SSTECallback(MetricsCallback):
         self.history: list[dict[str, float]] = []  # per optimizer step: flips, flip_fraction
         self._acc: dict[str, float] = {}
         self._model: nn.Module | None = None
+        self.saved: dict | None = None  # set by transformers when restore_callback_states_from_checkpoint=True
 
     # --------------------------------------------------------------------------------------------------- setup
 
@@ -138,7 +174,20 @@ class SSTECallback(MetricsCallback):
         if model is None:
             raise ValueError("SSTECallback needs the model (the Trainer passes it to callbacks as model=...)")
         self.prepare(model)
+        saved = _saved_attributes(self, state) or (self.saved if getattr(state, "global_step", 0) else None)
+        if saved and saved.get("betas"):
+            load_sste_betas(model, saved["betas"])  # β of the original start, not of the resumed weights
         self._acc = {}
+
+    def state(self) -> dict:
+        """Resume state for the Trainer's checkpoint: the frozen β of every S-STE layer."""
+        args: dict[str, Any] = {"finalize": self.finalize, "track_flips": self.track_flips}
+        if self.modules is None or isinstance(self.modules, str):
+            args["modules"] = self.modules
+        elif not callable(self.modules):
+            args["modules"] = list(self.modules)
+        betas = sste_betas(self._model) if self._model is not None else {}
+        return {"args": args, "attributes": {"saved": {"betas": betas}}}
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.track_flips or self._model is None:
@@ -227,10 +276,16 @@ class SSTEDriver(PruneDriver):
         return {"betas": {n: float(m.sste_scale) for n, m in self.layers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, beta in (state.get("betas") or {}).items():
-            layer = self.layers.get(name)
-            if layer is not None:
-                layer.sste_scale = torch.tensor(float(beta), dtype=torch.float32, device=layer.weight.device)
+        betas = state.get("betas") or {}
+        missing = sorted(set(betas) - set(self.layers))
+        if missing:
+            raise ValueError(
+                f"S-STE: the checkpoint has frozen betas for {missing[:3]} ({len(missing)} in all), which this run "
+                "does not train with S-STE; resume with the same include/exclude"
+            )
+        for name, beta in betas.items():
+            layer = self.layers[name]
+            layer.sste_scale = torch.tensor(float(beta), dtype=torch.float32, device=layer.weight.device)
 
 
 register_driver(SSTEDriver)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from prune_testlib import collate, token_rows, training_args
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from prune_peft.callbacks import PruneCallback, SSTECallback, apply_sste, finalize_sste
-from prune_peft.callbacks.sste import SSTEDriver, sste_layers
+from prune_peft.callbacks.sste import SSTEDriver, load_sste_betas, sste_betas, sste_layers
 from prune_peft.sparsity import is_nm_sparse
 from prune_peft.sparsity.sste import SSTELinear, soft_threshold24, sste_scale
 from prune_peft.testing import tiny_causal_lm
@@ -119,3 +119,57 @@ def test_driver_restores_frozen_beta():
     assert float(again.layers[name].sste_scale) != pytest.approx(saved["betas"][name])
     again.load_state_dict(saved)
     assert float(again.layers[name].sste_scale) == pytest.approx(saved["betas"][name])
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def _resumable(out, make_callback, stop=None, resume=None):
+    model = tiny_causal_lm(seed=0, num_hidden_layers=2)
+    callback = make_callback()
+    args = training_args(out, max_steps=4, learning_rate=5e-2, save_strategy="steps", save_steps=2, logging_steps=2)
+    callbacks = [callback] + ([_StopAt(stop)] if stop else [])
+    trainer = Trainer(model=model, args=args, train_dataset=token_rows(32), data_collator=collate, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, {n: float(m.sste_scale) for n, m in sste_layers(model).items()}
+
+
+@pytest.mark.parametrize(
+    "make_callback", [SSTECallback, lambda: PruneCallback(method="s-ste")], ids=["SSTECallback", "PruneCallback"]
+)
+def test_resume_keeps_the_frozen_beta_and_equals_uninterrupted(tmp_path, make_callback):
+    full, full_betas = _resumable(tmp_path / "full", make_callback)
+    _resumable(tmp_path / "split", make_callback, stop=2)
+    ckpt = tmp_path / "split" / "checkpoint-2"
+    assert ckpt.is_dir()
+    resumed, resumed_betas = _resumable(tmp_path / "split", make_callback, resume=str(ckpt))
+    # β frozen at the original start; a β recomputed from the step-2 weights would differ
+    fresh = {n: float(sste_scale(m.weight)) for n, m in sste_layers(resumed).items()}
+    assert resumed_betas == full_betas and len(full_betas) == 14
+    assert any(abs(fresh[n] - full_betas[n]) > 1e-6 for n in full_betas)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_plain_loop_betas_round_trip_and_refuse_unknown_layers():
+    model = tiny_causal_lm(seed=0, num_hidden_layers=1)
+    apply_sste(model)
+    saved = sste_betas(model)
+    with torch.no_grad():
+        for m in sste_layers(model).values():
+            m.weight.mul_(1.5).add_(0.01)
+    again = tiny_causal_lm(seed=0, num_hidden_layers=1)
+    apply_sste(again)
+    load_sste_betas(again, saved)
+    assert sste_betas(again) == saved
+    with pytest.raises(ValueError, match="not S-STE layers"):
+        load_sste_betas(again, {"model.nope": 1.0})
