@@ -104,6 +104,7 @@ def plot_eu_plane(ppl, entropy, quadrant, path, thresholds: dict[str, float] | N
 # ---------------------------------------------------------------------------------------------------------------
 
 MODES = ("two_pass", "single_pass")
+SCORE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -142,6 +143,20 @@ class QTuningConfig:
         default=False,
         metadata={"help": "use ½(PPL_{i−1}+PPL_{i+1}) instead of the page formula's sum for the neighbour term"},
     )
+    score_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "two-pass: score the step's samples (all micro-batches of the accumulation window) in chunks of "
+            "this many rows, e.g. larger than per_device_train_batch_size; None: one scoring forward per micro-batch"
+        },
+    )
+    score_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "two-pass: autocast the scoring forward to 'bfloat16' or 'float16' (log-softmax stays float32), "
+            "or 'float32'; None: the trainer's own precision (bf16/fp16 args)"
+        },
+    )
     plot: bool = field(default=True, metadata={"help": "write EU-plane scatter plots (needs matplotlib)"})
     plot_steps: int = field(
         default=0,
@@ -160,6 +175,16 @@ class QTuningConfig:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.token_keep not in ("low", "high"):
             raise ValueError(f"token_keep must be 'low' or 'high', got {self.token_keep!r}")
+        sbs = self.score_batch_size
+        if sbs is not None and (isinstance(sbs, bool) or not isinstance(sbs, int) or sbs < 1):
+            raise ValueError(f"score_batch_size must be None or an integer >= 1, got {sbs!r}")
+        if self.score_dtype is not None and self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be None or one of {list(SCORE_DTYPES)}, got {self.score_dtype!r}")
+        if self.mode != "two_pass" and (sbs is not None or self.score_dtype is not None):
+            raise ValueError(
+                "score_batch_size and score_dtype set the two-pass scoring forward; mode='single_pass' scores from "
+                f"the training forward: leave them None (got score_batch_size={sbs!r}, score_dtype={self.score_dtype!r})"
+            )
         if isinstance(self.plot_steps, bool) or not isinstance(self.plot_steps, int) or self.plot_steps < 0:
             raise ValueError(f"plot_steps must be an integer >= 0, got {self.plot_steps!r}")
 
@@ -488,7 +513,7 @@ class QTuningTrainerMixin(PruneTrainerMixin):
             return batches, num_items
         batches = [_to_device(b, device) for b in batches]
         t0 = time.perf_counter()
-        scored = [self._qtuning_score(b) for b in batches]
+        scored = self.qtuning_score_batches(batches)
         cb.add_scoring_time(time.perf_counter() - t0)
         plan = cb.triage(*zip(*scored))
         pruned = [_prune_batch(b, k, t) for b, (k, t) in zip(batches, plan)]
@@ -496,47 +521,75 @@ class QTuningTrainerMixin(PruneTrainerMixin):
             _, num_items = super().get_batch_samples(iter(pruned), len(pruned), device)  # type: ignore[misc]
         return pruned, num_items
 
-    @torch.no_grad()
-    def _qtuning_score(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """No-grad per-token NLL and entropy [B, L−1] of a micro-batch, projecting only response positions."""
+    def qtuning_score_batches(
+        self, batches: list[dict[str, Any]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Two-pass scoring of one optimizer step's micro-batches: per micro-batch (nll, entropy, mask), [B, L−1].
+
+        Runs in ``torch.inference_mode`` with the adapter's current weights and dropout off; with
+        ``score_batch_size`` the rows of all micro-batches are scored in chunks of that size (right-padded to a
+        common length: under causal attention later columns do not change earlier positions' scores).
+        """
+        cfg = self.qtuning_callback.config  # type: ignore[union-attr]
         model = self.model  # type: ignore[attr-defined]
         model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        labels = batch["labels"]
-        mask = labels[:, 1:] != IGNORE_INDEX
-        inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
         was_training = model.training
         model.eval()  # deterministic scores: no dropout (LoRA dropout included)
         try:
-            with self.accelerator.autocast():  # type: ignore[attr-defined]
-                backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-                head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-                cfg = getattr(model, "config", None)
-                text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-                scaled = any(
-                    getattr(text_cfg, a, None) not in (None, 1, 1.0)
-                    for a in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
-                ) or getattr(text_cfg, "logits_scaling", None) not in (None, 1, 1.0)
-                if backbone is not None and head is not None and not scaled and backbone is not model:
-                    # only the response positions go through the LM head (a large share of a small model's FLOPs)
-                    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
-                    h = hidden[mask]
-                    tgt = labels[:, 1:][mask]
-                    nll_v, ent_v = [], []
-                    for i in range(0, h.size(0), 1024):
-                        logp = head(h[i : i + 1024]).float().log_softmax(-1)
-                        nll_v.append(-logp.gather(-1, tgt[i : i + 1024, None]).squeeze(-1))
-                        ent_v.append(-(logp.exp() * logp).sum(-1))
-                    nll = torch.zeros(mask.shape, dtype=torch.float32, device=labels.device)
-                    ent = torch.zeros_like(nll)
-                    if h.size(0):
-                        nll[mask] = torch.cat(nll_v).to(nll.device)
-                        ent[mask] = torch.cat(ent_v).to(ent.device)
-                else:
-                    logits = model(**inputs, use_cache=False).logits
-                    nll, ent, mask = token_nll_entropy(logits, labels)
+            with torch.inference_mode(), self._qtuning_autocast(cfg.score_dtype):
+                if cfg.score_batch_size is None or not _can_merge(batches):
+                    return [self._qtuning_score(model, b) for b in batches]
+                merged, sizes, lengths = _merge_rows(batches)
+                n, step = merged["labels"].size(0), cfg.score_batch_size
+                parts = [self._qtuning_score(model, _rows(merged, i, min(n, i + step))) for i in range(0, n, step)]
+                nll, ent, mask = (torch.cat(x) for x in zip(*parts))
+                out, start = [], 0
+                for b, length in zip(sizes, lengths):
+                    rows = slice(start, start + b)
+                    out.append((nll[rows, : length - 1], ent[rows, : length - 1], mask[rows, : length - 1]))
+                    start += b
+                return out
         finally:
             model.train(was_training)
-        return nll, ent, mask
+
+    def _qtuning_autocast(self, score_dtype: str | None):
+        if score_dtype is None:
+            return self.accelerator.autocast()  # type: ignore[attr-defined]  # the trainer's own precision
+        device = next(self.model.parameters()).device  # type: ignore[attr-defined]
+        dtype = getattr(torch, score_dtype)
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def _qtuning_score(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token NLL and entropy [B, L−1] of one batch (no graph), projecting only response positions."""
+        labels = batch["labels"]
+        mask = labels[:, 1:] != IGNORE_INDEX
+        inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+        backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        cfg = getattr(model, "config", None)
+        text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+        scaled = any(
+            getattr(text_cfg, a, None) not in (None, 1, 1.0)
+            for a in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
+        ) or getattr(text_cfg, "logits_scaling", None) not in (None, 1, 1.0)
+        if backbone is not None and head is not None and not scaled and backbone is not model:
+            # only the response positions go through the LM head (a large share of a small model's FLOPs)
+            hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+            h = hidden[mask]
+            tgt = labels[:, 1:][mask]
+            nll_v, ent_v = [], []
+            for i in range(0, h.size(0), 1024):
+                logp = head(h[i : i + 1024]).float().log_softmax(-1)
+                nll_v.append(-logp.gather(-1, tgt[i : i + 1024, None]).squeeze(-1))
+                ent_v.append(-(logp.exp() * logp).sum(-1))
+            nll = torch.zeros(mask.shape, dtype=torch.float32, device=labels.device)
+            ent = torch.zeros_like(nll)
+            if h.size(0):
+                nll[mask] = torch.cat(nll_v).to(nll.device)
+                ent[mask] = torch.cat(ent_v).to(ent.device)
+            return nll, ent, mask
+        logits = model(**inputs, use_cache=False).logits
+        return token_nll_entropy(logits, labels)
 
     # ------------------------------------------------------------------ compute_loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
@@ -603,6 +656,45 @@ def __getattr__(name: str) -> Any:
 
 def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+_PAD_VALUES = {"labels": IGNORE_INDEX}  # right-padding value per key (0 for input_ids, attention_mask, …)
+
+
+def _can_merge(batches: list[dict[str, Any]]) -> bool:
+    """Every micro-batch holds only per-row tensors [B] / [B, L] (no scalars, packed position ids …)."""
+    for b in batches:
+        bsz, length = b["labels"].shape
+        for k, v in b.items():
+            if k in ("num_items_in_batch", _SKIP_KEY):
+                continue
+            if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2) or v.size(0) != bsz:
+                return False
+            if v.dim() == 2 and v.size(1) != length:
+                return False
+    return len({tuple(sorted(k for k in b if k != "num_items_in_batch")) for b in batches}) == 1
+
+
+def _merge_rows(batches: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
+    """Rows of all micro-batches in one batch, right-padded to the longest (labels −100, other keys 0)."""
+    lengths = [b["labels"].size(1) for b in batches]
+    width = max(lengths)
+    merged = {}
+    for k in batches[0]:
+        if k == "num_items_in_batch":
+            continue
+        parts = []
+        for b in batches:
+            v = b[k]
+            if v.dim() == 2 and v.size(1) < width:
+                v = torch.nn.functional.pad(v, (0, width - v.size(1)), value=_PAD_VALUES.get(k, 0))
+            parts.append(v)
+        merged[k] = torch.cat(parts)
+    return merged, [b["labels"].size(0) for b in batches], lengths
+
+
+def _rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    return {k: v[start:stop] for k, v in batch.items()}
 
 
 def _prune_batch(batch: dict[str, Any], keep_rows: torch.Tensor, keep_tokens: torch.Tensor) -> dict[str, Any]:
