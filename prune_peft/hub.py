@@ -36,6 +36,7 @@ __all__ = [
     "is_plain_lora",
     "merged_card",
     "push_to_hub",
+    "stock_reload",
     "write_adapter_card",
 ]
 
@@ -166,6 +167,55 @@ def merged_card(summary: dict, base: str | None, methods: list[str]):
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------- stock reloading
+
+_STOCK_LOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+out = {"params": sum(p.numel() for p in model.parameters()),
+       "prune_peft_imported": "prune_peft" in sys.modules}
+if sys.argv[2]:
+    with torch.no_grad():
+        torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
+print(json.dumps(out))
+"""
+
+
+def stock_reload(path: str | os.PathLike, input_ids: torch.Tensor | None = None, timeout: float = 600) -> dict:
+    """Load ``path`` with plain ``AutoModelForCausalLM.from_pretrained`` in a fresh Python process that never
+    imports prune_peft (what vLLM, TGI or a user without the library would do).
+
+    Returns ``{"params": int, "logits": float32 tensor or None}`` (logits of ``input_ids`` when given).
+    RuntimeError with the child's last lines when the stock loader fails, or when prune_peft got imported.
+    """
+    import json
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path = logits_path = ""
+        if input_ids is not None:
+            ids_path, logits_path = os.path.join(tmp, "ids.pt"), os.path.join(tmp, "logits.pt")
+            torch.save(input_ids.detach().cpu(), ids_path)
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        proc = subprocess.run(
+            [sys.executable, "-c", _STOCK_LOAD, str(path), ids_path, logits_path],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            raise RuntimeError(f"stock from_pretrained({str(path)!r}) failed in a fresh process:\n{tail}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if result.pop("prune_peft_imported"):
+            raise RuntimeError(f"loading {str(path)!r} imported prune_peft: the checkpoint is not stock")
+        result["logits"] = torch.load(logits_path) if logits_path else None
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- export, push

@@ -29,8 +29,32 @@ from .._hf import find_decoder_blocks, text_config
 __all__ = ["LayerDropReport", "angular_distance", "block_distances", "drop_layers", "remove_blocks", "span_distances"]
 
 TOKEN_MODES = ("all", "last")
-# config attributes that hold one entry per decoder block and must shrink with the model
-_PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers", "mlp_only_layers_types")
+# config attributes that hold one entry per decoder block and must shrink with the model (any other top-level list
+# whose name contains "layer" and whose length is the block count is treated the same way)
+_PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers", "mlp_only_layers_types", "activation_sparsity_pattern")
+# config attributes that list block *indices*: renumbered, dropped blocks removed
+_LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers", "full_attn_idxs", "swa_layers", "global_attn_layers")
+# config attributes that count a prefix of blocks (Qwen2's max_window_layers, DeepSeek's first_k_dense_replace)
+_LAYER_PREFIX_COUNTS = ("max_window_layers", "first_k_dense_replace")
+
+
+def _shrink_config(cfg, num: int, keep: list[int]) -> None:
+    """Rewrite every block-indexed field of ``cfg`` for the kept blocks ``keep`` (of ``num``)."""
+    if getattr(cfg, "num_hidden_layers", None) != num:
+        return
+    cfg.num_hidden_layers = len(keep)
+    new_index = {old: new for new, old in enumerate(keep)}
+    for key, value in list(vars(cfg).items()):
+        if not isinstance(value, (list, tuple)):
+            continue
+        if key in _LAYER_INDEX_LISTS:
+            setattr(cfg, key, type(value)(new_index[i] for i in value if isinstance(i, int) and i in new_index))
+        elif len(value) == num and (key in _PER_LAYER_CONFIG_LISTS or "layer" in key):
+            setattr(cfg, key, type(value)(value[i] for i in keep))
+    for key in _LAYER_PREFIX_COUNTS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= num:
+            setattr(cfg, key, sum(1 for i in keep if i < value))
 
 
 def angular_distance(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -132,9 +156,11 @@ def block_distances(
 def remove_blocks(model: nn.Module, indices: list[int]) -> nn.Module:
     """Remove decoder blocks ``indices`` from ``model`` in place and rewrite what depends on the block count.
 
-    Fixes ``config.num_hidden_layers``, per-layer config lists (``layer_types`` …) and each kept block's
-    ``layer_idx`` attributes — the KV cache is indexed by them, so stale values would make generation write
-    into the wrong (or a missing) cache slot.
+    Fixes ``config.num_hidden_layers``, per-layer config lists (``layer_types``, ``no_rope_layers`` …), lists of
+    block indices (``mlp_only_layers``, ``moe_layers`` …: renumbered), prefix counts (``max_window_layers``) and
+    each kept block's ``layer_idx`` attributes, so ``save_pretrained`` writes a stock checkpoint that plain
+    ``from_pretrained`` rebuilds with the same attention type per block. The ``layer_idx`` attributes matter for
+    the KV cache, which is indexed by them: stale values would write into the wrong (or a missing) cache slot.
     """
     blocks_name, blocks = find_decoder_blocks(model)
     num = len(blocks)
@@ -157,12 +183,7 @@ def remove_blocks(model: nn.Module, indices: list[int]) -> nn.Module:
     setattr(parent, attr, new_blocks)
     configs = {id(config): config, id(model.config): model.config}
     for cfg in configs.values():
-        if getattr(cfg, "num_hidden_layers", None) == num:
-            cfg.num_hidden_layers = len(keep)
-        for key in _PER_LAYER_CONFIG_LISTS:
-            value = getattr(cfg, key, None)
-            if isinstance(value, (list, tuple)) and len(value) == num:
-                setattr(cfg, key, type(value)(value[i] for i in keep))
+        _shrink_config(cfg, num, keep)
     return model
 
 

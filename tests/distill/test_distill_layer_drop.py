@@ -161,3 +161,42 @@ def test_inplace_modifies_the_given_model(tiny_model):
     model = tiny_model("llama")
     student, _ = drop_layers(model, 1, start=3, inplace=True)
     assert student is model and len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dropped_checkpoint_is_stock_with_consistent_layer_fields(tiny_model, tmp_path, arch):
+    """Saved student: plain from_pretrained in a process without prune_peft rebuilds it with equal logits, and
+    the block-indexed config fields (layer_types, max_window_layers) describe the kept blocks."""
+    from transformers import AutoConfig
+
+    from prune_peft.hub import stock_reload
+
+    extra = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2) if arch == "qwen2" else {}
+    model = tiny_model(arch, num_hidden_layers=5, **extra)
+    before = list(getattr(model.config, "layer_types", None) or [])
+    student, _ = drop_layers(model, 2, start=1)
+    student.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.num_hidden_layers == 3
+    if arch == "qwen2":
+        assert before == ["full_attention"] * 2 + ["sliding_attention"] * 3
+        assert config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+        assert config.max_window_layers == 1  # blocks 0 (kept) and 1 (dropped) were full attention
+    ids = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(5))  # longer than the window
+    with torch.no_grad():
+        expected = student(ids).logits
+    out = stock_reload(tmp_path, ids)
+    torch.testing.assert_close(out["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert out["params"] == sum(p.numel() for p in student.parameters())
+
+
+def test_block_index_lists_are_renumbered():
+    from types import SimpleNamespace
+
+    from prune_peft.distill.layer_drop import _shrink_config
+
+    cfg = SimpleNamespace(
+        num_hidden_layers=5, mlp_only_layers=[0, 2, 4], layer_types=list("abcde"), architectures=["X"]
+    )
+    _shrink_config(cfg, 5, [0, 3, 4])
+    assert cfg.mlp_only_layers == [0, 2] and cfg.layer_types == ["a", "d", "e"] and cfg.architectures == ["X"]

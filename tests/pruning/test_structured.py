@@ -5,6 +5,7 @@ import torch
 from peft import get_peft_model
 
 from prune_peft import LoRAPruneConfig, compact, load_compacted, save_compacted
+from prune_peft.hub import stock_reload
 from prune_peft.pruning.structured import compacted_shapes
 from prune_peft.testing import tiny_causal_lm
 
@@ -139,32 +140,6 @@ def test_compact_uses_public_tuner_api_and_the_tuner_does_not_import_pruning():
 
 # ------------------------------------------------------------------------------------------------ uniform=True
 
-_STOCK_LOAD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-ids = torch.load(sys.argv[2])
-torch.save(model(ids).logits, sys.argv[3])
-assert "prune_peft" not in sys.modules, "the stock load imported prune_peft"
-print(sum(p.numel() for p in model.parameters()))
-"""
-
-
-def stock_logits(folder, ids, tmp_path):
-    """Logits of ``folder`` loaded by plain from_pretrained in a fresh interpreter that never imports prune_peft."""
-    import subprocess
-    import sys
-
-    torch.save(ids, tmp_path / "ids.pt")
-    out = subprocess.run(
-        [sys.executable, "-c", _STOCK_LOAD, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return torch.load(tmp_path / "logits.pt"), int(out.stdout.split()[-1])
-
 
 def _uniform_trained(arch="llama", multiple=16, sparsity=0.5, steps=4):
     model = get_peft_model(
@@ -208,9 +183,9 @@ def test_uniform_loraprune_compacts_to_a_stock_checkpoint(arch, tmp_path):
     assert compacted_shapes(small) is None and not hasattr(cfg, "prune_peft_layers")
     torch.testing.assert_close(small(ids).logits, masked, rtol=1e-5, atol=1e-5)
     save_compacted(small, tmp_path / "small")
-    logits, n_params = stock_logits(tmp_path / "small", ids, tmp_path)
-    torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
-    assert n_params == _n_params(small)
+    out = stock_reload(tmp_path / "small", ids)  # fresh process, prune_peft never imported
+    torch.testing.assert_close(out["logits"], masked, rtol=1e-5, atol=1e-5)
+    assert out["params"] == _n_params(small)
 
 
 def test_uniform_channel_rounding_and_bad_settings():
