@@ -421,9 +421,9 @@ class SparseTunerMixin:
         source = getattr(config, "_pp_source", None)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            self._pp_check_digests(model, adapter_name, getattr(config, "sparse_digests", None))
-            if source is not None:
+            if source is not None:  # first: it names the file and the exact problem (shape, truncation, mask)
                 self._pp_check_file(model, adapter_name, source, getattr(config, "sparse_digests", None))
+            self._pp_check_digests(model, adapter_name, getattr(config, "sparse_digests", None))
         except BaseException:
             _remove_adapter_layers(model, adapter_name, before)
             raise
@@ -457,9 +457,10 @@ class SparseTunerMixin:
         if wrong:
             shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
             raise ValueError(
-                f"{self.method}: adapter {adapter_name!r} was created on a base with other zeros than this model at "
-                f"{len(wrong)} layer(s) ({shown}; adapter_config.json sparse_digests): load it onto the pruned base "
-                "it was trained on, or set config.sparse_digests=None to adapt this base anew"
+                f"{self.method}: the adapter's masks do not match this base model's zeros: adapter {adapter_name!r} "
+                f"was created on a base with other zeros at {len(wrong)} layer(s) ({shown}; adapter_config.json "
+                "sparse_digests): load it onto the pruned base it was trained on, or set config.sparse_digests=None "
+                "to adapt this base anew"
             )
 
     def _pp_check_file(self, model: nn.Module, adapter_name: str, source: str, expected: dict | None) -> None:
@@ -478,7 +479,7 @@ class SparseTunerMixin:
                 f"{self.method}: adapter file {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated, "
                 "empty or not a safetensors file: save or download the adapter again"
             ) from exc
-        problems = []
+        problems, zeros = [], False
         for name, layer in sparse_layers(model).items():
             if adapter_name not in layer.lora_sparse_mask:
                 continue
@@ -496,14 +497,16 @@ class SparseTunerMixin:
             problem = layer._pp_incoming_problem(adapter_name, packed, tensors.get(prefix + "lora_sparse_nnz"))
             if problem:
                 problems.append(f"{name}: {problem}")
+                zeros = True
             want = (expected or {}).get(name)
             if isinstance(want, (list, tuple)) and len(want) > 1 and _digest(packed) != want[1]:
                 problems.append(f"{name}: the saved mask does not match its digest in adapter_config.json (tampered)")
         if problems:
             shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+            what = "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
             raise ValueError(
-                f"{self.method}: adapter file {path} does not fit this model ({len(problems)} problem(s)); load it "
-                f"onto the pruned base and configuration it was saved with:\n  {shown}"
+                f"{self.method}: adapter file {path}: {what} ({len(problems)} problem(s)); load it onto the pruned "
+                f"base and configuration it was saved with:\n  {shown}"
             )
 
     # -------------------------------------------------------------------------------------------------- loading
