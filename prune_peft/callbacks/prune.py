@@ -20,9 +20,11 @@ Events (transformers ≥ 4.42):
 - Logging: a :class:`~prune_peft.callbacks._trainer.MetricsCallback`. With ``PruneTrainerMixin`` on the Trainer the
   driver metrics reach every reporter (TensorBoard, W&B, MLflow); without it they are added to
   ``state.log_history`` only.
-- ``on_save`` / ``state()``: resume state (schedule position, moving-average importance) travels in the checkpoint
+- ``state()``: resume state (schedule position, moving-average importance) travels in the checkpoint
   (``ExportableState`` in ``trainer_state.json``; large element-wise importance in ``prune_peft_state.safetensors``
-  inside the checkpoint folder). Masks are adapter buffers and come back with the adapter weights.
+  inside the checkpoint folder, written atomically before ``trainer_state.json`` and recorded by checksum). Masks
+  are adapter buffers and come back with the adapter weights.
+- Sharded SparseLoRA/SPP (FSDP/FSDP2, ZeRO-3) is refused in ``on_train_begin``.
 
 Resume reads the side file from ``args.resume_from_checkpoint`` when that is a path, else from
 ``<output_dir>/checkpoint-<global_step>`` (where ``trainer.train(resume_from_checkpoint=...)`` checkpoints live);
@@ -116,9 +118,26 @@ class PruneCallback(MetricsCallback, ExportableState):
         if model is None:
             raise RuntimeError("PruneCallback needs the model in on_train_begin (transformers Trainer passes it)")
         self.drivers = self._discover(model)
+        self._refuse_sharded(model)
+        self._args, self._state = args, state  # state() writes the side file into the checkpoint being saved
         for driver in self.drivers:
             driver.setup(model, args, state)
         self._restore(args, state)
+
+    def _refuse_sharded(self, model: nn.Module) -> None:
+        """SparseLoRA/SPP masks are checked against whole base weights at every save: refuse sharded parameters."""
+        if not any(isinstance(d, SparseAdapterDriver) for d in self.drivers):
+            return
+        from ..tuners.loraprune.pruner import check_not_sharded
+
+        try:
+            check_not_sharded(model, owner="PruneCallback")
+        except ValueError:
+            raise ValueError(
+                "PruneCallback: SparseLoRA/SPP adapters with sharded parameters (FSDP/FSDP2 DTensor, DeepSpeed "
+                "ZeRO-3) are not supported yet: their masks are checked against the whole base weights at every "
+                "checkpoint; train with DDP or on one device"
+            ) from None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         for driver in self.drivers:
@@ -137,21 +156,39 @@ class PruneCallback(MetricsCallback, ExportableState):
     def on_save(self, args, state, control, model=None, **kwargs):
         for driver in self.drivers:
             driver.on_save(model, args, state)
-        tensors = {f"{d.key}/{k}": v.detach().contiguous().cpu() for d in self.drivers for k, v in d.tensors().items()}
-        if tensors and args.should_save:
-            from safetensors.torch import save_file
-
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                save_file(tensors, os.path.join(folder, SIDE_FILE))
 
     # -------------------------------------------------------------------------------------------------- state
 
     def state(self) -> dict:
+        """Resume state for ``trainer_state.json``; the element-wise tensors go to the side file, written here.
+
+        The Trainer calls ``state()`` while saving a checkpoint, after the model and optimizer files and *before*
+        ``trainer_state.json`` (which makes the folder a resumable checkpoint): a run killed in between leaves a
+        checkpoint without ``trainer_state.json`` that nothing resumes from, never one without the side file. The
+        side file's SHA-256 is recorded so a tampered or foreign file is refused on resume.
+        """
         drivers = {d.key: d.state_dict() for d in self.drivers}
-        side = any(d.tensors() for d in self.drivers)
+        tensors = {f"{d.key}/{k}": v.detach().contiguous().cpu() for d in self.drivers for k, v in d.tensors().items()}
+        saved: dict[str, Any] = {"drivers": drivers, "side_file": bool(tensors)}
+        if tensors:
+            saved["side_sha256"] = self._write_side_file(tensors)
         args = {"method": self.method, **self.overrides}
-        return {"args": args, "attributes": {"saved": {"drivers": drivers, "side_file": side}}}
+        return {"args": args, "attributes": {"saved": saved}}
+
+    def _write_side_file(self, tensors: dict) -> str | None:
+        import hashlib
+
+        from safetensors.torch import save
+
+        from .._io import atomic_write_bytes
+
+        data = save(tensors)
+        targs, tstate = getattr(self, "_args", None), getattr(self, "_state", None)
+        if targs is not None and tstate is not None and targs.should_save:
+            folder = os.path.join(targs.output_dir, f"checkpoint-{tstate.global_step}")
+            if os.path.isdir(folder):
+                atomic_write_bytes(os.path.join(folder, SIDE_FILE), data)
+        return hashlib.sha256(data).hexdigest()
 
     @staticmethod
     def checkpoint_dir(args, state) -> str:
@@ -186,9 +223,24 @@ class PruneCallback(MetricsCallback, ExportableState):
                 "exactly. Copy the checkpoint folder whole, or set TrainingArguments(resume_from_checkpoint=<path>) "
                 "when it lives outside output_dir."
             )
-        from safetensors.torch import load_file
+        import hashlib
 
-        tensors = load_file(path)
+        from safetensors.torch import load
+
+        data = open(path, "rb").read()
+        want = saved.get("side_sha256")
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise ValueError(
+                f"PruneCallback: {path} does not match the checksum recorded in the checkpoint's trainer_state.json "
+                "(truncated, tampered or from another checkpoint); resuming from it would not continue the run "
+                "exactly. Resume from an intact checkpoint."
+            )
+        try:
+            tensors = load(data)
+        except Exception as exc:
+            raise ValueError(
+                f"PruneCallback: {path} cannot be read ({exc}); resume from an intact checkpoint"
+            ) from exc
         for driver in self.drivers:
             prefix = driver.key + "/"
             driver.load_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
