@@ -386,14 +386,18 @@ class QTuningCallback(MetricsCallback):
                 acc.get("q2_tokens", 0.0), 1.0
             )
             out["qtuning/level"] = acc.get("level", 0.0) / max(acc.get("triages", 1.0), 1.0)
-            if "scoring_seconds" in acc:  # two-pass: wall time of the scoring forwards
-                out["qtuning/scoring_seconds"] = acc["scoring_seconds"] / steps
+            for key in ("scoring_seconds", "select_seconds"):  # two-pass: scoring forwards; triage + pruning
+                if key in acc:
+                    out[f"qtuning/{key}"] = acc[key] / steps
         self._acc = {}
         return out
 
-    def add_scoring_time(self, seconds: float) -> None:
-        """Two-pass: wall time of one step's scoring forwards (logged as ``qtuning/scoring_seconds``)."""
-        self._acc["scoring_seconds"] = self._acc.get("scoring_seconds", 0.0) + seconds
+    def add_scoring_time(self, seconds: float, key: str = "scoring_seconds") -> None:
+        """Two-pass: wall time of one step's scoring forwards (``qtuning/scoring_seconds``) or of its triage,
+        pruning and recount between scoring and training (``key="select_seconds"``)."""
+        if key not in ("scoring_seconds", "select_seconds"):
+            raise ValueError(f"key must be 'scoring_seconds' or 'select_seconds', got {key!r}")
+        self._acc[key] = self._acc.get(key, 0.0) + seconds
 
     # ------------------------------------------------------------------ triage of one pool
     def triage(
@@ -515,10 +519,12 @@ class QTuningTrainerMixin(PruneTrainerMixin):
         t0 = time.perf_counter()
         scored = self.qtuning_score_batches(batches)
         cb.add_scoring_time(time.perf_counter() - t0)
+        t1 = time.perf_counter()
         plan = cb.triage(*zip(*scored))
         pruned = [_prune_batch(b, k, t) for b, (k, t) in zip(batches, plan)]
         if num_items is not None:  # recount from the pruned labels, with the trainer's own rules (shift, ranks)
             _, num_items = super().get_batch_samples(iter(pruned), len(pruned), device)  # type: ignore[misc]
+        cb.add_scoring_time(time.perf_counter() - t1, key="select_seconds")
         return pruned, num_items
 
     def qtuning_score_batches(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DemoContext", "log"]
+__all__ = ["DemoContext", "log", "log_budget_cut"]
 
 
 @dataclass
@@ -35,3 +35,10 @@ class DemoContext:
 
 def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
+
+
+def log_budget_cut(stage: str, steps: int, planned: int, budget_s: float) -> str:
+    """Say on the console that ``stage`` stopped at its wall-clock budget, with how much of the plan it ran."""
+    msg = f"{stage}: cut by its time budget ({budget_s:.0f}s) after {steps} of {planned} planned steps"
+    log(msg)
+    return msg
