@@ -58,7 +58,16 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbF
 
     if kind == "4bit":
-        return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+        state = weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks the weight in place for its CPU (AVX512-BF16) kernel on the first no-grad eval
+            # forward; dequantize_4bit does not read that layout. Undo it on a copy of the state (the inverse
+            # rewrites the state it is given) and leave the module as it is.
+            import copy
+
+            data, state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))
+            return bnbF.dequantize_4bit(data, state)
+        return bnbF.dequantize_4bit(weight.data, state)
     scb = getattr(weight, "SCB", None)
     if scb is None:
         scb = module.state.SCB
