@@ -99,6 +99,13 @@ def target_linears(
         if not any(fnmatch.fnmatchcase(n, pat) for n in chosen):
             raise ValueError(f"exclude pattern {pat!r} matches none of the {len(chosen)} target linear layers")
         chosen = {n: m for n, m in chosen.items() if not fnmatch.fnmatchcase(n, pat)}
+    if not chosen and not include and not exclude:
+        kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n.startswith(blocks_name + ".")})
+        raise ValueError(
+            f"model: no torch.nn.Linear layer inside the decoder blocks ({blocks_name}); found {kinds[:8]}. "
+            "prune() handles float nn.Linear layers only: GPT-2-style Conv1D and quantized (e.g. dynamically "
+            "quantized) layers are not supported; load the float model of a Linear-based architecture"
+        )
     if not chosen:
         raise ValueError("include/exclude leave no linear layer to prune")
     for name, mod in chosen.items():
@@ -289,7 +296,20 @@ def prune(
     if method != "magnitude":
         if calibration is None:
             raise ValueError(f"method={method!r} needs calibration data (list of strings, datasets.Dataset or tokens)")
+        if not hasattr(model, "config"):
+            raise ValueError(
+                f"model: method={method!r} runs the model's forward pass and needs a transformers model with a "
+                f".config, got {type(model).__name__}; use method='magnitude' for a plain torch module"
+            )
+        if isinstance(calibration, torch.Tensor) and (
+            calibration.dtype.is_floating_point or calibration.dtype.is_complex or calibration.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"calibration: token ids must be an integer tensor, got dtype {calibration.dtype}; pass "
+                "tokenizer(...)['input_ids'] (int64), not embeddings or probabilities"
+            )
         tokens = calibration_tokens(calibration, tokenizer, nsamples, seqlen, seed, text_column)
+        _check_tokens(model, tokens, seqlen, isinstance(calibration, torch.Tensor))
 
     report = PruneReport(method, str(nm) if nm else "unstructured", sparsity, scope)
     start = time.perf_counter()
@@ -302,6 +322,23 @@ def prune(
         )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_tokens(model: nn.Module, tokens: torch.Tensor, seqlen: int, given: bool) -> None:
+    """Calibration tokens must index the embedding and (for text) fill ``seqlen``: checked before any pass."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(
+            f"calibration: token ids must be in [0, {vocab}) (the model's vocabulary), got ids in [{lo}, {hi}]; "
+            "tokenize with the model's own tokenizer"
+        )
+    if not given and tokens.shape[1] < seqlen:
+        raise ValueError(
+            f"calibration: the texts give only {tokens.shape[1]} tokens, fewer than seqlen={seqlen}; pass more "
+            f"calibration text (at least {seqlen} tokens) or a smaller seqlen"
+        )
 
 
 def _prune_magnitude(targets, sparsity, nm, scope, report, progress):
