@@ -19,6 +19,21 @@ from typing import Any
 __all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_output_dir"]
 
 
+FAULT_ENV = "PRUNE_PEFT_TEST_FAULT"
+
+
+def _fault(phase: str) -> None:
+    """Tests only: SIGKILL this process at a named write phase when ``$PRUNE_PEFT_TEST_FAULT`` names it.
+
+    Phases: ``file-written`` (temp file complete, not renamed), ``dir-filled`` (temp folder filled, not swapped),
+    ``dir-old-aside`` (old output renamed aside, new not in), ``dir-new-in`` (new in, old not yet deleted).
+    """
+    if os.environ.get(FAULT_ENV) == phase:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _umask() -> int:
     """The process umask, read without changing it where the OS allows (``/proc``), else by a set/restore."""
     try:
@@ -57,6 +72,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the user's usual permissions
+        _fault("file-written")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -161,17 +177,20 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False, name: str = "
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{pid}-", dir=out.parent))
     try:
         yield tmp
+        _fault("dir-filled")
         _fsync_tree(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{pid}-", dir=out.parent))
             os.replace(out, old)  # an empty placeholder dir is replaced by the old output
+            _fault("dir-old-aside")
             try:
                 os.replace(tmp, out)
             except BaseException:
                 os.replace(old, out)
                 raise
             _fsync_dir(out.parent)
+            _fault("dir-new-in")
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
