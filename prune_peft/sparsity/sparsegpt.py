@@ -34,7 +34,8 @@ def sparsegpt_prune(
     ``W[:, i:] −= (w_i − q_i)/[H⁻¹]_ii · [H⁻¹]_{i, i:}``, masks chosen by the saliency ``w²/[H⁻¹]_jj²``.
 
     Return ``(W_pruned, keep_mask)``; exactly ``int(sparsity·rows·cols_in_block)`` zeros per column block
-    (unstructured) or N kept per M (pattern). Computed in float32; the result has ``weight``'s dtype."""
+    (unstructured) or N kept per M (pattern). Computed in float32 (float64 for float64 input); the result has
+    ``weight``'s dtype."""
     if pattern is None:
         sparsity = validate_sparsity(sparsity if sparsity is not None else -1.0)
     if blocksize <= 0:
@@ -50,8 +51,9 @@ def sparsegpt_prune(
         # A block boundary must not split an M-group.
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
 
-    W = weight.detach().clone().float()
-    H = H.detach().clone().float().to(W.device)
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 input
+    W = weight.detach().clone().to(dtype)
+    H = H.detach().clone().to(device=W.device, dtype=dtype)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0

@@ -1,4 +1,6 @@
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,19 +8,46 @@ from torch import nn
 
 from prune_peft import prune
 from prune_peft._hf import find_decoder_blocks
-from prune_peft.sparsity import InputStats, is_nm_sparse, nm_mask, sparsegpt_prune, unstructured_mask, wanda_scores
+from prune_peft.sparsity import is_nm_sparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sparsity"))
+from obs_oracle import obs_prune
 
 CALIB = torch.randint(3, 260, (6, 32), generator=torch.Generator().manual_seed(0))
 
 
+def _wanda_oracle(weight, X, sparsity=None, nm=None):
+    """Wanda from its formula (arXiv 2306.11695): S_ij = |W_ij|·‖X_j‖₂; the lowest ⌊s·d_in⌋ of each row, or the
+    lowest M − N of every M consecutive inputs of each row."""
+    score = weight.detach().double().abs() * X.double().pow(2).sum(0).sqrt()
+    keep = torch.ones_like(weight, dtype=torch.bool)
+    if nm is not None:
+        n, m = nm
+        groups = score.reshape(-1, m)
+        low = torch.sort(groups, dim=1, stable=True).indices[:, : m - n]
+        keep.view(-1, m).scatter_(1, low, False)
+    else:
+        low = torch.sort(score, dim=1, stable=True).indices[:, : int(weight.shape[1] * sparsity)]
+        keep.scatter_(1, low, False)
+    return weight * keep
+
+
 def _reference_layerwise(model, method, sparsity=None, pattern=None):
-    """Oracle: prune block by block, collecting each block's input statistics with a *full-model* forward
-    (earlier blocks already pruned) — what the block-by-block driver must reproduce."""
+    """Oracle: prune block by block, collecting each block's inputs with a *full-model* forward (earlier blocks
+    already pruned) — what the block-by-block driver must reproduce. Statistics, Wanda and SparseGPT are written here
+    from their formulas (SparseGPT: the exact OBS solution of tests/sparsity/obs_oracle.py), not taken from
+    prune_peft."""
+    nm = tuple(int(v) for v in pattern.split(":")) if pattern else None
     _, blocks = find_decoder_blocks(model)
     for block in blocks:
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        stats = {n: InputStats(m.in_features, hessian=True) for n, m in linears.items()}
-        hs = [m.register_forward_hook(lambda _m, i, _o, s=stats[n]: s.add(i[0])) for n, m in linears.items()]
+        inputs = {n: [] for n in linears}
+        hs = [
+            m.register_forward_hook(
+                lambda _m, i, _o, xs=inputs[n]: xs.append(i[0].detach().reshape(-1, i[0].shape[-1]))
+            )
+            for n, m in linears.items()
+        ]
         with torch.no_grad():
             for i in range(0, CALIB.shape[0], 4):
                 model(input_ids=CALIB[i : i + 4], use_cache=False)
@@ -26,15 +55,13 @@ def _reference_layerwise(model, method, sparsity=None, pattern=None):
             h.remove()
         with torch.no_grad():
             for n, m in linears.items():
+                X = torch.cat(inputs[n]).double()
                 if method == "wanda":
-                    s = wanda_scores(m.weight, stats[n].sq_mean)
-                    keep = nm_mask(s, 2, 4) if pattern else unstructured_mask(s, sparsity, "row")
-                    m.weight.mul_(keep)
+                    m.weight.copy_(_wanda_oracle(m.weight, X, sparsity, nm))
                 else:
-                    from prune_peft.sparsity import parse_pattern
-
-                    w, _ = sparsegpt_prune(m.weight, stats[n].H, sparsity, parse_pattern(pattern))
-                    m.weight.copy_(w)
+                    H = 2.0 / X.shape[0] * X.T @ X
+                    w, _ = obs_prune(m.weight, H, sparsity, nm)
+                    m.weight.copy_(w.to(m.weight.dtype))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +14,9 @@ from prune_peft.sparsity import (
     unstructured_mask,
     wanda_scores,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from obs_oracle import obs_prune
 
 
 def _layer(seed=0, d_out=32, d_in=64, tokens=512):
@@ -78,3 +84,46 @@ def test_sparsegpt_bad_input():
         sparsegpt_prune(W, stats.H[:4, :4], 0.5)
     with pytest.raises(ValueError, match="divisible by 3"):
         sparsegpt_prune(W, stats.H, pattern=NMPattern(2, 3))
+
+
+# ------------------------------------------------------------------------------ independent oracle: exact OBS
+
+
+@pytest.mark.parametrize(
+    "sparsity,pattern,blocksize",
+    [(0.5, None, 128), (0.5, None, 16), (0.3, None, 24), (None, NMPattern(2, 4), 128), (None, NMPattern(1, 3), 16)],
+)
+@pytest.mark.parametrize("dead", [False, True])
+def test_sparsegpt_equals_the_exact_obs_solution(sparsity, pattern, blocksize, dead):
+    d_in = 48
+    W, X, _ = _layer(seed=7, d_out=12, d_in=d_in, tokens=256)
+    X = X.double()
+    if dead:
+        X[:, 5] = 0.0
+    H = 2.0 / X.shape[0] * X.T @ X
+    W = W.double()
+    nm = (pattern.n, pattern.m) if pattern else None
+    expected, keep_expected = obs_prune(W, H, sparsity, nm, blocksize=blocksize, percdamp=0.01)
+    w, keep = sparsegpt_prune(W, H, sparsity, pattern, blocksize=blocksize, percdamp=0.01)
+    assert w.dtype == torch.float64
+    assert torch.equal(keep, keep_expected)
+    torch.testing.assert_close(w, expected, rtol=0, atol=1e-6)
+    # float32 compute (the default for float32 weights) stays close to the exact solution
+    w32, keep32 = sparsegpt_prune(W.float(), H.float(), sparsity, pattern, blocksize=blocksize, percdamp=0.01)
+    assert torch.equal(keep32, keep_expected)
+    torch.testing.assert_close(w32.double(), expected, rtol=0, atol=1e-4)
+
+
+def test_obs_oracle_is_the_least_squares_optimum_for_a_fixed_mask():
+    """Sanity of the oracle itself: with one column pruned and all others free (OBS, no freezing), the OBS update
+    equals the least-squares re-fit min ‖X wᵀ − X w'ᵀ‖ over w' with w'_q = 0."""
+    W, X, _ = _layer(seed=8, d_out=1, d_in=8, tokens=64)
+    X, w = X.double(), W.double()[0]
+    H = X.T @ X
+    q = 0  # column 0 first: no earlier column is frozen, so the oracle's update is the plain OBS step
+    G = torch.linalg.inv(H)
+    obs = w - (w[q] / G[q, q]) * G[:, q]
+    keep = torch.arange(8) != q
+    refit = torch.zeros(8, dtype=torch.float64)
+    refit[keep] = torch.linalg.lstsq(X[:, keep], X @ w).solution
+    torch.testing.assert_close(obs, refit, rtol=0, atol=1e-9)
