@@ -99,10 +99,28 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, name: s
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name}={str(out)!r} exists and is not a folder; pass a folder path")
+    _check_writable(out.parent, out, name)
     if out.exists() and any(out.iterdir()) and not overwrite:
         fix = "--overwrite" if name.startswith("--") else "overwrite=True"
         raise ValueError(f"{name}={str(out)!r} exists and is not empty; pass {fix} to replace it, or another {name}")
     return out
+
+
+def _check_writable(parent: Path, out: Path, name: str) -> None:
+    """The folder the output is created in must accept a new entry (probed by creating one: root ignores modes)."""
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{name}={str(out)!r} cannot be created: {str(probe)!r} is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise ValueError(
+            f"{name}={str(out)!r} is not writable ({exc.strerror} in {str(probe)!r}); pass a folder you can write to"
+        ) from None
 
 
 def _pid_alive(pid: int) -> bool:

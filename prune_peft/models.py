@@ -87,8 +87,33 @@ def embedded_checkpoint(alias: str = DEFAULT_MODEL) -> Path:
     return target
 
 
+def check_model_source(name_or_path: str, name: str = "model") -> None:
+    """ValueError for a model spec that can be neither a local folder nor a Hub repo id (before anything loads)."""
+    import os
+    import re
+
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ValueError(
+            f"{name}={name_or_path!r}: pass a local model folder, a Hub repo id or {sorted(EMBEDDED_MODELS)}"
+        )
+    spec = os.fspath(name_or_path)
+    if spec in EMBEDDED_MODELS:
+        return
+    if os.path.exists(spec):
+        if not os.path.isdir(spec) or not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ValueError(f"{name}={spec!r} is not a model folder (no config.json); pass a save_pretrained folder")
+        return
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
+        raise ValueError(
+            f"{name}={spec!r}: no such folder, and it is not a Hub repo id ('org/name'); pass an existing "
+            f"model folder, a Hub repo id or one of {sorted(EMBEDDED_MODELS)}"
+        )
+
+
 def resolve(name_or_path: str) -> str:
     """Embedded alias → local checkpoint path; anything else is returned unchanged (Hub id or path)."""
+    check_model_source(name_or_path)
     if name_or_path in EMBEDDED_MODELS:
         return str(embedded_checkpoint(name_or_path))
     return name_or_path

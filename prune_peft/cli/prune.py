@@ -51,6 +51,10 @@ def calibration_texts(spec: str):
     if spec.endswith(".txt") and os.path.isfile(spec):
         text = Path(spec).read_text()
         return [p for p in text.split("\n\n") if p.strip()]
+    if not os.path.exists(spec):
+        raise UsageError(
+            f"--calibration={spec!r}: no such file or folder; pass 'shakespeare', a .txt file or a saved dataset folder"
+        )
     from datasets import load_from_disk
 
     return load_from_disk(spec)
@@ -65,14 +69,22 @@ def run(opts: PruneOptions) -> int:
     if opts.out is None:
         raise UsageError("--out is required (the folder the pruned model is saved to)")
     check_output_dir(opts.out, overwrite=opts.overwrite, name="--out")
+    for arg, value in (("--seqlen", opts.seqlen), ("--nsamples", opts.nsamples)):
+        if not isinstance(value, int) or value <= 0:
+            raise UsageError(f"{arg} must be a positive integer, got {value!r}")
+    if opts.eval_windows is not None and opts.eval_windows < 0:
+        raise UsageError(f"--eval-windows must be >= 0, got {opts.eval_windows!r}")
 
     from ..data import shakespeare_texts
     from ..evaluation import perplexity
-    from ..models import load_model_and_tokenizer
+    from ..models import check_model_source, load_model_and_tokenizer
     from ..pruning.oneshot import prune
 
-    model, tok = load_model_and_tokenizer(opts.model)
+    check_model_source(opts.model, name="--model")
     calibration = None if opts.method == "magnitude" else calibration_texts(opts.calibration)
+    if calibration is not None and len(calibration) == 0:
+        raise UsageError(f"--calibration={opts.calibration!r} holds no text; pass a non-empty file or dataset")
+    model, tok = load_model_and_tokenizer(opts.model)
     result: dict[str, Any] = {"model": opts.model}
     heldout = shakespeare_texts("heldout")
     if opts.eval_windows:
