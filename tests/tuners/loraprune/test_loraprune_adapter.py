@@ -74,9 +74,15 @@ def test_masked_forward_equals_hand_zeroed_merged_weights(arch):
     channels[[0, 5, 77, 127]] = False
     model.base_model.set_block_masks(1, units=units, channels=channels)
     masked = model(ids).logits
-    # oracle: merge without masks (a fresh copy with the same LoRA weights), then zero rows by hand
+    # oracle: W + s·B A by hand on a fresh copy with the same LoRA weights (plain torch, not the merge under test),
+    # then zero rows by hand
     other = _peft(arch)
-    dense = other.merge_and_unload()
+    with torch.no_grad():
+        for layer in other.modules():
+            if isinstance(layer, LoRAPruneLinear):
+                A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                layer.get_base_layer().weight.add_(layer.scaling["default"] * B @ A)
+    dense = other.unload()  # peft's unload: drops the LoRA layers without merging
     _zero_unit_and_channels(dense, 1, 0, ~channels)
     torch.testing.assert_close(masked, dense(ids).logits, rtol=1e-5, atol=1e-5)
     # the mask changed the output (it is not a no-op)
@@ -170,7 +176,8 @@ def test_elementwise_structures_mask_weight_and_delta():
             mask = layers[name].element_mask("default")
             with torch.no_grad():
                 base = layer.get_base_layer()
-                base.weight.copy_(mask * (base.weight + layer.get_delta_weight("default")))
+                delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+                base.weight.copy_(mask * (base.weight + delta))
                 layer.lora_B["default"].weight.zero_()
         torch.testing.assert_close(masked, other(ids).logits, rtol=1e-5, atol=1e-5)
         merged = model.merge_and_unload()
