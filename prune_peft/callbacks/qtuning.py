@@ -24,6 +24,7 @@ A ``QTuningCallback`` in a Trainer without the mixin raises a ``ValueError`` at 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -52,6 +53,7 @@ __all__ = [
     "QTuningCallback",
     "QTuningConfig",
     "QTuningTrainerMixin",
+    "eu_plane_figure",
     "plot_eu_plane",
 ]
 
@@ -61,39 +63,114 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def plot_eu_plane(ppl, entropy, quadrant, path, thresholds: dict[str, float] | None = None, title: str = "") -> str:
-    """Scatter of samples on the EU plane (x = mean entropy, y = perplexity, log scale), coloured by quadrant."""
+def _log_ticks(ax, lo: float, hi: float) -> None:
+    """Readable log-scale y ticks: plain numbers at 1-2-5 steps (matplotlib's default labels only powers of ten, so a
+    range like 3…40 would carry a single label)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    lo, hi = max(lo, 1e-300), max(hi, lo * 1.0001)
+    ticks = [
+        m * 10.0**e
+        for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+        for m in (1, 2, 5)
+        if lo / 1.5 <= m * 10.0**e <= hi * 1.5
+    ]
+    if len(ticks) > 9:  # wide range: powers of ten only
+        ticks = [t for t in ticks if math.isclose(10 ** round(math.log10(t)), t)]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def eu_plane_figure(
+    ppl,
+    entropy,
+    quadrant,
+    thresholds: dict | None = None,
+    title: str = "",
+    step=None,
+    panel_titles: dict[int, str] | None = None,
+    max_panels: int = 4,
+):
+    """The EU-plane figure: one panel per step (the last ``max_panels``), each step's samples against that step's
+    own thresholds (Q-Tuning's quantile thresholds are recomputed on every step's batch).
+
+    ``step`` [n] assigns each sample to its step (triage); then ``thresholds`` maps step → ``{"ppl_low", "ppl_high",
+    "ent_low", "ent_high"}``. Without ``step`` all samples are one step and ``thresholds`` is that step's dict.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     ppl, entropy, quadrant = (torch.as_tensor(x).cpu() for x in (ppl, entropy, quadrant))
-    fig = Figure(figsize=(5.5, 4.5))
+    if step is None:
+        if thresholds is not None and not {"ppl_low", "ppl_high", "ent_low", "ent_high"} <= set(thresholds):
+            raise ValueError(f"thresholds must hold ppl_low, ppl_high, ent_low, ent_high, got {sorted(thresholds)}")
+        step = torch.zeros(ppl.numel(), dtype=torch.long)
+        per_step = {0: thresholds} if thresholds else {}
+    else:
+        step = torch.as_tensor(step).cpu().long()
+        per_step = dict(thresholds or {})
+        if any(not isinstance(v, dict) for v in per_step.values()):
+            raise ValueError("with step given, thresholds must map each step to its own thresholds dict")
+    if not (ppl.shape == entropy.shape == quadrant.shape == step.shape) or ppl.dim() != 1:
+        raise ValueError(
+            f"ppl, entropy, quadrant and step must be 1-D of equal length, got {[tuple(x.shape) for x in (ppl, entropy, quadrant, step)]}"
+        )
+    groups = sorted(set(step.tolist()))[-max_panels:] or [0]
+    fig = Figure(figsize=(4.2 * len(groups) + 0.6, 4.4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
     colours = {1: "tab:red", 2: "tab:orange", 3: "tab:gray", 4: "tab:blue"}
-    for q, name in QUADRANT_NAMES.items():
-        sel = quadrant == q
-        if sel.any():
-            kept = q in (2, 4)
-            ax.scatter(
-                entropy[sel].numpy(),
-                ppl[sel].numpy(),
-                s=12,
-                c=colours[q],
-                alpha=0.8 if kept else 0.4,
-                label=f"Q{q} {name} ({int(sel.sum())}{', kept' if kept else ''})",
-            )
-    if thresholds:
-        for key in ("ent_low", "ent_high"):
-            ax.axvline(thresholds[key], color="k", lw=0.6, ls="--")
-        for key in ("ppl_low", "ppl_high"):
-            ax.axhline(thresholds[key], color="k", lw=0.6, ls="--")
-    ax.set_yscale("log")
-    ax.set_xlabel("mean predictive entropy (uncertainty)")
-    ax.set_ylabel("perplexity (error)")
-    ax.set_title(title or "Q-Tuning EU plane")
-    ax.legend(fontsize=7, loc="best")
+    shown = torch.isin(step, torch.tensor(groups)) & (ppl > 0)
+    values = [float(v) for v in ppl[shown].tolist()] + [
+        per_step[g][k] for g in groups if per_step.get(g) for k in ("ppl_low", "ppl_high")
+    ]
+    for ax, g in zip(axes, groups):
+        in_step = step == g
+        for q, name in QUADRANT_NAMES.items():
+            sel = in_step & (quadrant == q)
+            if sel.any():
+                kept = q in (2, 4)
+                ax.scatter(
+                    entropy[sel].numpy(),
+                    ppl[sel].numpy(),
+                    s=12,
+                    c=colours[q],
+                    alpha=0.8 if kept else 0.4,
+                    label=f"Q{q} {name} ({int(sel.sum())}{', kept' if kept else ''})",
+                )
+        thr = per_step.get(g)
+        if thr:
+            for key in ("ent_low", "ent_high"):
+                ax.axvline(thr[key], color="k", lw=0.6, ls="--")
+            for key in ("ppl_low", "ppl_high"):
+                ax.axhline(thr[key], color="k", lw=0.6, ls="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("mean predictive entropy (uncertainty)")
+        ax.set_title((panel_titles or {}).get(g, f"step {g}" if len(groups) > 1 else ""), fontsize=9)
+        if ax.collections:
+            ax.legend(fontsize=7, loc="best")
+    axes[0].set_ylabel("perplexity (error)")
+    if values:
+        _log_ticks(axes[0], min(values), max(values))
+    fig.suptitle(title or "Q-Tuning EU plane", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_eu_plane(
+    ppl,
+    entropy,
+    quadrant,
+    path,
+    thresholds: dict | None = None,
+    title: str = "",
+    step=None,
+    panel_titles: dict[int, str] | None = None,
+) -> str:
+    """Write :func:`eu_plane_figure` (x = mean entropy, y = perplexity on a log scale, colours = quadrants) as PNG."""
+    fig = eu_plane_figure(ppl, entropy, quadrant, thresholds, title, step, panel_titles)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return str(path)
@@ -274,8 +351,11 @@ class QTuningCallback(MetricsCallback):
         self.trainer: Trainer | None = None  # the QTuningTrainerMixin trainer this callback serves (set by bind)
         self.records: deque[dict[str, Any]] = deque(maxlen=16)  # last triage results (debugging, tests)
         self._acc: dict[str, float] = {}
-        self._points: deque[tuple[float, float, int]] = deque(maxlen=4096)  # (ppl, ent, quadrant) for the plot
-        self._last_thresholds: dict[str, float] | None = None
+        # (ppl, ent, quadrant, triage) for the plot, and each triage's own thresholds and optimizer step
+        self._points: deque[tuple[float, float, int, int]] = deque(maxlen=4096)
+        self._thresholds: dict[int, dict[str, float]] = {}
+        self._triage_step: dict[int, int] = {}
+        self._triages = 0
         self._warned_empty = False
 
     # ------------------------------------------------------------------ binding (called by QTuningTrainerMixin)
@@ -360,13 +440,18 @@ class QTuningCallback(MetricsCallback):
             return
         folder = self.config.plot_dir or os.path.join(args.output_dir, "qtuning")
         pts = torch.tensor(list(self._points), dtype=torch.float64)
+        triage = pts[:, 3].long()
+        ids = sorted(set(triage.tolist()))
+        titles = {t: f"step {self._triage_step.get(t, '?')} (triage {t})" for t in ids}
         plot_eu_plane(
             pts[:, 0],
             pts[:, 1],
             pts[:, 2].long(),
             os.path.join(folder, f"eu_plane_step{step:06d}.png"),
-            thresholds=self._last_thresholds,
-            title=f"Q-Tuning EU plane, step {step} ({len(pts)} recent samples)",
+            thresholds={t: self._thresholds[t] for t in ids if t in self._thresholds},
+            title=f"Q-Tuning EU plane up to step {step}: each step's samples against its own thresholds",
+            step=triage,
+            panel_titles=titles,
         )
 
     # ------------------------------------------------------------------ metrics
@@ -456,11 +541,18 @@ class QTuningCallback(MetricsCallback):
                 "are dropped and counted as qtuning/empty_samples (check max_length and the completion masks)",
                 stacklevel=2,
             )
-        self._last_thresholds = tri.thresholds
+        self._triages += 1
+        tid = self._triages
+        self._thresholds[tid] = dict(tri.thresholds)
+        state = getattr(self.trainer, "state", None)
+        self._triage_step[tid] = int(getattr(state, "global_step", 0)) + 1  # the step this triage prepares
+        for old in [t for t in self._thresholds if t <= tid - 64]:  # bounded, like the points
+            self._thresholds.pop(old, None)
+            self._triage_step.pop(old, None)
         ppl = stats[:, 0].exp().cpu()
         for p, e, q in zip(ppl.tolist(), stats[:, 1].cpu().tolist(), tri.quadrant.cpu().tolist()):
             if q:
-                self._points.append((p, e, q))
+                self._points.append((p, e, q, tid))
         self.records.append(
             {
                 "level": tri.level,
