@@ -269,6 +269,14 @@ def prune(
         pattern: ``"unstructured"`` (default) or ``"N:M"`` (N kept of every M along the input dim).
         calibration: list of strings, ``datasets.Dataset`` with ``text_column``, or a LongTensor [n, seqlen].
             Required by Wanda and SparseGPT; magnitude needs none.
+        nsamples, seqlen: calibration windows and their length. The default ``seqlen=512`` gives 128 × 512 tokens,
+            4–8× fewer than the reference scripts (Wanda: 128 C4 windows of ``model.seqlen``, 4096 on LLaMA-2;
+            SparseGPT: 128 × 2048), chosen so the embedded SmolLM2-135M prunes in minutes on a
+            CPU without a GPU. To match the references pass ``seqlen=2048`` (SparseGPT, LLaMA-1 Wanda)
+            or the model's context length (Wanda on LLaMA-2: 4096) with 128 C4 samples and ``seed=0``; see
+            docs/oneshot.md.
+        blocksize, percdamp: SparseGPT's lazy-update block (128) and Hessian damping (1 % of the mean diagonal),
+            the reference's defaults.
         include / exclude: fnmatch globs on module names; default targets every linear inside the decoder
             blocks (embeddings and ``lm_head`` are never touched unless included, magnitude only).
         scope: comparison group for unstructured masks — magnitude: ``"layer"`` (default), ``"row"``,
