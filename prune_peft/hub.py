@@ -33,6 +33,7 @@ __all__ = [
     "FORMATS",
     "card_section",
     "export",
+    "export_card",
     "is_plain_lora",
     "merged_card",
     "push_to_hub",
@@ -40,7 +41,7 @@ __all__ = [
     "write_adapter_card",
 ]
 
-FORMATS = ("merged", "lora")
+FORMATS = ("merged", "lora", "compacted")
 
 
 def is_plain_lora(config) -> bool:
@@ -231,28 +232,163 @@ def _check_peft_model(model, fn: str) -> dict:
     return peft_config
 
 
+ENGINES_STOCK = (
+    "transformers `AutoModelForCausalLM.from_pretrained` (no prune_peft import, no trust_remote_code), and every "
+    "engine that reads a transformers checkpoint of this architecture (vLLM, TGI, SGLang, llama.cpp's "
+    "convert_hf_to_gguf.py)"
+)
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _uniform_counts(model: nn.Module) -> dict | None:
+    """Kept (KV units, channels) of every block of a structured LoRAPrune adapter, or None when not LoRAPrune."""
+    from .tuners.loraprune import LoRAPruneModel
+
+    tuner = next((m for m in model.modules() if isinstance(m, LoRAPruneModel)), None)
+    if tuner is None:
+        return None
+    adapter = tuner.active_adapters[0]
+    if not tuner.peft_config[adapter].structured:
+        return None
+    masks = tuner.get_masks(adapter)
+    counts: dict[str, set[int]] = {"units": set(), "channels": set()}
+    from . import _hf
+
+    config = _hf.text_config(_hf.base_model(model))
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    for info in tuner.prune_blocks(adapter):
+        m = masks.get(info.index, {})
+        counts["units"].add(int(m["units"].sum()) if "units" in m else n_kv)
+        counts["channels"].add(int(m["channels"].sum()) if "channels" in m else config.intermediate_size)
+    return counts
+
+
+def export_card(
+    fmt: str,
+    summary: dict,
+    *,
+    base: str | None,
+    methods: list[str],
+    data: str | None = None,
+    perplexity: float | None = None,
+    engines: str = ENGINES_STOCK,
+    extra: list[str] | None = None,
+):
+    """The ``huggingface_hub.ModelCard`` of an exported checkpoint: method, sparsity per module type, base model,
+    data named by the user, perplexity when measured, and which engines can load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    kw = {"base_model": base} if base and not os.path.isabs(base) else {}
+    data_card = ModelCardData(
+        library_name="transformers",
+        tags=["prune_peft", "sparse" if fmt == "merged" else "pruned", *(m.replace("_", "-") for m in methods)],
+        **kw,
+    )
+    title = {"merged": "Sparse model (adapters merged by prune_peft)", "compacted": "Structurally pruned model"}
+    lines = [
+        f"# {title.get(fmt, 'Model exported by prune_peft')}",
+        "",
+        f"- base model: `{base or 'unknown'}`",
+        f"- method: {', '.join(methods) or 'none'} (exported as `{fmt}`)",
+        f"- calibration / training data: {data or 'not stated'}",
+    ]
+    if fmt == "compacted":
+        lines.append(
+            f"- parameters: {summary['params_after']:,} (from {summary['params_before']:,}; "
+            f"{1 - summary['params_after'] / max(summary['params_before'], 1):.4f} removed)"
+        )
+        lines.append(
+            "- removed per module type (fraction of the decoder blocks' weights): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in summary["removed_by_type"].items())
+        )
+    else:
+        lines.append(
+            f"- sparsity of the pruned modules (linear layers in the decoder blocks): {summary['sparsity']:.4f} "
+            f"({summary['zeros']} zeros / {summary['numel']})"
+        )
+        by_type = summary.get("by_type") or {}
+        if by_type:
+            lines.append("- per module type: " + ", ".join(f"{k} {v['sparsity']:.4f}" for k, v in by_type.items()))
+        if "2:4_valid_modules" in summary:
+            lines.append(f"- 2:4-valid linear layers: {summary['2:4_valid_modules']} of {len(summary['modules'])}")
+        other = summary.get("other") or {}
+        if other:
+            desc = ", ".join(f"{k} (tied to {v['tied']})" if v.get("tied") else k for k, v in other.items())
+            lines.append(f"- not pruned, not counted above: {desc}")
+    if perplexity is not None:
+        lines.append(f"- perplexity (measured at export): {perplexity:.3f}")
+    lines += [f"- loads with: {engines}", *(extra or [])]
+    lines += [
+        "",
+        "A plain transformers checkpoint, nothing to import:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("<this repo or folder>")',
+        "```",
+        "",
+    ]
+    return ModelCard(f"---\n{data_card.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
 def export(
     model: nn.Module,
     out: str | os.PathLike,
     format: str = "merged",
     *,
     tokenizer=None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
+    base_model: str | None = None,
+    data: str | None = None,
+    perplexity: float | None = None,
 ) -> dict:
     """Write ``model`` (a ``PeftModel``) to ``out`` in a format other tools load without prune_peft.
 
     ``format="merged"``: merge the adapters (on a copy; ``model`` is untouched) and save a sparse safetensors
     checkpoint (+ ``tokenizer`` when given) loadable with ``AutoModelForCausalLM.from_pretrained``; quantized bases are
-    written dequantized (``dtype``, default the compute dtype). Zeros are verified to survive the merge.
+    written dequantized. Zeros are verified to survive the merge.
     ``format="lora"``: save the adapter as a standard LoRA adapter — refused for adapter types whose update is not a
     plain ``B·A`` (SparseLoRA, SPP): a LoRA loader would apply a dense update and silently destroy the sparsity.
+    ``format="compacted"``: a structured LoRAPrune adapter, merged and physically shrunk (:func:`prune_peft.compact`)
+    into a stock config — only when every block keeps the same number of GQA units and MLP channels
+    (``LoRAPruneConfig(uniform=True)``); otherwise refused before any work (``prune_peft.save_compacted`` writes the
+    non-uniform model, which only ``prune_peft.load_compacted`` can read).
 
-    Returns a small summary (format, path, sparsity for merged exports). The output folder is written atomically.
+    ``dtype``: of the saved safetensors (default: the base model's, e.g. bf16 for a bf16 base). ``base_model``
+    (default: the adapter's ``base_model_name_or_path``), ``data`` (the calibration / training data, as you name it)
+    and ``perplexity`` go into the model card. Returns a small summary. The output folder is written atomically.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     peft_config = _check_peft_model(model, "export")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype such as 'bfloat16', 'float16', 'float32', got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    if perplexity is not None and not (isinstance(perplexity, (int, float)) and perplexity > 0):
+        raise ValueError(f"perplexity must be a positive number (the measured value), got {perplexity!r}")
+    first = next(iter(peft_config.values()))
+    base = base_model or first.base_model_name_or_path
+    methods = sorted({cfg.peft_type.value.lower() for cfg in peft_config.values()})
+    if format == "compacted":
+        counts = _uniform_counts(model)
+        if counts is None:
+            raise ValueError(
+                f"format='compacted' needs a structured LoRAPrune adapter (structure='head+channel', 'head' or "
+                f"'channel'), got {methods}; use format='merged'"
+            )
+        if len(counts["units"]) > 1 or len(counts["channels"]) > 1:
+            raise ValueError(
+                "format='compacted' writes a stock config, which has one size for every block, but the blocks keep "
+                f"{sorted(counts['units'])} KV units and {sorted(counts['channels'])} MLP channels (LoRAPrune "
+                "excludes the first and last blocks unless uniform=True). Train with LoRAPruneConfig(uniform=True), "
+                "or save the non-uniform model with prune_peft.save_compacted (it loads only through "
+                "prune_peft.load_compacted, no serving engine reads it)."
+            )
     out = check_output_dir(out, overwrite=overwrite)  # before any work (a merge copies the whole model)
     if format == "lora":
         bad = {name: cfg.peft_type.value for name, cfg in peft_config.items() if not is_plain_lora(cfg)}
@@ -271,7 +407,6 @@ def export(
     from .evaluation import sparsity_report
     from .tuners import SparseAdapterLayer, dense_weight, sparse_layers
 
-    methods = sorted({cfg.peft_type.value.lower() for cfg in peft_config.values()})
     with atomic_dir(out, overwrite=overwrite) as tmp:
         work = copy.deepcopy(model)
         zeros = {
@@ -280,23 +415,67 @@ def export(
         }
         ours = any(isinstance(m, SparseAdapterLayer) for m in work.modules())
         kwargs = {"dtype": dtype} if ours and dtype is not None else {}
+        params_before = sum(p.numel() for p in work.get_base_model().parameters())
+        shapes_before = _shapes_by_type(work.get_base_model())
         merged = work.merge_and_unload(**kwargs)
         for name, module in merged.named_modules():
             if name in zeros and bool((zeros[name] & (module.weight != 0)).any()):
                 raise RuntimeError(f"merge filled in zeros of {name}; nothing was written")  # never expected
+        if format == "compacted":
+            from .pruning.structured import compact, compacted_shapes
+
+            compact(merged)
+            if compacted_shapes(merged) is not None:  # never expected after the check above
+                raise RuntimeError("compact() produced per-layer sizes; nothing was written")
+        target = dtype or _dtype_of(model.get_base_model())
+        if _dtype_of(merged) != target and not getattr(merged, "is_quantized", False):
+            merged.to(target)
+        merged.config.dtype = target
         merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         summary = sparsity_report(merged)
-        base = next(iter(peft_config.values())).base_model_name_or_path
-        merged_card(summary, base, methods).save(tmp / "README.md")
-    return {
-        "format": "merged",
-        "path": str(out),
-        "sparsity": summary["sparsity"],
-        "2:4_valid_modules": summary.get("2:4_valid_modules"),
-        "modules": len(summary["modules"]),
-    }
+        info: dict = {"format": format, "path": str(out), "dtype": str(target).removeprefix("torch.")}
+        if format == "compacted":
+            after = _shapes_by_type(merged)
+            summary = {
+                "params_before": params_before,
+                "params_after": sum(p.numel() for p in merged.parameters()),
+                "removed_by_type": {k: 1 - after.get(k, 0) / v for k, v in shapes_before.items() if v},
+            }
+            cfg = merged.config
+            info.update(
+                params_before=summary["params_before"],
+                params_after=summary["params_after"],
+                num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads,
+                intermediate_size=cfg.intermediate_size,
+            )
+        else:
+            info.update(
+                sparsity=summary["sparsity"],
+                by_type={k: v["sparsity"] for k, v in summary["by_type"].items()},
+                modules=len(summary["modules"]),
+            )
+            if "2:4_valid_modules" in summary:
+                info["2:4_valid_modules"] = summary["2:4_valid_modules"]
+        card = export_card(format, summary, base=base, methods=methods, data=data, perplexity=perplexity)
+        card.save(tmp / "README.md")
+    return info
+
+
+def _shapes_by_type(model: nn.Module) -> dict[str, int]:
+    """Weights per module type inside the decoder blocks (``q_proj`` → total numel)."""
+    from . import _hf
+
+    prefix = _hf.find_decoder_blocks(model)[0] + "."
+    out: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        name = name.removesuffix(".base_layer")  # a peft layer's wrapped Linear counts as its module
+        if name.startswith(prefix) and isinstance(mod, nn.Linear) and ".lora_" not in name:
+            key = name.rpartition(".")[2]
+            out[key] = out.get(key, 0) + mod.weight.numel()
+    return out
 
 
 def push_to_hub(

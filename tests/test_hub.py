@@ -167,7 +167,7 @@ def test_export_lora_is_refused_for_masked_updates(tmp_path):
     with pytest.raises(ValueError, match=r"format='lora' needs plain LoRA.*SPARSE_LORA.*format='merged'"):
         export(model, tmp_path / "lora", format="lora")
     assert not (tmp_path / "lora").exists()
-    with pytest.raises(ValueError, match=r"format must be one of \('merged', 'lora'\)"):
+    with pytest.raises(ValueError, match=r"format must be one of \('merged', 'lora', 'compacted'\)"):
         export(model, tmp_path / "x", format="gguf")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
