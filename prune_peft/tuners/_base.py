@@ -544,12 +544,14 @@ class SparseTunerMixin:
             problem = layer._pp_incoming_problem(adapter, value, nnz)
             if problem:
                 problems.append(f"{module_name}: {problem}")
+        zeros = bool(problems)
         problems += self._pp_shape_problems(state_dict, prefix)
         if problems:  # raised before any tensor is copied: the model stays exactly as it was
             shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+            what = "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
             raise ValueError(
-                f"{self.method}: the adapter does not fit this model ({len(problems)} problem(s)); load it onto the "
-                f"pruned base and configuration it was trained with:\n  {shown}"
+                f"{self.method}: {what} ({len(problems)} problem(s)); load the adapter onto the pruned base and "
+                f"configuration it was trained with:\n  {shown}"
             )
 
     def _pp_shape_problems(self, state_dict, prefix: str) -> list[str]:
