@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_unchanged, prune24, snapshot
+from reliability_testlib import assert_unchanged, prune24, snapshot
 
 import prune_peft
 from prune_peft import prune

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_unchanged, prune24, snapshot
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from reliability_testlib import assert_unchanged, prune24, snapshot
 from safetensors.torch import load_file, save_file
 
 import prune_peft
@@ -73,7 +73,7 @@ def test_from_pretrained_refuses_and_leaves_base(saved, tmp_path, base24, kind):
     path = saved if kind == "other-base" else _variant(saved, tmp_path, kind)
     model = _other_base() if kind == "other-base" else copy.deepcopy(base24)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="adapter_model.safetensors|zeros"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors|zeros"):
         _from_pretrained(model, path)
     assert_unchanged(before, model)
 
@@ -84,7 +84,7 @@ def test_peft_load_adapter_refuses_and_leaves_model(saved, tmp_path, base24, kin
     base = _other_base() if kind == "other-base" else copy.deepcopy(base24)
     pm = get_peft_model(base, prune_peft.SparseLoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     before = snapshot(pm)
-    with pytest.raises(ValueError, match="adapter_model.safetensors|zeros"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors|zeros"):
         _peft_load_adapter_new(pm, path)
     assert_unchanged(before, pm)
 
@@ -110,10 +110,10 @@ def test_set_state_dict_refuses_and_leaves_model(saved, tmp_path, base24, kind):
     r = 8 if kind == "rank" else 4
     pm = get_peft_model(base, prune_peft.SparseLoraConfig(r=r, target_modules=["q_proj", "v_proj"]))
     before = snapshot(pm)
-    with pytest.raises(ValueError, match="zeros|shape"):
+    with pytest.raises(ValueError, match=r"zeros|shape"):
         set_peft_model_state_dict(pm, load_file(saved / "adapter_model.safetensors"))
     assert_unchanged(before, pm)
-    with pytest.raises(ValueError, match="zeros|shape"):
+    with pytest.raises(ValueError, match=r"zeros|shape"):
         pm.load_adapter(saved, adapter_name="default", is_trainable=True)
     assert_unchanged(before, pm)
 
