@@ -287,6 +287,11 @@ def make_backend(
             raise ValueError(f"engine_kwargs apply to backend='vllm' only, got {sorted(engine_kwargs)}")
         return TransformersBackend(teacher, tokenizer, generation_kwargs, prefix_ids=prefix_ids)
     if name == "vllm":
+        if prefix_ids:
+            raise ValueError(
+                "prefix_ids apply to backend='transformers' only; vLLM caches shared prefixes itself "
+                "(engine_kwargs={'enable_prefix_caching': True})"
+            )
         return VLLMBackend(teacher, tokenizer, generation_kwargs, **(engine_kwargs or {}))
     raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
 

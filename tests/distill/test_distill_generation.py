@@ -109,3 +109,10 @@ def test_self_distill_rewrites_are_the_same_with_the_prefix_cache():
     assert runs[True] == runs[False]
     with pytest.raises(ValueError, match="prefix_cache must be True or False"):
         self_distill(model, tok, ds, template="math", prefix_cache=1, progress=False)
+
+
+def test_vllm_backend_refuses_prefix_ids():
+    from prune_peft.distill.generation import make_backend
+
+    with pytest.raises(ValueError, match="prefix_ids apply to backend='transformers' only"):
+        make_backend("vllm", "some/model", byte_tokenizer(), {}, prefix_ids=[1, 2])
