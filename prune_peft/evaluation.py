@@ -10,7 +10,7 @@ from torch import nn
 from .data import texts_from
 from .sparsity import nm_violations, parse_pattern
 
-__all__ = ["perplexity", "sparsity_report", "tokenize_stream"]
+__all__ = ["LM_EVAL_MISSING", "lm_eval", "perplexity", "resolve_tasks", "sparsity_report", "tokenize_stream"]
 
 
 def tokenize_stream(texts, tokenizer, max_tokens: int | None = None, text_column: str = "text") -> torch.Tensor:
@@ -157,3 +157,115 @@ def sparsity_report(
         if pat is not None:
             out[f"{pat}_valid_modules"] = sum(1 for e in per_module.values() if e[f"{pat}_violations"] == 0)
     return out
+
+
+# ------------------------------------------------------------------------------------------ lm-evaluation-harness
+
+LM_EVAL_MISSING = "lm-evaluation-harness is not installed: pip install 'prune-peft[eval]' (or pip install lm-eval)"
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise ImportError(LM_EVAL_MISSING) from None
+    return lm_eval, HFLM
+
+
+def resolve_tasks(tasks) -> tuple[list[str], list[str]]:
+    """``tasks`` (``"a,b"``, a list, or paths of local task YAML files / folders) → (task names, include paths).
+
+    A ``.yaml`` path is a local task: its folder is handed to lm-eval's ``TaskManager(include_path=...)`` and its
+    ``task:`` name is evaluated, so local tasks run offline (their data can be local ``json``/``csv`` files).
+    """
+    import os
+
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",")]
+    if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"tasks must be a non-empty list of task names or task YAML paths, got {tasks!r}")
+    names, include = [], []
+    for t in tasks:
+        if t.endswith((".yaml", ".yml")):
+            if not os.path.isfile(t):
+                raise ValueError(f"tasks: the task file {t!r} does not exist")
+            import yaml
+
+            with open(t, encoding="utf-8") as f:
+                name = (yaml.safe_load(f) or {}).get("task")
+            if not isinstance(name, str):
+                raise ValueError(f"tasks: {t!r} has no `task:` name (an lm-eval task YAML needs one)")
+            names.append(name)
+            include.append(os.path.dirname(os.path.abspath(t)))
+        elif os.path.isdir(t):
+            include.append(os.path.abspath(t))
+        else:
+            names.append(t)
+    if not names:
+        raise ValueError(f"tasks: {tasks!r} names no task (a folder only adds task definitions; name the tasks too)")
+    return names, sorted(set(include))
+
+
+def lm_eval(
+    model: nn.Module,
+    tokenizer,
+    tasks,
+    *,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    output: str | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> dict:
+    """Run lm-evaluation-harness on the in-memory ``model`` (dense, pruned, with any prune_peft adapter attached,
+    merged or compacted): ``lm_eval.simple_evaluate`` with ``lm_eval.models.huggingface.HFLM`` around the model, so
+    nothing has to be registered or saved first.
+
+    ``tasks``: names (``"hellaswag,arc_easy"``) and/or local task YAML files (evaluated offline with their local
+    data). ``output``: a JSON file (or a folder, which gets ``lm_eval_results.json``) for the results. Returns
+    ``{"results": {task: {metric: value}}, "versions": ..., "n-samples": ..., "config": {...}}`` (lm-eval's
+    result dict without the per-sample logs). ``kwargs`` go to ``simple_evaluate``.
+    """
+    names, include = resolve_tasks(tasks)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if num_fewshot is not None and (
+        isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0
+    ):
+        raise ValueError(f"num_fewshot must be a non-negative integer or None, got {num_fewshot!r}")
+    lm_eval_pkg, HFLM = _import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        manager = TaskManager(include_path=include or None)
+        raw = lm_eval_pkg.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            **kwargs,
+        )
+    finally:
+        model.train(was_training)
+    result = {k: raw[k] for k in ("results", "versions", "n-samples", "configs") if k in raw}
+    result["config"] = {"tasks": names, "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size}
+    if output is not None:
+        import os
+
+        from ._io import atomic_write_json
+
+        path = os.path.join(output, "lm_eval_results.json") if os.path.isdir(output) else output
+        atomic_write_json(path, result)
+        result["path"] = path
+    return result
