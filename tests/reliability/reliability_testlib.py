@@ -1,6 +1,5 @@
 """Fixtures for the reliability campaign: tiny pruned models and a snapshot of everything a load could change."""
 
-
 import torch
 
 

@@ -1,0 +1,236 @@
+"""Injected faults: a SIGKILL at each write phase, read-only targets, truncated/tampered side files.
+
+The kill points are ``prune_peft._io`` phases selected by ``$PRUNE_PEFT_TEST_FAULT`` (test-only): after every
+kill the target holds the complete old output or the complete new one (after the next run's cleanup of dead
+siblings), never a mix, and no hidden temp folder survives that cleanup.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from prune_peft._io import FAULT_ENV, _clean_stale, atomic_dir
+
+PHASES = ["dir-filled", "dir-old-aside", "dir-new-in"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_killed(code: str, phase: str) -> None:
+    env = {**os.environ, FAULT_ENV: phase, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def settle(out: Path) -> None:
+    """What the next run does first: restore an orphaned old output, delete dead temp/old siblings."""
+    _clean_stale(out)
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "hidden leftovers"
+
+
+def check_old_or_new(out: Path, old: dict, new_check) -> str:
+    settle(out)
+    now = tree(out)
+    if now == old:
+        return "old"
+    new_check(out)
+    return "new"
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_atomic_dir_overwrite_killed(tmp_path, phase):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old-a")
+    (out / "b.txt").write_text("old-b")
+    old = tree(out)
+    run_killed(
+        f"""
+        from prune_peft._io import atomic_dir
+        with atomic_dir({str(out)!r}, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new-a"); (tmp / "c.txt").write_text("new-c")
+        """,
+        phase,
+    )
+
+    def is_new(o):
+        assert tree(o) == {"a.txt": b"new-a", "c.txt": b"new-c"}
+
+    state = check_old_or_new(out, old, is_new)
+    assert state == ("new" if phase == "dir-new-in" else "old")
+
+
+def test_atomic_dir_first_write_killed(tmp_path):
+    out = tmp_path / "fresh"
+    run_killed(
+        f"""
+        from prune_peft._io import atomic_dir
+        with atomic_dir({str(out)!r}) as tmp:
+            (tmp / "half").write_text("x")
+        """,
+        "dir-filled",
+    )
+    settle(out)
+    assert not out.exists()  # nothing half-written under the real name
+    with atomic_dir(out) as tmp:  # the rerun is not refused by leftovers
+        (tmp / "ok").write_text("y")
+    assert tree(out) == {"ok": b"y"}
+
+
+def test_atomic_file_killed_keeps_old(tmp_path):
+    f = tmp_path / "report.json"
+    f.write_text('{"old": 1}\n')
+    run_killed(
+        f"from prune_peft._io import atomic_write_json; atomic_write_json({str(f)!r}, {{'new': 2}})", "file-written"
+    )
+    assert f.read_text() == '{"old": 1}\n'
+
+
+EXPORT = """
+import torch, prune_peft
+from peft import get_peft_model
+from prune_peft.hub import export
+from prune_peft.testing import tiny_causal_lm
+from prune_peft.sparsity import nm_mask
+m = tiny_causal_lm(num_hidden_layers=1)
+for n, l in m.named_modules():
+    if isinstance(l, torch.nn.Linear) and "lm_head" not in n:
+        l.weight.data.mul_(nm_mask(l.weight.data.abs(), 2, 4))
+pm = get_peft_model(m, prune_peft.SparseLoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+export(pm, {out!r}, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_export_overwrite_killed(tmp_path, phase):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text('{"old": true}')
+    old = tree(out)
+    run_killed(EXPORT.format(out=str(out)), phase)
+
+    def is_new(o):
+        assert (o / "config.json").exists() and any(p.suffix == ".safetensors" for p in o.iterdir())
+
+    state = check_old_or_new(out, old, is_new)
+    assert state == ("new" if phase == "dir-new-in" else "old")
+
+
+CLI_PRUNE = """
+import sys
+from prune_peft.cli import main
+sys.exit(main(["prune", "--model", {model!r}, "--method", "magnitude", "--sparsity", "0.5", "--out", {out!r},
+               "--overwrite", "--eval-windows", "0"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from prune_peft.testing import byte_tokenizer, tiny_causal_lm
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_causal_lm(num_hidden_layers=1).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_cli_prune_overwrite_killed(tmp_path, tiny_folder, phase):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "prune_report.json").write_text('{"old": true}')
+    old = tree(out)
+    run_killed(CLI_PRUNE.format(model=str(tiny_folder), out=str(out)), phase)
+
+    def is_new(o):
+        assert (o / "prune_report.json").exists() and (o / "config.json").exists()
+
+    state = check_old_or_new(out, old, is_new)
+    assert state == ("new" if phase == "dir-new-in" else "old")
+
+
+def test_export_read_only_target_refused_before_work(fresh):
+    from peft import get_peft_model
+    from reliability_testlib import assert_unchanged, snapshot
+
+    import prune_peft
+    from prune_peft.hub import export
+
+    pm = get_peft_model(fresh(), prune_peft.SparseLoraConfig(r=2, target_modules=["q_proj"]))
+    before = snapshot(pm)
+    with pytest.raises(ValueError, match=r"not writable|cannot be created"):
+        export(pm, "/proc/prune-peft-export", overwrite=True)
+    assert_unchanged(before, pm)  # not merged, not unloaded
+
+
+def test_cli_read_only_out_exit_2(tiny_folder, capsys):
+    from prune_peft.cli import main
+
+    rc = main(["prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.5", "--out", "/proc/x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--out" in err and "Traceback" not in err
+
+
+class _Args:
+    def __init__(self, out):
+        self.output_dir, self.resume_from_checkpoint, self.should_save = str(out), None, True
+
+
+class _State:
+    def __init__(self, step, cb_state=None):
+        self.global_step = step
+        self.stateful_callbacks = {"PruneCallback": cb_state} if cb_state else {}
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated", "missing"])
+def test_resume_side_file_damage_refused(tmp_path, damage):
+    """A checkpoint whose side file is damaged or missing is refused at on_train_begin, before any step."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from prune_peft.callbacks.prune import SIDE_FILE, PruneCallback
+
+    class Driver:
+        key = "d"
+
+        def tensors(self):
+            return {"imp": torch.arange(6.0)}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, s):
+            pass
+
+        def load_tensors(self, t):
+            self.loaded = t
+
+    cb = PruneCallback()
+    cb.drivers = [Driver()]
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    cb._args, cb._state = _Args(tmp_path), _State(3)
+    saved = cb.state()
+    side = ckpt / SIDE_FILE
+    assert side.exists() and "side_sha256" in saved["attributes"]["saved"]  # written before trainer_state.json
+    if damage == "tampered":
+        t = load_file(side)
+        t["d/imp"][0] = 99.0
+        save_file(t, side)
+    elif damage == "truncated":
+        side.write_bytes(side.read_bytes()[:20])
+    else:
+        side.unlink()
+    cb2 = PruneCallback()
+    cb2.drivers = [Driver()]
+    with pytest.raises((ValueError, FileNotFoundError), match=SIDE_FILE):
+        cb2._restore(_Args(tmp_path), _State(3, saved))
+    assert not hasattr(cb2.drivers[0], "loaded")
