@@ -115,8 +115,8 @@ def sparsity_report(
     zeros = numel = 0
     for name, mod in model.named_modules():
         weight = getattr(mod, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or ".lora_" in name:
+            continue  # adapter factors are not model weights
         pruned = name in modules if modules is not None else (prefix is None or name.startswith(prefix))
         if pruned and linear_only and not isinstance(mod, nn.Linear):
             pruned = False

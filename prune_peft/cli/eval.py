@@ -1,20 +1,39 @@
-"""Held-out perplexity (Shakespeare) and the sparsity report of a model."""
+"""Held-out perplexity (Shakespeare), the sparsity report, and lm-evaluation-harness tasks (``--tasks``).
+
+``--model`` takes every folder the CLI writes: a plain or merged model, a compacted one (uniform: stock config;
+non-uniform: ``prune_peft_layers``, read by ``load_compacted``), or an adapter folder (``adapter_config.json``; the
+base is ``--base`` or the adapter's ``base_model_name_or_path``). Missing tokenizer files come from the base.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._common import check_positive, print_json
+from ._common import UsageError, check_positive, print_json
+
+EVAL_SEQLEN, EVAL_WINDOWS = 512, 16  # the same evaluation defaults in `prune` and `eval`
 
 
 @dataclass
 class EvalOptions:
     model: str = field(
-        default="smollm2-135m", metadata={"help": "Hub id, local path, or embedded alias (smollm2-135m)."}
+        default="smollm2-135m",
+        metadata={"help": "Model folder (plain, merged, compacted or adapter), Hub id, or embedded alias."},
     )
-    seqlen: int = field(default=512, metadata={"help": "Tokens per perplexity window."})
-    windows: int = field(default=16, metadata={"help": "Held-out windows for perplexity."})
+    base: str | None = field(
+        default=None, metadata={"help": "Base model of an adapter folder (default: its base_model_name_or_path)."}
+    )
+    seqlen: int = field(default=EVAL_SEQLEN, metadata={"help": "Tokens per perplexity window."})
+    windows: int = field(default=EVAL_WINDOWS, metadata={"help": "Held-out windows for perplexity."})
+    tasks: str | None = field(
+        default=None,
+        metadata={"help": "lm-evaluation-harness tasks: names and/or local task YAML files, comma-separated."},
+    )
+    num_fewshot: int | None = field(default=None, metadata={"help": "lm-eval few-shot examples (task default)."})
+    limit: float | None = field(default=None, metadata={"help": "lm-eval: examples per task (or fraction)."})
+    batch_size: int = field(default=8, metadata={"help": "lm-eval batch size."})
     json: str | None = field(default=None, metadata={"help": "Also write the full report (per module) to this file."})
 
 
@@ -22,22 +41,83 @@ def option_types(argv: list[str], config: dict[str, Any]) -> tuple[type, ...]:
     return (EvalOptions,)
 
 
+def load_any(spec: str, base: str | None = None):
+    """``(model, tokenizer, kind)`` for any folder the CLI writes (see the module docstring), a Hub id or alias."""
+    import json
+
+    from ..models import load_model, load_tokenizer
+
+    adapter_cfg = os.path.join(spec, "adapter_config.json")
+    if os.path.isfile(adapter_cfg):
+        from peft import PeftModel
+
+        import prune_peft  # noqa: F401  (registers the adapter types with peft)
+
+        with open(adapter_cfg, encoding="utf-8") as f:
+            base = base or json.load(f).get("base_model_name_or_path")
+        if not base:
+            raise UsageError(f"{spec} is an adapter without base_model_name_or_path; pass --base MODEL")
+        model = PeftModel.from_pretrained(load_model(base), spec).eval()
+        return model, _tokenizer(spec, base), "adapter"
+    config = os.path.join(spec, "config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            cfg = json.load(f)
+        from ..pruning.structured import LAYERS_KEY, load_compacted
+
+        if cfg.get(LAYERS_KEY):
+            return load_compacted(spec), _tokenizer(spec, base), "compacted (prune_peft_layers)"
+        return load_model(spec), _tokenizer(spec, base), "model"
+    return load_model(spec), load_tokenizer(spec), "model"
+
+
+def _tokenizer(folder: str, base: str | None):
+    from ..models import DEFAULT_MODEL, load_tokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if any(os.path.isfile(os.path.join(folder, n)) for n in names):
+        return load_tokenizer(folder)
+    return load_tokenizer(base or DEFAULT_MODEL)
+
+
 def run(opts: EvalOptions) -> int:
-    check_positive({"--seqlen": opts.seqlen, "--windows": opts.windows})
+    check_positive({"--seqlen": opts.seqlen, "--windows": opts.windows, "--batch-size": opts.batch_size})
+    if opts.tasks is not None:
+        from ..evaluation import LM_EVAL_MISSING, resolve_tasks
+
+        resolve_tasks(opts.tasks)  # bad task specs before the model loads
+        try:
+            import lm_eval
+        except ImportError:
+            raise UsageError(LM_EVAL_MISSING) from None
 
     from .._io import atomic_write_json
     from ..data import shakespeare_texts
     from ..evaluation import perplexity, sparsity_report
-    from ..models import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(opts.model)
+    model, tok, kind = load_any(opts.model, opts.base)
+    if opts.tasks is not None:
+        from ..evaluation import lm_eval
+
+        out = opts.json or (
+            os.path.join(opts.model, "lm_eval_results.json") if os.path.isdir(opts.model) else "lm_eval_results.json"
+        )
+        limit = int(opts.limit) if opts.limit is not None and opts.limit >= 1 else opts.limit
+        res = lm_eval(
+            model, tok, opts.tasks, num_fewshot=opts.num_fewshot, limit=limit, batch_size=opts.batch_size, output=out
+        )
+        print_json({"model": opts.model, "kind": kind, "results": res["results"], "path": res["path"]})
+        return 0
     rep = sparsity_report(model)
     result = {
         "model": opts.model,
+        "kind": kind,
         "perplexity": perplexity(
             model, tok, shakespeare_texts("heldout"), seqlen=opts.seqlen, max_windows=opts.windows
         ),
         "sparsity": rep["sparsity"],
+        "sparsity_by_type": {k: v["sparsity"] for k, v in rep["by_type"].items()},
+        "not_counted": sorted(rep["other"]),
         "2:4_valid_modules": rep["2:4_valid_modules"],
         "modules": len(rep["modules"]),
     }
