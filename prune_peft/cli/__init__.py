@@ -19,7 +19,9 @@ VERBS = {
     "prune": "one-shot prune a model (magnitude, Wanda, SparseGPT) and save it",
     "finetune": "PEFT fine-tuning with trl's SFTTrainer: lora, sparse_lora, spp, loraprune (+ Q-Tuning)",
     "distill": "self-data distillation: the teacher rewrites an SFT set (cached, resumable)",
-    "eval": "held-out perplexity and sparsity report of a model",
+    "eval": "held-out perplexity, sparsity report, lm-evaluation-harness tasks (--tasks) of any CLI output",
+    "export": "write an adapter as a merged, plain-LoRA or compacted (stock-config) checkpoint with a model card",
+    "merge": "merge an adapter into its base and save a plain transformers checkpoint",
     "demo": "the end-to-end demo on the embedded model (what `make demo` runs)",
 }
 
