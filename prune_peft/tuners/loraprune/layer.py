@@ -17,6 +17,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ...sparsity.adapters import compute_dtype
 from .._buffers import AdapterBuffers, PackedMasks
 from .._registry import layer_takes_config
 
@@ -163,9 +164,12 @@ class LoRAPruneLinear(LoraLinear):
         base = self.get_base_layer()
         A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         out = F.linear(x.to(base.weight.dtype), base.weight * emask, base.bias)
-        delta = (B @ A).mul(emask).mul_(self.scaling[adapter])  # stays in the adapter dtype
-        xd = self.lora_dropout[adapter](x).to(A.dtype)
-        out = out + F.linear(xd, delta).to(out.dtype)
+        delta = (B @ A).mul(emask).mul_(self.scaling[adapter])  # formed in the adapter dtype
+        # the branch GEMM runs in the compute dtype (autocast's, else the input's): ΔW is rounded only relative to
+        # itself and added to the base *output*, never to a half-precision weight
+        cd = compute_dtype(x)
+        xd = self.lora_dropout[adapter](x).to(cd)
+        out = out + F.linear(xd, delta.to(cd)).to(out.dtype)
         return out * rows if rows is not None else out
 
     # --------------------------------------------------------------------------------------------------- merging
