@@ -21,12 +21,17 @@ switched off), else the input's dtype.
 
 * compute dtype fp32/fp64: the update is fused into the base matmul, ``y = x (W + ΔW)ᵀ + b`` with ``W + ΔW`` in
   (at least) fp32: one GEMM forward and one for ``∂L/∂x``.
-* compute dtype fp16/bf16: base and update are two GEMMs in the compute dtype (fp32 accumulation),
-  ``y = x Wᵀ + b + x ΔWᵀ``; ``ΔW`` is rounded to the compute dtype only relative to itself.
+* compute dtype fp16/bf16: ``y = [x | x] [W | ΔW]ᵀ + b`` — one GEMM in the compute dtype over both halves, so
+  ``x Wᵀ + x ΔWᵀ`` is summed in the GEMM's fp32 accumulator and the output is rounded once; ``ΔW`` is rounded to
+  the compute dtype only relative to itself. This is also exactly what the 2:4 sparse-tensor-core path computes
+  (:mod:`prune_peft.kernels.adapters`), so sparse kernels change speed, not numbers.
 
-Measured on one 1536×576 layer with 4×256 bf16 tokens (CPU, 2 threads, forward + ``∂L/∂x``): two bf16 GEMMs
-66 ms, one GEMM in fp32 on ``W + ΔW`` ("fused with fp32 accumulation") 126 ms, the branch in the fp32 adapter dtype
-as peft computes LoRA's 173 ms. The two-GEMM form is the fastest at equal accuracy relative to the update.
+Measured on one 1536×576 layer with 4×256 bf16 tokens (CPU, 2 threads, forward + ``∂L/∂x``, median of 7): two bf16
+GEMMs ``x Wᵀ + x ΔWᵀ`` 66 ms, one fp32 GEMM on ``W + ΔW`` ("fused with fp32 accumulation") 126 ms, the branch in
+the fp32 adapter dtype as peft computes LoRA's 173 ms; on a loaded machine two bf16 GEMMs 324–332 ms,
+``[x | x] [W | ΔW]ᵀ`` 412 ms, fused fp32 550 ms. The two-GEMM form is ~25 % faster than the concatenated one but
+rounds the output twice (base output, then the sum), which biases updates below an output ulp towards zero; the
+concatenated form rounds once (the update moves outputs without bias) and is still well ahead of fp32 fusing.
 
 Merges are computed in (at least) fp32 and cast once to the base dtype: an exact zero stays exactly zero.
 """
@@ -86,12 +91,27 @@ def _fuses(cd: torch.dtype) -> bool:
     return cd not in HALF or _LEGACY_ROUNDED_FUSE
 
 
+def _pair(weight: torch.Tensor, delta: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``[W | ΔW]`` (d_out × 2·d_in) in ``dt``: ``[x | x] [W | ΔW]ᵀ = x (W + ΔW)ᵀ`` with the sum in the GEMM's fp32
+    accumulator, never in ``dt``."""
+    return torch.cat([weight.to(dt), delta.to(dt)], dim=1)
+
+
+def _split_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, bias, dt: torch.dtype) -> torch.Tensor:
+    xc = x.to(dt)
+    return F.linear(torch.cat([xc, xc], dim=-1), _pair(weight, delta, dt), None if bias is None else bias.to(dt))
+
+
 def _grad_x(g2: torch.Tensor, mats: list[torch.Tensor], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    # ``∂L/∂x = G Σ mats`` (G: tokens × d_out), each product in ``dt``, back in x's shape and dtype
+    # ``∂L/∂x = G Σ mats`` (G: tokens × d_out) in ``dt``; two mats as one GEMM with ``[W | ΔW]``, halves added in
+    # fp32; back in x's shape and dtype
     gd = g2.to(dt)
-    out = gd @ mats[0].to(dt)
-    for m in mats[1:]:
-        out = out + gd @ m.to(dt)
+    if len(mats) == 1:
+        out = gd @ mats[0].to(dt)
+    else:
+        both = gd @ _pair(mats[0], mats[1], dt)
+        w = mats[0].shape[1]
+        out = both[:, :w].float() + both[:, w:].float()
     return out.reshape(x.shape).to(x.dtype)
 
 
@@ -138,8 +158,8 @@ def masked_lora_weight(
 class _MaskedLora(torch.autograd.Function):
     """``y = x (W + M ⊙ s·B A)ᵀ + b``; with ``weight_fn=None`` only the branch ``x (M ⊙ s·B A)ᵀ``.
 
-    ``mode``: "branch" (no base), "fused" (one GEMM on ``W + ΔW`` in ≥ fp32), "split" (``x Wᵀ + x ΔWᵀ``, two GEMMs
-    in the half-precision compute dtype) or "legacy" (benchmarks only, see ``_LEGACY_ROUNDED_FUSE``).
+    ``mode``: "branch" (no base), "fused" (one GEMM on ``W + ΔW`` in ≥ fp32), "split" (``[x | x] [W | ΔW]ᵀ``, one
+    GEMM in the half-precision compute dtype) or "legacy" (benchmarks only, see ``_LEGACY_ROUNDED_FUSE``).
     """
 
     @staticmethod
@@ -162,9 +182,7 @@ class _MaskedLora(torch.autograd.Function):
             y = F.linear(x.to(cd), w_eff, None if bias is None else bias.to(cd))
         else:
             mode = "split"
-            xc = x.to(cd)
-            y = F.linear(xc, weight_fn().to(cd), None if bias is None else bias.to(cd))
-            y = y + F.linear(xc, _masked_product(A, B, keep, scaling).to(cd))
+            y = _split_linear(x, weight_fn(), _masked_product(A, B, keep, scaling), bias, cd)
         ctx.save_for_backward(x, A, B, packed)
         ctx.weight_fn, ctx.width, ctx.scaling, ctx.grad_mode = weight_fn, width, scaling, grad_mode
         ctx.mode, ctx.cd = mode, cd
@@ -246,7 +264,7 @@ def masked_lora(
     ``weight_fn()`` returns the frozen base weight ``W``; with ``weight_fn=None`` (and ``bias=None``) only the branch
     ``x (M ⊙ s·B A)ᵀ``, added to a base output computed elsewhere. ``packed_mask``: ``M`` bit-packed
     (:func:`~prune_peft.sparsity.packing.pack_mask`) with ``in_features`` columns. ``grad_mode``: see
-    :func:`masked_lora_factor_grads`. Fp32/fp64 compute: one GEMM on ``W + ΔW``; fp16/bf16: ``x Wᵀ + x ΔWᵀ``.
+    :func:`masked_lora_factor_grads`. Fp32/fp64 compute: one GEMM on ``W + ΔW``; fp16/bf16: ``[x | x] [W | ΔW]ᵀ``.
     """
     _check_grad_mode(grad_mode)
     return _MaskedLora.apply(x, bias, A, B, packed_mask, weight_fn, in_features, scaling, grad_mode)
@@ -350,9 +368,7 @@ class _SPPFused(torch.autograd.Function):
             y = F.linear(x.to(cd), w_eff, None if bias is None else bias.to(cd))
         else:
             mode = "split"
-            xc = x.to(cd)
-            y = F.linear(xc, weight.to(cd), None if bias is None else bias.to(cd))
-            y = y + F.linear(xc, spp_delta(weight, W_row, w_col, row_block, scaling).to(cd))
+            y = _split_linear(x, weight, spp_delta(weight, W_row, w_col, row_block, scaling), bias, cd)
         ctx.save_for_backward(x, W_row, w_col, row_block)
         ctx.weight_fn, ctx.scaling, ctx.mode, ctx.cd = weight_fn, scaling, mode, cd
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -451,7 +467,7 @@ def spp(
     scaling: float,
 ) -> torch.Tensor:
     """Base + SPP update (Lu et al., arXiv 2405.16057): ``y = x (W + s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W)ᵀ + b`` in the
-    compute dtype (fp32/fp64: one GEMM on ``W + ΔW``; fp16/bf16: ``x Wᵀ + x ΔWᵀ``)."""
+    compute dtype (fp32/fp64: one GEMM on ``W + ΔW``; fp16/bf16: ``[x | x] [W | ΔW]ᵀ``)."""
     return _SPPFused.apply(x, bias, W_row, w_col, weight_fn, row_block, scaling, True)
 
 
