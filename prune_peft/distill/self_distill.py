@@ -30,7 +30,15 @@ import torch
 
 from .._io import atomic_dir, atomic_write_json
 from ..sft_data import extract_final_answer
-from .generation import BACKENDS, batch_seed, common_prefix, length_buckets, make_backend, require_vllm
+from .generation import (
+    BACKENDS,
+    batch_seed,
+    common_prefix,
+    length_buckets,
+    make_backend,
+    require_vllm,
+    vllm_sampling_kwargs,
+)
 
 __all__ = [
     "BAD_PHRASES",
@@ -280,6 +288,47 @@ def _gold(value) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# generation arguments
+
+
+def _check_generation_kwargs(generation_kwargs: dict, backend: str, teacher) -> None:
+    """Refuse generation arguments ``generate`` would reject, before the cache or any generation.
+
+    Values go through ``GenerationConfig.update`` (transformers' own checks, e.g. ``max_new_tokens`` > 0); names
+    must be a ``GenerationConfig`` field, an argument of ``generate`` or of the teacher's ``forward`` (checked only
+    for transformers models: a custom ``generate`` may take anything). vLLM: names it can map.
+    """
+    if backend == "vllm":
+        vllm_sampling_kwargs(generation_kwargs, 0)
+        return
+    import inspect
+
+    from transformers import GenerationConfig, GenerationMixin
+
+    for key in ("max_new_tokens", "min_new_tokens", "max_length", "num_return_sequences", "top_k"):
+        value = generation_kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{key} must be a non-negative integer (generation argument), got {value!r}")
+    try:
+        unused = GenerationConfig().update(**generation_kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"invalid generation arguments {generation_kwargs}: {exc}") from None
+    if not unused or not isinstance(teacher, GenerationMixin):
+        return
+    base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
+    known = set(inspect.signature(GenerationMixin.generate).parameters) | set(
+        inspect.signature(base.forward).parameters
+    )
+    unknown = sorted(k for k in unused if k not in known)
+    if unknown:
+        raise ValueError(
+            f"generation arguments {unknown} are not GenerationConfig fields nor arguments of generate() or of "
+            f"{type(base).__name__}.forward; allowed: GenerationConfig fields such as max_new_tokens, do_sample, "
+            "temperature, top_p, top_k, repetition_penalty"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # cache
 
 
@@ -322,8 +371,10 @@ class _ShardCache:
                     "pass an empty or new directory"
                 )
             stored = json.loads(self.config_path.read_text())
+            has_rows = self.shards.is_dir() and any(s.name.startswith("batch-") for s in self.shards.iterdir())
             if stored.get("fingerprint") != config["fingerprint"]:
-                if not overwrite:
+                # a cache without a stored batch (a run that failed before its first one) has nothing to lose
+                if not overwrite and has_rows:
                     old, new = stored.get("config", {}), config["config"]
                     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                     raise ValueError(
@@ -461,10 +512,12 @@ def self_distill(
     p_col, r_col, a_col = _resolve_columns(columns, prompt_column, response_column, answer_column)
     generation_kwargs.setdefault("max_new_tokens", 256)
     generation_kwargs.setdefault("do_sample", False)
+    _check_generation_kwargs(generation_kwargs, backend, teacher)  # before the cache: a typo must not pin it
     if teacher_name is not None and backend == "transformers":  # load only once the inputs are known good
         from ..models import load_model
 
         teacher = load_model(teacher_name)
+        _check_generation_kwargs(generation_kwargs, backend, teacher)  # names against the loaded model's forward
 
     # ---- examples and prompts ----
     rows = dataset.to_list()
