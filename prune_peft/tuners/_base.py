@@ -426,6 +426,7 @@ class SparseTunerMixin:
         against the base and against the digests). Any failure removes the injected layers again and raises.
         """
         before = {id(m) for m in model.modules()}
+        flags = _trainable_flags(model)
         config = self.peft_config.get(adapter_name)
         source = getattr(config, "_pp_source", None)
         try:
@@ -434,7 +435,7 @@ class SparseTunerMixin:
                 self._pp_check_file(model, adapter_name, source, getattr(config, "sparse_digests", None))
             self._pp_check_digests(model, adapter_name, getattr(config, "sparse_digests", None))
         except BaseException:
-            _remove_adapter_layers(model, adapter_name, before)
+            _remove_adapter_layers(model, adapter_name, before, flags=flags)
             raise
         finally:
             if config is not None and source is not None:
@@ -603,12 +604,23 @@ class SparseTunerMixin:
         return model
 
 
+def _trainable_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """Every parameter's ``requires_grad``: peft's injection freezes the base, a rolled-back one must not."""
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
 def _remove_adapter_layers(
-    model: nn.Module, adapter_name: str, keep: set[int], everything: bool = False, layer_cls: type | None = None
+    model: nn.Module,
+    adapter_name: str,
+    keep: set[int],
+    everything: bool = False,
+    layer_cls: type | None = None,
+    flags: list[tuple[nn.Parameter, bool]] | None = None,
 ) -> None:
     """Undo an injection: layers created by it go back to their base layer, older ones lose the adapter.
 
-    ``layer_cls``: the adapter layer class to look for (default :class:`SparseAdapterLayer`).
+    ``layer_cls``: the adapter layer class to look for (default :class:`SparseAdapterLayer`). ``flags``: the
+    parameters' ``requires_grad`` before the injection (:func:`_trainable_flags`), restored.
     """
     for name, module in list(model.named_modules()):
         if not isinstance(module, layer_cls or SparseAdapterLayer):
@@ -617,8 +629,10 @@ def _remove_adapter_layers(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
-        elif adapter_name in module.lora_A:
+        elif adapter_name in getattr(module, "lora_A", {}):
             module.delete_adapter(adapter_name)
+    for param, requires_grad in flags or ():
+        param.requires_grad_(requires_grad)
 
 
 def _drop_quantization_metadata(model: nn.Module) -> None:

@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ... import _hf
 from ...sparsity.loraprune import n_pruned
-from .._base import _remove_adapter_layers
+from .._base import _remove_adapter_layers, _trainable_flags
 from .layer import LoRAPruneLinear
 from .pruner import LoRAPruner
 
@@ -91,18 +92,21 @@ class LoRAPruneModel(LoraModel):
     # ------------------------------------------------------------------------------------------------ injection
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """peft's injection and the block structure, all-or-nothing: a failure leaves ``model`` as it was."""
         before = {id(m) for m in model.modules()}
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        flags = _trainable_flags(model)
         try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
             self._pp_build(adapter_name)
             self.__dict__.setdefault("_pp_pruners", {}).pop(adapter_name, None)
         except BaseException:
-            self._pp_rollback(model, adapter_name, before)
+            self._pp_rollback(model, adapter_name, before, flags)
             raise
 
-    def _pp_rollback(self, model: nn.Module, adapter_name: str, before: set[int]) -> None:
+    def _pp_rollback(self, model: nn.Module, adapter_name: str, before: set[int], flags=None) -> None:
         only = set(self.peft_config) <= {adapter_name}
-        _remove_adapter_layers(model, adapter_name, before, everything=only, layer_cls=LoRAPruneLinear)
+        # any peft tuner layer: on a Conv1D (GPT-2) peft wraps with its own lora.Linear, not LoRAPruneLinear
+        _remove_adapter_layers(model, adapter_name, before, everything=only, layer_cls=BaseTunerLayer, flags=flags)
         self.peft_config.pop(adapter_name, None)
         if only and hasattr(model, "peft_config"):
             del model.peft_config
