@@ -186,7 +186,7 @@ def loraprune_after(trainer, adapter_cfg, out: Path) -> dict:
     if adapter_cfg.structure in ("head+channel", "head", "channel"):
         before = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         small = compact(model.merge_and_unload())
-        save_compacted(small, out / "compacted")
+        save_compacted(small, out / "compacted", overwrite=True)  # --out was checked up front
         info.update(
             params_before=before,
             params_after=sum(p.numel() for p in small.parameters()),

@@ -243,10 +243,17 @@ def _reshape_empty(model: nn.Module, layers: dict) -> None:
                 mlp.intermediate_size = size
 
 
-def save_compacted(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:
-    """``model.save_pretrained(path)``. A uniform compaction has a stock config (any ``from_pretrained`` loads it);
-    a non-uniform one carries ``prune_peft_layers`` and loads only through :func:`load_compacted`."""
-    model.save_pretrained(path, **kwargs)
+def save_compacted(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, **kwargs) -> None:
+    """``model.save_pretrained(path)``, atomically. A uniform compaction has a stock config (any ``from_pretrained``
+    loads it); a non-uniform one carries ``prune_peft_layers`` and loads only through :func:`load_compacted`.
+
+    The folder is built aside and swapped in (:func:`prune_peft._io.atomic_dir`): ``path`` is at every moment the
+    complete old output or the complete new one. A non-empty ``path`` is refused unless ``overwrite=True``.
+    """
+    from .._io import atomic_dir
+
+    with atomic_dir(path, overwrite=overwrite, name="path") as tmp:
+        model.save_pretrained(tmp, **kwargs)
 
 
 def load_compacted(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None) -> nn.Module:

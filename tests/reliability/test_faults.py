@@ -234,3 +234,35 @@ def test_resume_side_file_damage_refused(tmp_path, damage):
     with pytest.raises((ValueError, FileNotFoundError), match=SIDE_FILE):
         cb2._restore(_Args(tmp_path), _State(3, saved))
     assert not hasattr(cb2.drivers[0], "loaded")
+
+
+SAVE_COMPACTED = """
+from prune_peft import save_compacted
+from prune_peft.testing import tiny_causal_lm
+save_compacted(tiny_causal_lm(num_hidden_layers=1), {out!r}, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_save_compacted_overwrite_killed(tmp_path, phase):
+    out = tmp_path / "compacted"
+    out.mkdir()
+    (out / "config.json").write_text('{"old": true}')
+    old = tree(out)
+    run_killed(SAVE_COMPACTED.format(out=str(out)), phase)
+
+    def is_new(o):
+        assert (o / "config.json").exists() and (o / "model.safetensors").exists()
+
+    state = check_old_or_new(out, old, is_new)
+    assert state == ("new" if phase == "dir-new-in" else "old")
+
+
+def test_save_compacted_refuses_a_non_empty_folder_before_work(tmp_path):
+    from prune_peft import save_compacted
+    from prune_peft.testing import tiny_causal_lm
+
+    (tmp_path / "keep.txt").write_text("old")
+    with pytest.raises(ValueError, match=r"path=.*not empty.*overwrite=True"):
+        save_compacted(tiny_causal_lm(num_hidden_layers=1), tmp_path)
+    assert tree(tmp_path) == {"keep.txt": b"old"}
