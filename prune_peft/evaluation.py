@@ -42,17 +42,33 @@ def perplexity(
     windows, as in the Wanda/SparseGPT WikiText evaluation). With overlap, only the tokens not scored by the
     previous window count, so every token is scored once with up to ``seqlen − stride`` tokens of context.
     """
+    # every check before the first forward pass; seqlen first, so seqlen=0 is reported as seqlen
+    if not _is_int(seqlen) or seqlen < 2:
+        raise ValueError(f"seqlen must be an integer >= 2 (a window scores tokens 2..seqlen), got {seqlen!r}")
+    if stride is not None and (not _is_int(stride) or not 1 <= stride <= seqlen):
+        raise ValueError(f"stride must be an integer in [1, seqlen={seqlen}] or None (= seqlen), got {stride!r}")
     stride = stride or seqlen
-    if not 0 < stride <= seqlen:
-        raise ValueError(f"stride must be in (0, seqlen={seqlen}], got {stride}")
+    for name, value in (("max_windows", max_windows), ("batch_size", batch_size)):
+        if (value is not None or name == "batch_size") and (not _is_int(value) or value < 1):
+            raise ValueError(
+                f"{name} must be a positive integer{' or None' if name == 'max_windows' else ''}, got {value!r}"
+            )
     if tokens is None:
         if texts is None or tokenizer is None:
             raise ValueError("perplexity needs either tokens= or texts= with a tokenizer")
         max_tokens = None if max_windows is None else max_windows * stride + seqlen + 1
-        tokens = tokenize_stream(texts, tokenizer, max_tokens)
+        try:
+            tokens = tokenize_stream(texts, tokenizer, max_tokens)
+        except ValueError as exc:  # texts_from names the data, not this argument
+            raise ValueError(f"texts: {exc}") from None
+        if tokens.numel() < 2:
+            raise ValueError(
+                f"texts give {tokens.numel()} token(s); perplexity needs at least 2: pass non-empty texts"
+            )
+    _check_token_ids(model, tokens)
     tokens = tokens.reshape(-1)
     if tokens.numel() < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
+        raise ValueError(f"tokens has {tokens.numel()} element(s); perplexity needs at least 2 token ids")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -85,6 +101,29 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(nll / count)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_token_ids(model: nn.Module, tokens) -> None:
+    """Token ids must be an integer tensor inside the model's vocabulary (else: IndexError deep in the embedding)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+        raise ValueError(f"tokens must hold integer token ids, got dtype {tokens.dtype}; pass e.g. tokens.long()")
+    if tokens.numel() == 0:
+        return
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        allowed = f"[0, {vocab})" if vocab is not None else "non-negative"
+        raise ValueError(
+            f"tokens hold ids in [{low}, {high}] but the model's vocabulary allows {allowed}; "
+            "tokenize with the model's own tokenizer"
+        )
 
 
 def _block_prefix(model: nn.Module) -> str | None:

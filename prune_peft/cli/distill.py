@@ -66,6 +66,27 @@ def distill_dataset(spec: str, n: int | None, seed: int):
     return ds.select(range(min(n, len(ds)))) if n else ds
 
 
+def check_sampling(opts: DistillOptions) -> None:
+    """Sampling settings: valid ranges, and only with --do-sample (greedy decoding would ignore them silently)."""
+    from ._common import UsageError
+
+    if opts.temperature is not None and not opts.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {opts.temperature!r}")
+    if opts.top_p is not None and not 0 < opts.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {opts.top_p!r}")
+    if opts.top_k is not None:
+        check_positive({"--top-k": opts.top_k})
+    given = [
+        f
+        for f, v in (("--temperature", opts.temperature), ("--top-p", opts.top_p), ("--top-k", opts.top_k))
+        if v is not None
+    ]
+    if given and not opts.do_sample:
+        raise UsageError(
+            f"{', '.join(given)} only apply to sampling: add --do-sample, or drop them for greedy decoding"
+        )
+
+
 def run(opts: DistillOptions) -> int:
     from .._io import atomic_dir, atomic_write_json, check_output_dir
     from ._common import UsageError
@@ -78,15 +99,32 @@ def run(opts: DistillOptions) -> int:
     if opts.n is not None:
         check_positive({"--n": opts.n})
     check_positive({"--batch-size": opts.batch_size, "--max-new-tokens": opts.max_new_tokens})
+    check_sampling(opts)
+    cache = Path(opts.cache_dir) if opts.cache_dir else out.parent / f".{out.name}.cache"
+    if opts.cache_dir:  # an existing cache is fine (it is resumed); a file or an unwritable place is not
+        check_output_dir(cache, overwrite=True, name="--cache-dir")
+    if opts.backend == "vllm":
+        from ..distill.generation import require_vllm
+
+        try:
+            require_vllm()
+        except ImportError as exc:
+            raise UsageError(f"--backend vllm: {exc}") from None
 
     from ..distill import distill_stats, self_distill
+    from ..distill.self_distill import _resolve_columns
     from ..models import load_model_and_tokenizer
 
     dataset = distill_dataset(opts.dataset, opts.n, opts.data_seed)
+    if len(dataset) == 0:
+        raise UsageError(f"--dataset {opts.dataset!r} has no rows (with --n {opts.n})")
+    try:  # the columns are known before the teacher loads
+        _resolve_columns(list(dataset.column_names), None, None, None)
+    except ValueError as exc:
+        raise UsageError(f"--dataset {opts.dataset!r}: {exc}") from None
     teacher, tok = load_model_and_tokenizer(opts.teacher)
     gen = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample}
     gen.update({k: getattr(opts, k) for k in ("temperature", "top_p", "top_k") if getattr(opts, k) is not None})
-    cache = Path(opts.cache_dir) if opts.cache_dir else out.parent / f".{out.name}.cache"
     distilled = self_distill(
         teacher,
         tok,

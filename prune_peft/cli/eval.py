@@ -82,6 +82,8 @@ def _tokenizer(folder: str, base: str | None):
 
 def run(opts: EvalOptions) -> int:
     check_positive({"--seqlen": opts.seqlen, "--windows": opts.windows, "--batch-size": opts.batch_size})
+    if opts.seqlen < 2:
+        raise UsageError(f"--seqlen must be >= 2 (a perplexity window scores tokens 2..seqlen), got {opts.seqlen}")
     if opts.tasks is not None:
         from ..evaluation import LM_EVAL_MISSING, resolve_tasks
 

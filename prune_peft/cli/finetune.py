@@ -174,6 +174,45 @@ def sft_dataset(spec: str, split: str, n: int, seed: int):
     return ds.select(range(min(n, len(ds))))
 
 
+SFT_FORMATS = ("'text'", "'messages'", "'prompt' + 'completion'")
+
+
+def check_sft_columns(spec: str, columns: list[str], rows: int) -> None:
+    """The dataset must be in one of trl's SFT formats (else trl fails later with ``KeyError: 'text'``)."""
+    if rows == 0:
+        raise UsageError(f"--data {spec!r} has no rows")
+    cols = set(columns)
+    if "text" in cols or "messages" in cols or {"prompt", "completion"} <= cols:
+        return
+    raise UsageError(
+        f"--data {spec!r} has the columns {sorted(columns)}, none of trl's SFT formats: it needs "
+        f"{', '.join(SFT_FORMATS[:-1])} or {SFT_FORMATS[-1]} (rename the columns, e.g. with "
+        "Dataset.rename_column, and save_to_disk again)"
+    )
+
+
+def check_completions_fit(train, tokenizer, max_length: int | None) -> None:
+    """Refuse a --max-length at which no completion token survives truncation (nothing to train on)."""
+    if max_length is None or "prompt" not in train.column_names or "completion" not in train.column_names:
+        return
+    longest_room = None
+    for prompt in train["prompt"]:
+        if isinstance(prompt, str):
+            n = len(tokenizer(prompt)["input_ids"])
+        else:  # conversational prompt: what trl renders before the completion
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        room = max_length - n
+        longest_room = room if longest_room is None else max(longest_room, room)
+        if room > 0:
+            return
+    raise UsageError(
+        f"--max-length {max_length} truncates every completion: each prompt is at least "
+        f"{max_length - (longest_room or 0)} tokens long, so no completion token is left to train on; "
+        "raise --max-length or shorten the prompts"
+    )
+
+
 def loraprune_after(trainer, adapter_cfg, out: Path) -> dict:
     """Merge, compact (physically smaller model) and save it to <out>/compacted; report sizes."""
     from ..pruning.structured import compact, compacted_shapes, save_compacted
@@ -221,14 +260,17 @@ def run(opts: FinetuneOptions, adapter, qtuning, args: FinetuneTrainingArguments
     from ..callbacks.prune import PruneCallback
     from ..callbacks.qtuning import QTuningCallback
     from ..callbacks.trainers import QTuningSFTTrainer
-    from ..models import load_model_and_tokenizer
+    from ..models import check_model_source, load_model_and_tokenizer, load_tokenizer
 
+    check_model_source(opts.model, name="--model")
     keep = {"prompt", "completion", "messages", "text"}
     train = sft_dataset(opts.data, "train", opts.n_train, args.seed)
+    check_sft_columns(opts.data, train.column_names, len(train))
     train = train.remove_columns([c for c in train.column_names if c not in keep])
     heldout = sft_dataset(opts.data, "heldout", opts.n_eval, args.seed) if opts.n_eval else None
     if heldout is not None:
         heldout = heldout.remove_columns([c for c in heldout.column_names if c not in keep])
+    check_completions_fit(train, load_tokenizer(opts.model), args.max_length)  # the tokenizer only, not the model
     model, tok = load_model_and_tokenizer(opts.model)
     callbacks = ([QTuningCallback(qcfg)] if qcfg else []) + ([PruneCallback()] if opts.method == "loraprune" else [])
     # the Q-Tuning trainer is a plain SFTTrainer without a QTuningCallback, and routes prune metrics to reporters

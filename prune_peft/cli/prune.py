@@ -72,6 +72,8 @@ def run(opts: PruneOptions) -> int:
     for arg, value in (("--seqlen", opts.seqlen), ("--nsamples", opts.nsamples)):
         if not isinstance(value, int) or value <= 0:
             raise UsageError(f"{arg} must be a positive integer, got {value!r}")
+    if opts.seqlen < 2:  # a perplexity window scores tokens 2..seqlen; checked before the model loads
+        raise UsageError(f"--seqlen must be >= 2, got {opts.seqlen}")
     if opts.eval_windows is not None and opts.eval_windows < 0:
         raise UsageError(f"--eval-windows must be >= 0, got {opts.eval_windows!r}")
 
