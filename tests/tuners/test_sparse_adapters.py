@@ -225,7 +225,8 @@ def test_spp_starts_as_identity_and_uses_n_blocks(pruned, ids):
     layer.lora_B["default"].weight.data.normal_()
     delta = layer.get_delta_weight("default")
     W_row, w_col = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
-    torch.testing.assert_close(delta, 2.0 * (W_row.repeat_interleave(16, 0) * w_col) * W)  # s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W
+    # ΔW = s·(Rep(W_row) ⊙ w_col 1ᵀ) ⊙ W, s = 16/8
+    torch.testing.assert_close(delta, 2.0 * (W_row.repeat_interleave(16, 0) * w_col) * W)
 
 
 def test_trainer_and_sft_trainer(pruned, tokenizer, texts, tmp_path):
