@@ -62,10 +62,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp sibling, fsync, rename); creates missing parent folders."""
+    """Write ``data`` to ``path`` atomically (temp sibling, fsync, rename); creates missing parent folders.
+
+    The temp sibling is ``.NAME.tmp-PID-XXXX.tmp``; those of dead processes (a killed write) are removed here, on
+    the next write to the same path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _clean_stale_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -139,6 +144,16 @@ def _sibling_pid(path: Path, prefix: str) -> int | None:
     """The pid encoded in ``<prefix><pid>-<random>``, or None for names we did not create."""
     pid = path.name[len(prefix) :].split("-", 1)[0]
     return int(pid) if pid.isdigit() else None
+
+
+def _clean_stale_files(path: Path) -> None:
+    """Remove the temp files of ``path`` left by writes whose process died (pid encoded in the name)."""
+    prefix = f".{path.name}.tmp-"
+    for sibling in path.parent.glob(f"{_glob_escape(prefix)}*.tmp"):
+        pid = _sibling_pid(sibling, prefix)
+        if pid is not None and not _pid_alive(pid) and sibling.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                sibling.unlink()
 
 
 def _clean_stale(out: Path) -> None:

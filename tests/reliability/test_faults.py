@@ -266,3 +266,39 @@ def test_save_compacted_refuses_a_non_empty_folder_before_work(tmp_path):
     with pytest.raises(ValueError, match=r"path=.*not empty.*overwrite=True"):
         save_compacted(tiny_causal_lm(num_hidden_layers=1), tmp_path)
     assert tree(tmp_path) == {"keep.txt": b"old"}
+
+
+WRITERS = {
+    "json": "atomic_write_json({f!r}, {{'new': 2}})",
+    "text": "atomic_write_text({f!r}, 'new')",
+    "bytes": "atomic_write_bytes({f!r}, b'new')",
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_atomic_file_killed_temp_cleaned_on_next_write(tmp_path, writer):
+    """A write killed after its temp file is complete keeps the old file; the next write removes the dead temp."""
+    from prune_peft._io import atomic_write_text
+
+    f = tmp_path / "out.txt"
+    f.write_text("old")
+    bystander = tmp_path / ".out.txt.user-notes"  # not our pattern: never touched
+    bystander.write_text("keep")
+    code = "from prune_peft._io import atomic_write_bytes, atomic_write_json, atomic_write_text\n"
+    run_killed(code + WRITERS[writer].format(f=str(f)), "file-written")
+    assert f.read_text() == "old"
+    dead = [p for p in tmp_path.iterdir() if p.name.startswith(".out.txt.tmp-")]
+    assert len(dead) == 1 and dead[0].stat().st_size > 0  # the killed write's complete temp file
+    atomic_write_text(f, "next")
+    assert f.read_text() == "next"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.txt.user-notes", "out.txt"]
+
+
+def test_atomic_file_live_writer_temp_kept(tmp_path):
+    """A temp file whose pid is alive (a concurrent writer, here this process) is not removed."""
+    from prune_peft._io import atomic_write_text
+
+    live = tmp_path / f".out.txt.tmp-{os.getpid()}-abcd.tmp"
+    live.write_text("in progress")
+    atomic_write_text(tmp_path / "out.txt", "x")
+    assert live.read_text() == "in progress"
