@@ -333,6 +333,7 @@ class QuantizedUnloadMixin:
     quantized: ClassVar[bool] = True
     _pp_requantize: bool = False
     _pp_unload_dtype: torch.dtype | None = None
+    _pp_model_dtype: torch.dtype = torch.float32
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None):
         base = self.get_base_layer()
@@ -344,7 +345,9 @@ class QuantizedUnloadMixin:
         names = check_adapters_to_merge(self, adapter_names)
         self._pp_check_base(names)
         weight = self._pp_merged_dense(names, safe_merge)
-        dtype = self._pp_unload_dtype or getattr(base, "compute_dtype", None) or torch.float32
+        # int8 layers have no compute dtype: default to the dtype of the model's float parameters, so the unloaded
+        # layer takes the activations it will receive (an fp32 layer in an fp16 model would fail at the first matmul)
+        dtype = self._pp_unload_dtype or getattr(base, "compute_dtype", None) or self._pp_model_dtype
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=weight.device)
         linear.to(dtype)
         with torch.no_grad():
@@ -590,14 +593,22 @@ class SparseTunerMixin:
     ) -> nn.Module:
         """Merge the adapters and return the base model; every zero of the pruned base stays zero.
 
-        bitsandbytes bases come back *dequantized* (``dtype``, default the layer's compute dtype) so the merged
-        sparse weights are exact; ``requantize=True`` instead re-quantizes in place (nf4/fp4/int8 map 0 to 0, so the
+        bitsandbytes bases come back *dequantized* (``dtype``, default the layer's compute dtype; int8 layers, which
+        have none, take the dtype of the model's float parameters) so the merged sparse weights are exact (computed
+        in fp32, cast once); ``requantize=True`` instead re-quantizes in place (nf4/fp4/int8 map 0 to 0, so the
         zeros survive, the other weights take the usual rounding error).
         """
         self._pp_check_all(adapter_names)
         layers = sparse_layers(self.model).values()
+        floats = [  # the base model's own float parameters (adapters are kept in fp32 by peft)
+            p.dtype
+            for n, p in self.model.named_parameters()
+            if "lora_" not in n and p.dtype.is_floating_point and not _is_bnb_param(p)
+        ]
+        model_dtype = max(set(floats), key=floats.count) if floats else torch.float32
         for layer in layers:
             layer._pp_requantize, layer._pp_unload_dtype = requantize, dtype
+            layer._pp_model_dtype = model_dtype
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         if not requantize:
             _drop_quantization_metadata(model)

@@ -12,7 +12,6 @@ gradients are compared with the oracle's autograd gradients relative to their no
 bf16 and in fp16 AMP (GradScaler) end within a few percent of fp32 on a tiny causal LM.
 """
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,3 +297,31 @@ def test_legacy_rounded_fuse_would_fail_this_matrix():
     lost_old = int(((y_old - y_base)[big] == 0).sum())
     lost_new = int(((y_new - y_base)[big] == 0).sum())
     assert lost_new == 0 and lost_old >= 3, (lost_new, lost_old, int(big.sum()))
+
+
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+@pytest.mark.parametrize("kind", ["sparse_lora", "spp"])
+def test_int8_base_in_half_precision_trains_and_unloads_in_the_model_dtype(kind, dtype, nf4_checkpoint):
+    """LLM.int8 layers have no compute dtype: the dequantized unload takes the model's dtype (an fp32 layer in an
+    fp16 model would fail at the first matmul), keeps every zero and matches the unmerged forward."""
+    pytest.importorskip("bitsandbytes")
+    from adapter_testlib import zero_sets
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(nf4_checkpoint, quantization_config=q, dtype=dtype)
+    cfg = config(kind)
+    cfg.target_modules, cfg.init_lora_weights = "all-linear", False
+    pm = get_peft_model(model, cfg)
+    ids = torch.randint(0, 260, (2, 8), generator=torch.Generator().manual_seed(0))
+    pm.train()
+    pm(ids, labels=ids).loss.backward()
+    pm.eval()
+    before = zero_sets(pm)
+    with torch.no_grad():
+        out = pm(ids).logits.float()
+        merged = pm.merge_and_unload()
+        again = merged(ids).logits.float()
+    assert merged.model.layers[0].mlp.up_proj.weight.dtype == dtype
+    assert all(torch.equal(before[n], z) for n, z in zero_sets(merged).items())
+    torch.testing.assert_close(again, out, atol=0.05, rtol=0.02)
