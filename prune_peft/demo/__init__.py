@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .._io import atomic_write_json
 from ._context import DemoContext, log
+from .export import stage_export_compacted
 from .load import stage_load
 from .loraprune import stage_loraprune
 from .oneshot import stage_sparsegpt_50, stage_wanda_24
@@ -25,6 +26,7 @@ STAGES = [
     ("sparsegpt_50%", stage_sparsegpt_50),
     ("sparse_lora", stage_sparse_lora),
     ("loraprune", stage_loraprune),
+    ("export_compacted", stage_export_compacted),  # last: the LoRAPrune result, stock-loadable
 ]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DemoContext", "log", "log_budget_cut"]
+__all__ = ["EVAL_SEQLEN", "DemoContext", "log", "log_budget_cut"]
+
+EVAL_SEQLEN = 512
 
 
 @dataclass
@@ -30,7 +32,16 @@ class DemoContext:
     def ppl(self, model) -> float:
         from ..evaluation import perplexity
 
-        return perplexity(model, self.tokenizer, self.heldout_texts, seqlen=512, max_windows=self.eval_windows)
+        return perplexity(model, self.tokenizer, self.heldout_texts, seqlen=EVAL_SEQLEN, max_windows=self.eval_windows)
+
+    def eval_token_windows(self) -> list:
+        """The token windows :meth:`ppl` scores (disjoint, ``EVAL_SEQLEN`` long; the last may be shorter), for
+        scoring in a process that cannot import prune_peft."""
+        from ..evaluation import tokenize_stream
+
+        tokens = tokenize_stream(self.heldout_texts, self.tokenizer, self.eval_windows * EVAL_SEQLEN + EVAL_SEQLEN + 1)
+        starts = range(0, tokens.numel() - 1, EVAL_SEQLEN)
+        return [tokens[b : b + EVAL_SEQLEN] for b in list(starts)[: self.eval_windows]]
 
 
 def log(msg: str) -> None:

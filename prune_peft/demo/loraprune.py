@@ -11,7 +11,9 @@ __all__ = ["stage_loraprune"]
 
 
 def stage_loraprune(ctx: DemoContext) -> dict:
-    """20 % structured pruning (heads + channels) while LoRA fine-tuning, then merge → compact → perplexity."""
+    """20 % structured pruning (heads + channels, the same kept count in every block: ``uniform=True``) while LoRA
+    fine-tuning, then merge → compact → perplexity. The adapter model stays in ``ctx.pruned["loraprune_peft"]`` for
+    the export stage (stock-loadable compacted checkpoint)."""
     import tempfile
 
     import torch
@@ -34,7 +36,7 @@ def stage_loraprune(ctx: DemoContext) -> dict:
 
     dense = copy.deepcopy(ctx.model)
     params_dense = sum(p.numel() for p in dense.parameters())
-    model = get_peft_model(dense, LoRAPruneConfig(r=8, target_sparsity=0.2, prune_every=2))
+    model = get_peft_model(dense, LoRAPruneConfig(r=8, target_sparsity=0.2, prune_every=2, uniform=True))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -47,7 +49,8 @@ def stage_loraprune(ctx: DemoContext) -> dict:
         trainer.train()
     seconds = time.perf_counter() - t0
     logged = [h for h in trainer.state.log_history if "prune/target_sparsity" in h][-1]
-    small = compact(model.merge_and_unload())
+    ctx.pruned["loraprune_peft"] = model
+    small = compact(copy.deepcopy(model).merge_and_unload())  # the adapter model is kept for the export stage
     ppl = ctx.ppl(small)
     params = sum(p.numel() for p in small.parameters())
     log(
@@ -61,6 +64,9 @@ def stage_loraprune(ctx: DemoContext) -> dict:
         "params_dense": params_dense,
         "params_compacted": params,
         "ppl": ppl,
-        "layers": compacted_shapes(small),
+        "layers": compacted_shapes(small),  # None: one size for every block (a stock config)
+        "config": {
+            k: getattr(small.config, k) for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        },
         **{k: v for k, v in logged.items() if k.startswith("prune/")},
     }
