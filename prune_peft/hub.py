@@ -78,23 +78,26 @@ def card_section(config) -> str | None:
     card = getattr(config, "_pp_card", None)
     if not card:
         return None
-    base = config.base_model_name_or_path or "<base model>"
+    base = config.base_model_name_or_path or None
     name = _METHOD_NAMES.get(card["method"], card["method"])
+    peft_type = config.peft_type.value
     return (
         "## Sparsity-preserving adapter (prune_peft)\n\n"
-        f"- method: {name} (`{config.peft_type.value}`)\n"
-        f"- base model: `{base}`\n"
+        f"- method: {name} (`{peft_type}`)\n"
+        f"- base model: {f'`{base}`' if base else 'not recorded (the base had no Hub id or path)'}\n"
         f"- sparsity pattern: {card['pattern']}\n"
         f"- sparsity ratio of the adapted weights: {card['sparsity']:.4f} "
         f"({card['modules']} modules, {card['weights']} weights)\n"
         "- merging (`merge_and_unload`) keeps every zero of the pruned base; the masks travel in "
         "`adapter_model.safetensors` (`lora_sparse_mask`, bit-packed).\n\n"
-        "Load it (the adapter type is registered by `import prune_peft`):\n\n"
+        f"Load it with `import prune_peft` first: it registers the `{peft_type}` adapter type with peft. Without it, "
+        f"`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and lm-eval's `peft=` fail with "
+        f"`KeyError: '{peft_type}'` (`pip install prune-peft`).\n\n"
         "```python\n"
-        "import prune_peft  # registers the adapter type with peft\n"
+        "import prune_peft  # registers the adapter type with peft: needed before any load\n"
         "from peft import PeftModel\n"
         "from transformers import AutoModelForCausalLM\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")  # the same pruned base\n'
+        f'base = AutoModelForCausalLM.from_pretrained("{base or "<the pruned base model>"}")  # the same pruned base\n'
         'model = PeftModel.from_pretrained(base, "<this repo or folder>")\n'
         "merged = model.merge_and_unload()  # sparse, same zeros as the base\n"
         "```\n"
@@ -119,10 +122,15 @@ def write_adapter_card(directory: str | os.PathLike, config) -> None:
     tags = set(card.data.tags or []) | {"prune_peft", "sparse", summary["method"].replace("_", "-"), "peft"}
     if summary["pattern"] != "unstructured":
         tags.add(f"sparsity-{summary['pattern'].replace(':', 'of')}")
-    card.data.tags = sorted(tags)
     card.data.library_name = card.data.library_name or "peft"
-    if config.base_model_name_or_path and not card.data.base_model:
-        card.data.base_model = config.base_model_name_or_path
+    base = config.base_model_name_or_path
+    if base and not os.path.isabs(base) and not card.data.base_model:
+        card.data.base_model = base  # a Hub id (the Hub refuses local paths in base_model)
+    if not card.data.base_model or os.path.isabs(str(card.data.base_model)):
+        card.data.base_model = None  # peft's card has `base_model: ''` (no recorded base) or a local path
+    # peft tags 'base_model:adapter:<base>'; keep it only for the Hub id kept above (never empty, never a path)
+    tags = {t for t in tags if not t.startswith("base_model:adapter:") or t[19:] == card.data.base_model}
+    card.data.tags = sorted(tags)
     text = card.text
     block = f"{_CARD_BEGIN}\n{section}{_CARD_END}"
     if _CARD_BEGIN in text and _CARD_END in text:
