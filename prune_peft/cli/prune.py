@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._common import UsageError, print_json
+from .eval import EVAL_SEQLEN, EVAL_WINDOWS
 
 
 @dataclass
@@ -28,10 +29,19 @@ class PruneOptions:
         default="shakespeare", metadata={"help": "Calibration text: 'shakespeare', a .txt file, or a saved dataset."}
     )
     nsamples: int = field(default=64, metadata={"help": "Calibration sequences."})
-    seqlen: int = field(default=512, metadata={"help": "Tokens per calibration sequence and perplexity window."})
+    seqlen: int = field(
+        default=512,
+        metadata={"help": "Tokens per calibration sequence (the perplexity window is --eval-seqlen)."},
+    )
     include: list[str] | None = field(default=None, metadata={"help": "Glob patterns of module names to prune."})
     exclude: list[str] | None = field(default=None, metadata={"help": "Glob patterns of module names kept dense."})
-    eval_windows: int = field(default=8, metadata={"help": "Held-out windows for perplexity before/after (0 = skip)."})
+    eval_seqlen: int = field(
+        default=EVAL_SEQLEN, metadata={"help": "Tokens per perplexity window (the default of `eval --seqlen`)."}
+    )
+    eval_windows: int = field(
+        default=EVAL_WINDOWS,
+        metadata={"help": "Held-out windows for perplexity before/after (0 = skip; the default of `eval --windows`)."},
+    )
     out: str | None = field(default=None, metadata={"help": "Output folder (required)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --out."})
 
@@ -74,6 +84,10 @@ def run(opts: PruneOptions) -> int:
             raise UsageError(f"{arg} must be a positive integer, got {value!r}")
     if opts.seqlen < 2:  # a perplexity window scores tokens 2..seqlen; checked before the model loads
         raise UsageError(f"--seqlen must be >= 2, got {opts.seqlen}")
+    if not isinstance(opts.eval_seqlen, int) or opts.eval_seqlen < 2:
+        raise UsageError(
+            f"--eval-seqlen must be an integer >= 2 (a window scores tokens 2..seqlen), got {opts.eval_seqlen!r}"
+        )
     if opts.eval_windows is not None and opts.eval_windows < 0:
         raise UsageError(f"--eval-windows must be >= 0, got {opts.eval_windows!r}")
 
@@ -87,10 +101,12 @@ def run(opts: PruneOptions) -> int:
     if calibration is not None and len(calibration) == 0:
         raise UsageError(f"--calibration={opts.calibration!r} holds no text; pass a non-empty file or dataset")
     model, tok = load_model_and_tokenizer(opts.model)
-    result: dict[str, Any] = {"model": opts.model}
+    # the evaluation window is independent of the calibration one, with `eval`'s defaults: the same checkpoint gets
+    # the same perplexity from `prune` and `eval`
+    result: dict[str, Any] = {"model": opts.model, "eval_seqlen": opts.eval_seqlen, "eval_windows": opts.eval_windows}
     heldout = shakespeare_texts("heldout")
     if opts.eval_windows:
-        result["ppl_dense"] = perplexity(model, tok, heldout, seqlen=opts.seqlen, max_windows=opts.eval_windows)
+        result["ppl_dense"] = perplexity(model, tok, heldout, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
     report = prune(
         model,
         method=opts.method,
@@ -104,7 +120,7 @@ def run(opts: PruneOptions) -> int:
         exclude=opts.exclude,
     )
     if opts.eval_windows:
-        result["ppl_pruned"] = perplexity(model, tok, heldout, seqlen=opts.seqlen, max_windows=opts.eval_windows)
+        result["ppl_pruned"] = perplexity(model, tok, heldout, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)
     result["prune"] = report.to_dict()
     with atomic_dir(opts.out, overwrite=opts.overwrite, name="--out") as tmp:
         model.save_pretrained(tmp)
