@@ -15,6 +15,21 @@ from ._common import UsageError, check_positive, print_json
 
 EVAL_SEQLEN, EVAL_WINDOWS = 512, 16  # the same evaluation defaults in `prune` and `eval`
 
+# Hub ids of the embedded aliases: what CLI-written adapters record as base_model_name_or_path (never the local
+# cache path of the converted checkpoint, which exists on this machine only). The CLI loads an adapter recording one
+# of them on the embedded copy it was trained on (offline; it is the GGUF's dequantized weights, not the Hub's).
+EMBEDDED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def public_model_id(spec: str) -> str:
+    """The id an adapter records for ``--model spec``: an embedded alias's Hub id, anything else as given."""
+    return EMBEDDED_HUB_IDS.get(spec, spec)
+
+
+def local_model_source(model_id: str) -> str:
+    """The inverse of :func:`public_model_id`: the embedded alias of a recorded Hub id, anything else unchanged."""
+    return next((alias for alias, hub in EMBEDDED_HUB_IDS.items() if hub == model_id), model_id)
+
 
 @dataclass
 class EvalOptions:
@@ -57,6 +72,7 @@ def load_any(spec: str, base: str | None = None):
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise UsageError(f"{spec} is an adapter without base_model_name_or_path; pass --base MODEL")
+        base = local_model_source(base)
         model = PeftModel.from_pretrained(load_model(base), spec).eval()
         return model, _tokenizer(spec, base), "adapter"
     config = os.path.join(spec, "config.json")

@@ -235,6 +235,30 @@ def loraprune_after(trainer, adapter_cfg, out: Path) -> dict:
     return info
 
 
+SPARSE_BASE_FRACTION = 0.3  # zeros in the target weights from which a base counts as pruned
+
+
+def warn_dense_lora_on_sparse_base(model) -> str | None:
+    """Warn (and return the message) when ``--method lora`` gets a pruned base: a plain LoRA update is dense, so
+    merging it fills every zero. Sparse = all target linear layers 2:4-valid, or ≥ 30 % zeros in them."""
+    import warnings
+
+    from ..evaluation import sparsity_report
+
+    rep = sparsity_report(model)
+    n = len(rep["modules"])
+    nm = n > 0 and rep["2:4_valid_modules"] == n
+    if not (nm or rep["sparsity"] >= SPARSE_BASE_FRACTION):
+        return None
+    what = "2:4-sparse" if nm else f"{rep['sparsity']:.0%} zeros"
+    msg = (
+        f"--method lora on a pruned base ({what} in {n} linear layers): plain LoRA's update B·A is dense, and merging "
+        "it fills every zero. Use --method sparse_lora (SQFT) or --method spp, which keep the base's sparsity."
+    )
+    warnings.warn(msg, UserWarning, stacklevel=2)
+    return msg
+
+
 def run(opts: FinetuneOptions, adapter, qtuning, args: FinetuneTrainingArguments) -> int:
     from .._io import atomic_write_json, check_output_dir
 
@@ -261,6 +285,7 @@ def run(opts: FinetuneOptions, adapter, qtuning, args: FinetuneTrainingArguments
     from ..callbacks.qtuning import QTuningCallback
     from ..callbacks.trainers import QTuningSFTTrainer
     from ..models import check_model_source, load_model_and_tokenizer, load_tokenizer
+    from .eval import public_model_id
 
     check_model_source(opts.model, name="--model")
     keep = {"prompt", "completion", "messages", "text"}
@@ -272,6 +297,7 @@ def run(opts: FinetuneOptions, adapter, qtuning, args: FinetuneTrainingArguments
         heldout = heldout.remove_columns([c for c in heldout.column_names if c not in keep])
     check_completions_fit(train, load_tokenizer(opts.model), args.max_length)  # the tokenizer only, not the model
     model, tok = load_model_and_tokenizer(opts.model)
+    sparse_warning = warn_dense_lora_on_sparse_base(model) if opts.method == "lora" else None
     callbacks = ([QTuningCallback(qcfg)] if qcfg else []) + ([PruneCallback()] if opts.method == "loraprune" else [])
     # the Q-Tuning trainer is a plain SFTTrainer without a QTuningCallback, and routes prune metrics to reporters
     trainer = QTuningSFTTrainer(
@@ -283,6 +309,8 @@ def run(opts: FinetuneOptions, adapter, qtuning, args: FinetuneTrainingArguments
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    for cfg in trainer.model.peft_config.values():  # our config object: record the id users load, not a cache path
+        cfg.base_model_name_or_path = public_model_id(opts.model)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -295,6 +323,8 @@ def run(opts: FinetuneOptions, adapter, qtuning, args: FinetuneTrainingArguments
         "steps": trainer.state.global_step,
         "train_loss": next((h["train_loss"] for h in trainer.state.log_history if "train_loss" in h), None),
     }
+    if sparse_warning:
+        result["warning"] = sparse_warning
     if heldout is not None:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     logged = [h for h in trainer.state.log_history if "qtuning/kept_sample_share" in h]
