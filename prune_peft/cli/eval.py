@@ -92,7 +92,13 @@ def _tokenizer(folder: str, base: str | None):
 
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     if any(os.path.isfile(os.path.join(folder, n)) for n in names):
-        return load_tokenizer(folder)
+        from transformers import AutoTokenizer
+
+        # an adapter folder holds tokenizer files but no config.json, which load_tokenizer's source check requires
+        tok = AutoTokenizer.from_pretrained(folder)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
     return load_tokenizer(base or DEFAULT_MODEL)
 
 

@@ -80,13 +80,12 @@ def test_adapter_records_the_model_argument_not_a_cache_path(folders):
     assert "base_model: ''" not in card and "base_model:adapter:'" not in card
 
 
-def test_embedded_alias_records_its_hub_id_and_the_cli_loads_it_offline(tmp_path):
+def test_embedded_alias_maps_to_its_hub_id_and_back():
     assert public_model_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct" == EMBEDDED_HUB_IDS["smollm2-135m"]
     assert local_model_source("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m"
     assert public_model_id("/my/folder") == local_model_source("/my/folder") == "/my/folder"
 
 
-@pytest.mark.slow
 def test_finetune_on_the_embedded_model_records_the_hub_id_and_eval_reads_it(tmp_path, capsys):
     out = tmp_path / "adapter"
     argv = ["finetune", "--method", "lora", "--n-train", "4", "--n-eval", "0", "--max-steps", "1"]
