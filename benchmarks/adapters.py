@@ -1,4 +1,4 @@
-"""Sparsity-preserving adapters vs plain LoRA on the embedded SmolLM2-135M, 2:4-pruned (Wanda), fp32 on CPU.
+"""Sparsity-preserving adapters vs plain LoRA on the embedded SmolLM2-135M, 2:4-pruned (Wanda), fp32 or bf16 on CPU.
 
 Measured in one run, batch 4 × 256 tokens of the Shakespeare training split, rank 16 for the LoRA types:
 
@@ -12,14 +12,21 @@ Measured in one run, batch 4 × 256 tokens of the Shakespeare training split, ra
 * held-out perplexity after the same number of steps, and the sparsity of the pruned layers after merging (plain LoRA
   densifies them; the others keep every zero).
 
-    python benchmarks/adapters.py [--steps 20] [--nsamples 32] [--eval-windows 16] [--threads 2]
+* ``--dtype bf16``: the pruned model in bf16 (adapters in fp32, as peft keeps them). Each sparse adapter is also
+  trained as a copy running the pre-0.x fused path (``x · bf16(W + ΔW)ᵀ``, which rounds away updates below half an
+  ulp of the weight; ``prune_peft.sparsity.adapters._LEGACY_ROUNDED_FUSE``, benchmark-only) side by side in the same
+  rotation, and ``vs_legacy`` gives the per-round ratio (current step / legacy step of that round).
 
-Writes benchmarks/results/adapters.json (``--quick``: results/quick/), stamped. Never run by the tests.
+    python benchmarks/adapters.py [--steps 20] [--nsamples 32] [--eval-windows 16] [--threads 2] [--dtype fp32|bf16]
+
+Writes benchmarks/results/adapters.json (``--dtype bf16``: adapters_bf16.json; ``--quick``: results/quick/), stamped.
+Never run by the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -29,6 +36,8 @@ import time
 from _bench import MEMORY_METHOD, memory_record, paired, rss_mb, run_memory_worker, start_stamp, write_results
 
 BATCH, SEQLEN, RANK = 4, 256, 16
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+LEGACY = "@legacy"  # suffix of the copies that run the old rounded fused path (bf16 only)
 CONFIGS = ("lora", "sparse_lora", "sparse_lora_lors", "spp", "spp_blockwise")
 LR = {"lora": 5e-4, "sparse_lora": 5e-4, "sparse_lora_lors": 5e-4, "spp": 4e-3, "spp_blockwise": 4e-3}
 
@@ -53,6 +62,19 @@ def batches(tok, steps: int):
 
     windows = calibration_tokens(shakespeare_texts("train"), tok, nsamples=steps * BATCH, seqlen=SEQLEN, seed=1)
     return [windows[i * BATCH : (i + 1) * BATCH] for i in range(steps)]
+
+
+@contextlib.contextmanager
+def legacy_fused(enabled: bool):
+    """The pre-fix fused path (update rounded into a half-precision weight), for timing comparisons only."""
+    from prune_peft.sparsity import adapters
+
+    old = adapters._LEGACY_ROUNDED_FUSE
+    adapters._LEGACY_ROUNDED_FUSE = enabled
+    try:
+        yield
+    finally:
+        adapters._LEGACY_ROUNDED_FUSE = old
 
 
 def pruned_layer_sparsity(model) -> float:
@@ -91,13 +113,23 @@ def table(result: dict) -> str:
         )
     head = (
         f"SmolLM2-135M, Wanda 2:4 (sparsity {result['sparsity_pruned']:.4f}), batch {result['batch'][0]} × "
-        f"{result['batch'][1]} tokens, fp32, {result['threads']} CPU threads, rank {result['rank']} for the LoRA "
+        f"{result['batch'][1]} tokens, {result['dtype']}, {result['threads']} CPU threads, rank {result['rank']} for the LoRA "
         f"types. Held-out perplexity: dense {result['ppl_dense']:.2f}, pruned {result['ppl_pruned']:.2f}."
     )
+    legacy = [
+        f"{NAMES.get(n, n)} {r['vs_legacy']['median']:.2f}×"
+        for n, r in result["adapters"].items()
+        if r.get("vs_legacy") is not None
+    ]
+    if legacy:
+        rows.append(
+            "\nStep time of the current half-precision path / the old fused path that rounded the update into the "
+            "bf16 weight (same rounds): " + ", ".join(legacy) + "."
+        )
     return head + "\n\n" + "\n".join(rows)
 
 
-def memory_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
+def memory_worker(name: str, checkpoint: str, steps: int, threads: int, dtype: str = "fp32") -> dict:
     """Peak RSS of a few training steps, in a fresh process holding only this model."""
     import torch
     from peft import get_peft_model
@@ -106,7 +138,7 @@ def memory_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     model, tok = load_model_and_tokenizer(checkpoint)
-    model = get_peft_model(model, make_config(name))
+    model = get_peft_model(model.to(getattr(torch, DTYPES[dtype])), make_config(name))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR[name])
     data = batches(tok, steps)
@@ -122,8 +154,9 @@ def memory_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
     return {"config": name, "rss_before_mb": before, "peak_rss_mb": mem["peak_rss_mb"], "training_mb": mem["extra_mb"]}
 
 
-def run_worker(name: str, checkpoint: str, steps: int, threads: int) -> dict:
+def run_worker(name: str, checkpoint: str, steps: int, threads: int, dtype: str = "fp32") -> dict:
     cmd = [__file__, "--worker", name, "--checkpoint", checkpoint, "--steps", str(steps), "--threads", str(threads)]
+    cmd += ["--dtype", dtype]
     return run_memory_worker(cmd, threads)
 
 
@@ -135,13 +168,14 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows of 256 tokens")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (bf16: also the old path)")
     parser.add_argument("--quick", action="store_true", help="3 steps, lora + sparse_lora only; results/quick/")
     parser.add_argument("--out", default=None, help="results file (default: results/adapters.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(memory_worker(args.worker, args.checkpoint, args.steps, args.threads)))
+        print(json.dumps(memory_worker(args.worker, args.checkpoint, args.steps, args.threads, args.dtype)))
         return
 
     import torch
@@ -171,7 +205,7 @@ def main() -> None:
         "pruning": f"wanda 2:4, {args.nsamples}×512 calibration tokens",
         "batch": [BATCH, SEQLEN],
         "rank": RANK,
-        "dtype": "float32",
+        "dtype": DTYPES[args.dtype],
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "learning_rates": {k: LR[k] for k in args.configs},
@@ -182,44 +216,57 @@ def main() -> None:
     result["ppl_pruned"] = ppl(model)
     result["sparsity_pruned"] = pruned_layer_sparsity(model)
     print(f"dense ppl {result['ppl_dense']:.2f}, 2:4 ppl {result['ppl_pruned']:.2f}", flush=True)
+    model = model.to(getattr(torch, DTYPES[args.dtype]))
 
     with tempfile.TemporaryDirectory() as ckpt:
         model.save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
         memory = {}
         for name in args.configs:
-            memory[name] = run_worker(name, ckpt, args.memory_steps, args.threads)
+            memory[name] = run_worker(name, ckpt, args.memory_steps, args.threads, args.dtype)
             print(f"memory {name}: {memory[name]}", flush=True)
 
     # side by side: one step per adapter in turn, same batch, so machine load hits all of them alike
     models = {name: get_peft_model(copy.deepcopy(model), make_config(name)).train() for name in args.configs}
+    if args.dtype != "fp32":  # the same adapters on the old rounded fused path, in the same rotation
+        models.update({n + LEGACY: copy.deepcopy(m) for n, m in list(models.items()) if n != "lora"})
     opts = {
-        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR[name])
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR[name.removesuffix(LEGACY)])
         for name, m in models.items()
     }
-    times: dict[str, list[float]] = {name: [] for name in args.configs}
-    losses: dict[str, list[float]] = {name: [] for name in args.configs}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    losses: dict[str, list[float]] = {name: [] for name in models}
     for step, ids in enumerate(batches(tok, args.steps)):
         order = list(models)[step % len(models) :] + list(models)[: step % len(models)]  # rotate who goes first
         for name in order:
             m = models[name]
             t0 = time.perf_counter()
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
+            with legacy_fused(name.endswith(LEGACY)):
+                loss = m(input_ids=ids, labels=ids).loss
+                loss.backward()
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
             times[name].append(time.perf_counter() - t0)
             losses[name].append(loss.item())
-        print(f"step {step}: " + ", ".join(f"{n} {times[n][-1]:.1f}s" for n in args.configs), flush=True)
+        print(f"step {step}: " + ", ".join(f"{n} {times[n][-1]:.1f}s" for n in models), flush=True)
 
     per = {}
     base_time = statistics.median(times["lora"][2:])
     base_mem = memory["lora"]
-    for name, m in models.items():
-        m.eval()
+    for name in args.configs:
+        m = models[name].eval()
         unmerged = ppl(m)
         merged = m.merge_and_unload()
         rounds = paired([a / b for a, b in zip(times[name][2:], times["lora"][2:])], f"{name} step", "LoRA step")
+        old = times.get(name + LEGACY)
+        vs_legacy = None
+        if old:
+            pairs = [a / b for a, b in zip(times[name][2:], old[2:])]
+            vs_legacy = {
+                **paired(pairs, f"{name} step", "old fused step"),
+                "legacy_step_s": statistics.median(old[2:]),
+            }
+            vs_legacy["legacy_loss_first_last"] = [losses[name + LEGACY][0], losses[name + LEGACY][-1]]
         per[name] = {
             "step_s": statistics.median(times[name][2:]),
             "time_ratio": rounds["median"],
@@ -230,6 +277,7 @@ def main() -> None:
             "training_mb": memory[name]["training_mb"],
             "training_mem_ratio": memory[name]["training_mb"] / base_mem["training_mb"],
             "loss_first_last": [losses[name][0], losses[name][-1]],
+            "vs_legacy": vs_legacy,
             "ppl_unmerged": unmerged,
             "ppl_merged": ppl(merged),
             "sparsity_after_merge": pruned_layer_sparsity(merged),
@@ -241,10 +289,12 @@ def main() -> None:
         "time_ratio": "median over timed rounds of (adapter step time / LoRA step time in the same round)",
         "peak_rss_ratio": "adapter process peak RSS / LoRA process peak RSS (both include the loaded model)",
         "training_mem_ratio": "adapter process extra_mb / LoRA process extra_mb (memory added by training steps)",
+        "vs_legacy": "bf16: median over rounds of (adapter step / the same adapter on the old rounded fused path)",
     }
     result["seconds"] = time.perf_counter() - t_start
     result["table_md"] = table(result)
-    write_results("adapters", result, stamp, quick=args.quick, out=args.out)
+    name = "adapters" if args.dtype == "fp32" else f"adapters_{args.dtype}"
+    write_results(name, result, stamp, quick=args.quick, out=args.out)
     print(json.dumps(result, indent=2))
     print(result["table_md"])
 
