@@ -457,7 +457,9 @@ class SparseTunerMixin:
         if not expected:
             return
         if not isinstance(expected, dict):
-            raise ValueError(f"{self.method}: sparse_digests must be a dict {{module: [base, mask]}}, got {expected!r}")
+            raise ValueError(
+                f"{self.method}: sparse_digests must be a dict {{module: [base, mask]}}, got {expected!r}"
+            )
         wrong = []
         for name, layer in sparse_layers(model).items():
             want = expected.get(name)
@@ -516,7 +518,9 @@ class SparseTunerMixin:
                 problems.append(f"{name}: the saved mask does not match its digest in adapter_config.json (tampered)")
         if problems:
             shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-            what = "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
+            what = (
+                "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
+            )
             raise ValueError(
                 f"{self.method}: adapter file {path}: {what} ({len(problems)} problem(s)); load it onto the pruned "
                 f"base and configuration it was saved with:\n  {shown}"
@@ -552,7 +556,9 @@ class SparseTunerMixin:
         problems += self._pp_shape_problems(state_dict, prefix)
         if problems:  # raised before any tensor is copied: the model stays exactly as it was
             shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-            what = "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
+            what = (
+                "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
+            )
             raise ValueError(
                 f"{self.method}: {what} ({len(problems)} problem(s)); load the adapter onto the pruned base and "
                 f"configuration it was trained with:\n  {shown}"
@@ -567,7 +573,9 @@ class SparseTunerMixin:
                 continue
             mine = own.get(key[len(prefix) :])
             if mine is not None and hasattr(value, "shape") and tuple(value.shape) != tuple(mine.shape):
-                out.append(f"{key[len(prefix) :]}: saved shape {tuple(value.shape)}, this model has {tuple(mine.shape)}")
+                out.append(
+                    f"{key[len(prefix) :]}: saved shape {tuple(value.shape)}, this model has {tuple(mine.shape)}"
+                )
         return out
 
     # -------------------------------------------------------------------------------------------------- merging
