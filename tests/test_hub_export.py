@@ -88,3 +88,20 @@ def test_bad_exports_are_refused_before_any_work(tmp_path):
     (tmp_path / "e" / "x").write_text("x")
     with pytest.raises(ValueError, match="overwrite"):
         export(trained(), tmp_path / "e", format="compacted")
+
+
+@pytest.mark.parametrize("multiple", [128, 129, 4096])
+def test_channel_multiple_not_below_the_mlp_width_is_refused_and_the_model_is_untouched(multiple):
+    base = tiny_causal_lm(num_hidden_layers=2)  # intermediate_size 128
+    names = [n for n, _ in base.named_modules()]
+    config = LoRAPruneConfig(r=4, target_sparsity=0.5, uniform=True, channel_multiple=multiple)
+    with pytest.raises(ValueError, match=rf"channel_multiple={multiple} is not smaller than the MLP width 128"):
+        get_peft_model(base, config)
+    assert [n for n, _ in base.named_modules()] == names  # rolled back: no adapter layer left behind
+
+
+def test_channel_multiple_below_the_width_is_accepted():
+    model = get_peft_model(
+        tiny_causal_lm(num_hidden_layers=2), LoRAPruneConfig(r=4, uniform=True, channel_multiple=64)
+    )
+    assert model.peft_config["default"].channel_multiple == 64

@@ -216,6 +216,12 @@ class LoRAPruneModel(LoraModel):
             if gate.out_features != up.out_features:
                 raise ValueError(f"loraprune: {info.name}: gate_proj and up_proj widths differ")
             info.intermediate = gate.out_features
+            if config.uniform and config.channel_multiple >= info.intermediate:  # kept count rounds to the full width
+                raise ValueError(
+                    f"loraprune: channel_multiple={config.channel_multiple} is not smaller than the MLP width "
+                    f"{info.intermediate} of {info.name}: uniform=True rounds the kept channels to a multiple of it, "
+                    "so no channel could ever be pruned. Pass a channel_multiple below the width (a divisor of it)."
+                )
             if check and n_pruned(p, info.intermediate) >= info.intermediate:
                 raise ValueError(f"loraprune: target_sparsity={p} would remove every MLP channel of {info.name}")
 
