@@ -98,3 +98,49 @@ def test_lm_eval_missing_gives_one_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(ImportError, match=r"pip install 'prune-peft\[eval\]'"):
         evaluation._import_lm_eval()
+
+
+@pytest.mark.slow
+def test_embedded_model_in_memory_scores_equal_lm_eval_hf_on_the_compacted_export(tmp_path):
+    """The embedded SmolLM2-135M with a uniform LoRAPrune adapter (same kept heads/channels in every block): the
+    in-memory scores equal lm-eval's own `--model hf` loader on the stock compacted export."""
+    import lm_eval as harness
+    from lm_eval.tasks import TaskManager
+
+    from prune_peft.hub import export, stock_reload
+    from prune_peft.models import load_model_and_tokenizer
+
+    task = local_task(tmp_path, name="pp_embedded_mc")
+    base, tok = load_model_and_tokenizer()  # offline
+    model = get_peft_model(base, LoRAPruneConfig(r=4, uniform=True, target_sparsity=0.3))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+    n_kv, width = base.config.num_key_value_heads, base.config.intermediate_size
+    for block in model.base_model.prune_blocks():
+        model.base_model.set_block_masks(
+            block.index, units=torch.arange(n_kv) != block.index % n_kv, channels=torch.arange(width) < width - 512
+        )
+    ours = lm_eval(model, tok, [task], batch_size=8)
+    info = export(model, tmp_path / "small", format="compacted", tokenizer=tok)
+    assert info["intermediate_size"] == width - 512 and info["num_key_value_heads"] == n_kv - 1
+    theirs = harness.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'small'},dtype=float32",
+        tasks=["pp_embedded_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path / "task")),
+        batch_size=8,
+        device="cpu",
+        log_samples=False,
+    )
+    mine, ref = ours["results"]["pp_embedded_mc"], theirs["results"]["pp_embedded_mc"]
+    assert ours["n-samples"]["pp_embedded_mc"]["effective"] == len(QUESTIONS)
+    # 6 accuracies could agree by chance: the scores come from equal logits (stock reload in a fresh process)
+    ids = tok("The sun rises in the east and sets in the west", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+    reloaded = stock_reload(tmp_path / "small", ids)["logits"]
+    assert (reloaded - expected).abs().max() <= 2e-3  # fp32: unmerged masked adapter vs merged, compacted weights
+    for metric in ("acc,none", "acc_norm,none"):
+        assert mine[metric] == pytest.approx(ref[metric], abs=1e-9), metric
