@@ -70,17 +70,55 @@ _CARD_END = "<!-- prune_peft:end -->"
 _METHOD_NAMES = {"sparse_lora": "SparseLoRA (SQFT SparsePEFT)", "spp": "SPP"}
 
 
+def _load_block(peft_type: str, base: str | None, after: str) -> str:
+    """The card's load instructions: ``import prune_peft`` first (it registers ``peft_type`` with peft)."""
+    return (
+        f"Load it with `import prune_peft` first: it registers the `{peft_type}` adapter type with peft. Without it, "
+        f"`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and lm-eval's `peft=` fail with "
+        f"`KeyError: '{peft_type}'` (`pip install prune-peft`).\n\n"
+        "```python\n"
+        "import prune_peft  # registers the adapter type with peft: needed before any load\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base or "<the base model>"}")\n'
+        'model = PeftModel.from_pretrained(base, "<this repo or folder>")\n'
+        f"{after}"
+        "```\n"
+    )
+
+
 def card_section(config) -> str | None:
     """The model-card text describing a prune_peft adapter (None when no summary is known).
 
-    The summary (``config._pp_card``: method, pattern, sparsity, counts) is filled by the tuner when it injects.
+    SparseLoRA / SPP: the summary (``config._pp_card``: method, pattern, sparsity, counts) is filled by the tuner when
+    it injects. LoRAPrune: the section is built from the config (structure, target sparsity, uniform).
     """
+    base = config.base_model_name_or_path or None
+    peft_type = config.peft_type.value
+    if peft_type == "LORAPRUNE":
+        uniform = getattr(config, "uniform", False)
+        return (
+            "## Structured pruning adapter (prune_peft LoRAPrune)\n\n"
+            f"- method: LoRAPrune (`{peft_type}`), structure `{config.structure}`, "
+            f"target sparsity {config.target_sparsity}\n"
+            f"- base model: {f'`{base}`' if base else 'not recorded (the base had no Hub id or path)'}\n"
+            "- the head/channel masks travel in `adapter_model.safetensors`; "
+            + (
+                "`uniform=True`: every block keeps the same sizes, so `prune_peft.hub.export(model, out, "
+                'format="compacted")` writes a stock checkpoint that `AutoModelForCausalLM.from_pretrained` loads '
+                "without prune_peft.\n\n"
+                if uniform
+                else "non-uniform: a compacted model loads only through `prune_peft.load_compacted` (see docs/deploy.md)."
+                "\n\n"
+            )
+            + _load_block(
+                peft_type, base, "small = prune_peft.compact(model.merge_and_unload())  # physically smaller\n"
+            )
+        )
     card = getattr(config, "_pp_card", None)
     if not card:
         return None
-    base = config.base_model_name_or_path or None
     name = _METHOD_NAMES.get(card["method"], card["method"])
-    peft_type = config.peft_type.value
     return (
         "## Sparsity-preserving adapter (prune_peft)\n\n"
         f"- method: {name} (`{peft_type}`)\n"
@@ -90,17 +128,7 @@ def card_section(config) -> str | None:
         f"({card['modules']} modules, {card['weights']} weights)\n"
         "- merging (`merge_and_unload`) keeps every zero of the pruned base; the masks travel in "
         "`adapter_model.safetensors` (`lora_sparse_mask`, bit-packed).\n\n"
-        f"Load it with `import prune_peft` first: it registers the `{peft_type}` adapter type with peft. Without it, "
-        f"`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and lm-eval's `peft=` fail with "
-        f"`KeyError: '{peft_type}'` (`pip install prune-peft`).\n\n"
-        "```python\n"
-        "import prune_peft  # registers the adapter type with peft: needed before any load\n"
-        "from peft import PeftModel\n"
-        "from transformers import AutoModelForCausalLM\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("{base or "<the pruned base model>"}")  # the same pruned base\n'
-        'model = PeftModel.from_pretrained(base, "<this repo or folder>")\n'
-        "merged = model.merge_and_unload()  # sparse, same zeros as the base\n"
-        "```\n"
+        + _load_block(peft_type, base, "merged = model.merge_and_unload()  # sparse, same zeros as the base\n")
     )
 
 
@@ -118,9 +146,9 @@ def write_adapter_card(directory: str | os.PathLike, config) -> None:
 
     path = Path(directory) / "README.md"
     card = ModelCard.load(path) if path.exists() else ModelCard.from_template(ModelCardData())
-    summary = config._pp_card
+    summary = getattr(config, "_pp_card", None) or {"method": "loraprune", "pattern": "structured"}
     tags = set(card.data.tags or []) | {"prune_peft", "sparse", summary["method"].replace("_", "-"), "peft"}
-    if summary["pattern"] != "unstructured":
+    if summary["pattern"] not in ("unstructured", "structured"):
         tags.add(f"sparsity-{summary['pattern'].replace(':', 'of')}")
     card.data.library_name = card.data.library_name or "peft"
     base = config.base_model_name_or_path

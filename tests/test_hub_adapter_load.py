@@ -82,3 +82,22 @@ def test_card_base_model_is_a_hub_id_never_a_local_path(tmp_path, base):
         assert "base_model" not in meta and not any(t.startswith("base_model:") for t in meta["tags"])
     else:
         assert meta["base_model"] == base and f"base_model:adapter:{base}" in meta["tags"]
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_loraprune_adapter_card_says_import_prune_peft_and_where_the_compacted_model_loads(tmp_path, uniform):
+    from prune_peft import LoRAPruneConfig
+
+    base = tiny_causal_lm(num_hidden_layers=2)
+    base.config.name_or_path = "me/tiny-dense"
+    cfg = dict(channel_multiple=8) if uniform else {}
+    model = get_peft_model(base, LoRAPruneConfig(r=2, target_sparsity=0.25, uniform=uniform, **cfg))
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "import prune_peft" in text and "KeyError: 'LORAPRUNE'" in text
+    assert "target sparsity 0.25" in text
+    assert ("stock checkpoint" in text) is uniform and ("prune_peft.load_compacted" in text) is not uniform
+    meta = yaml.safe_load(text.split("---")[1])
+    assert "prune_peft" in meta["tags"] and "loraprune" in meta["tags"]
+    model.save_pretrained(tmp_path)  # idempotent: one section
+    assert (tmp_path / "README.md").read_text().count("Structured pruning adapter") == 1

@@ -123,6 +123,13 @@ class LoRAPruneConfig(LoraConfig):
         metadata={"help": "uniform=True: kept MLP channels are rounded to a multiple of this (kernel-friendly)."},
     )
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's ``save_pretrained``, then the model card's prune_peft section (peft writes its card first)."""
+        from ...hub import write_adapter_card  # hub owns every card; imported here so tuners never need it at import
+
+        super().save_pretrained(save_directory, **kwargs)
+        write_adapter_card(save_directory, self)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPRUNE")
