@@ -40,6 +40,10 @@ class EvalOptions:
     base: str | None = field(
         default=None, metadata={"help": "Base model of an adapter folder (default: its base_model_name_or_path)."}
     )
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "Adapter folder to attach to --model (the same as --model ADAPTER --base MODEL)."},
+    )
     seqlen: int = field(default=EVAL_SEQLEN, metadata={"help": "Tokens per perplexity window."})
     windows: int = field(default=EVAL_WINDOWS, metadata={"help": "Held-out windows for perplexity."})
     tasks: str | None = field(
@@ -119,12 +123,19 @@ def run(opts: EvalOptions) -> int:
     from ..data import shakespeare_texts
     from ..evaluation import perplexity, sparsity_report
 
-    model, tok, kind = load_any(opts.model, opts.base)
+    spec, base = opts.model, opts.base
+    if opts.adapter is not None:
+        if opts.base is not None:
+            raise UsageError("--adapter attaches the adapter to --model; --base is for --model ADAPTER, not both")
+        if not os.path.isfile(os.path.join(opts.adapter, "adapter_config.json")):
+            raise UsageError(f"--adapter {opts.adapter} is not an adapter folder (no adapter_config.json)")
+        spec, base = opts.adapter, opts.model
+    model, tok, kind = load_any(spec, base)
     if opts.tasks is not None:
         from ..evaluation import lm_eval
 
         out = opts.json or (
-            os.path.join(opts.model, "lm_eval_results.json") if os.path.isdir(opts.model) else "lm_eval_results.json"
+            os.path.join(spec, "lm_eval_results.json") if os.path.isdir(spec) else "lm_eval_results.json"
         )
         limit = int(opts.limit) if opts.limit is not None and opts.limit >= 1 else opts.limit
         res = lm_eval(

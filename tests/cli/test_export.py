@@ -73,3 +73,19 @@ def test_export_bad_input_is_one_line(tiny_model, tokenizer, tmp_path, capsys):
     assert "--format must be one of merged, lora, compacted" in capsys.readouterr().err
     assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_eval_model_plus_adapter_equals_eval_of_the_adapter_folder(tiny_model, tokenizer, tmp_path, capsys):
+    """`eval --model BASE --adapter DIR` (the issue's form) is `eval --model DIR --base BASE`; bad pairs are one line."""
+    base, adapter, _ = adapter_folder(tiny_model, tokenizer, tmp_path)
+    common = ["--seqlen", "32", "--windows", "2"]
+    assert main(["eval", "--model", str(base), "--adapter", str(adapter), *common]) == 0
+    attached = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--model", str(adapter), "--base", str(base), *common]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert attached["kind"] == direct["kind"] == "adapter"
+    assert attached["perplexity"] == direct["perplexity"]
+    assert main(["eval", "--model", str(base), "--adapter", str(base), *common]) == 2
+    err = capsys.readouterr().err
+    assert "--adapter" in err and "no adapter_config.json" in err
+    assert main(["eval", "--model", str(base), "--adapter", str(adapter), "--base", str(base), *common]) == 2
