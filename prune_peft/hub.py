@@ -228,30 +228,36 @@ def stock_reload(path: str | os.PathLike, input_ids: torch.Tensor | None = None,
     Returns ``{"params": int, "logits": float32 tensor or None}`` (logits of ``input_ids`` when given).
     RuntimeError with the child's last lines when the stock loader fails, or when prune_peft got imported.
     """
-    import json
-    import subprocess
-    import sys
-
     with tempfile.TemporaryDirectory() as tmp:
         ids_path = logits_path = ""
         if input_ids is not None:
             ids_path, logits_path = os.path.join(tmp, "ids.pt"), os.path.join(tmp, "logits.pt")
             torch.save(input_ids.detach().cpu(), ids_path)
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        proc = subprocess.run(
-            [sys.executable, "-c", _STOCK_LOAD, str(path), ids_path, logits_path],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-        )
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-            raise RuntimeError(f"stock from_pretrained({str(path)!r}) failed in a fresh process:\n{tail}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        if result.pop("prune_peft_imported"):
-            raise RuntimeError(f"loading {str(path)!r} imported prune_peft: the checkpoint is not stock")
+        result = run_stock_script(_STOCK_LOAD, path, [ids_path, logits_path], timeout=timeout)
         result["logits"] = torch.load(logits_path) if logits_path else None
+    return result
+
+
+def run_stock_script(script: str, path: str | os.PathLike, args: list[str], timeout: float = 600) -> dict:
+    """Run ``script`` (which loads ``path`` with stock transformers and prints a JSON line with a
+    ``prune_peft_imported`` flag) in a fresh interpreter; its JSON result without the flag.
+
+    RuntimeError with the child's last lines when it fails, or when prune_peft got imported.
+    """
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"stock from_pretrained({str(path)!r}) failed in a fresh process:\n{tail}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result.pop("prune_peft_imported"):
+        raise RuntimeError(f"loading {str(path)!r} imported prune_peft: the checkpoint is not stock")
     return result
 
 

@@ -4,10 +4,7 @@ fresh process that never imports prune_peft; the parameter count and perplexity 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -42,21 +39,12 @@ def stock_perplexity(path: str | os.PathLike, windows: list, timeout: float = 60
     """
     import torch
 
+    from ..hub import run_stock_script
+
     with tempfile.TemporaryDirectory() as tmp:
         ids_path = os.path.join(tmp, "windows.pt")
         torch.save([w.detach().cpu() for w in windows], ids_path)
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        proc = subprocess.run(
-            [sys.executable, "-c", _STOCK_PPL, str(path), ids_path],
-            capture_output=True, text=True, env=env, timeout=timeout,
-        )  # fmt: skip
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"stock from_pretrained({str(path)!r}) failed in a fresh process:\n{tail}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if result.pop("prune_peft_imported"):
-        raise RuntimeError(f"loading {str(path)!r} imported prune_peft: the checkpoint is not stock")
-    return result
+        return run_stock_script(_STOCK_PPL, path, [ids_path], timeout=timeout)
 
 
 def stage_export_compacted(ctx: DemoContext) -> dict:
