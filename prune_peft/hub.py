@@ -70,6 +70,16 @@ _CARD_END = "<!-- prune_peft:end -->"
 _METHOD_NAMES = {"sparse_lora": "SparseLoRA (SQFT SparsePEFT)", "spp": "SPP"}
 
 
+# The load snippet of every checkpoint that stock transformers loads with nothing else installed.
+_STOCK_USAGE = [
+    "```python",
+    "from transformers import AutoModelForCausalLM",
+    'model = AutoModelForCausalLM.from_pretrained("<this repo or folder>")',
+    "```",
+    "",
+]
+
+
 def _load_block(peft_type: str, base: str | None, after: str) -> str:
     """The card's load instructions: ``import prune_peft`` first (it registers ``peft_type`` with peft)."""
     return (
@@ -197,11 +207,7 @@ def merged_card(summary: dict, base: str | None, methods: list[str]):
         "",
         "A plain transformers checkpoint: the zeros are stored as zeros, nothing to import.",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("<this repo or folder>")',
-        "```",
-        "",
+        *_STOCK_USAGE,
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
@@ -367,11 +373,7 @@ def export_card(
         "",
         "A plain transformers checkpoint, nothing to import:",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("<this repo or folder>")',
-        "```",
-        "",
+        *_STOCK_USAGE,
     ]
     return ModelCard(f"---\n{data_card.to_yaml()}\n---\n\n" + "\n".join(lines))
 
