@@ -237,7 +237,7 @@ class SparseAdapterDriver(PruneDriver):
 
         for name, layer in sparse_layers(self.tuner.model).items():
             if self.adapter in layer.lora_sparse_mask and not layer.merged:
-                problem = layer._pp_problem(self.adapter)
+                problem = layer.mask_problem(self.adapter)
                 if problem:
                     raise RuntimeError(
                         f"{self.tuner.method}: at checkpoint step {state.global_step}, {name} no longer matches the "

@@ -200,7 +200,7 @@ class SparseAdapterLayer:
         """The boolean mask M of an adapter (True = weight kept)."""
         return self.lora_sparse_mask.get(adapter_name)
 
-    def _pp_problem(self, adapter_name: str, weight: torch.Tensor | None = None) -> str | None:
+    def mask_problem(self, adapter_name: str, weight: torch.Tensor | None = None) -> str | None:
         """Why the current base is not the one the adapter's mask was fixed on (None if it is)."""
         nnz = int(self.lora_sparse_nnz.get(adapter_name).item())
         if nnz < 0:
@@ -216,7 +216,7 @@ class SparseAdapterLayer:
             if adapter not in self.lora_sparse_mask:
                 continue
             weight = dense_weight(self.get_base_layer()) if weight is None else weight
-            problem = self._pp_problem(adapter, weight)
+            problem = self.mask_problem(adapter, weight)
             if problem:
                 raise ValueError(
                     f"{self.method}: cannot merge adapter {adapter!r} into {self._pp_name or 'this layer'}: {problem}. "
@@ -517,14 +517,7 @@ class SparseTunerMixin:
             if isinstance(want, (list, tuple)) and len(want) > 1 and _digest(packed) != want[1]:
                 problems.append(f"{name}: the saved mask does not match its digest in adapter_config.json (tampered)")
         if problems:
-            shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-            what = (
-                "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
-            )
-            raise ValueError(
-                f"{self.method}: adapter file {path}: {what} ({len(problems)} problem(s)); load it onto the pruned "
-                f"base and configuration it was saved with:\n  {shown}"
-            )
+            raise _load_error(f"{self.method}: adapter file {path}", problems, zeros)
 
     # -------------------------------------------------------------------------------------------------- loading
 
@@ -555,14 +548,7 @@ class SparseTunerMixin:
         zeros = bool(problems)
         problems += self._pp_shape_problems(state_dict, prefix)
         if problems:  # raised before any tensor is copied: the model stays exactly as it was
-            shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-            what = (
-                "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
-            )
-            raise ValueError(
-                f"{self.method}: {what} ({len(problems)} problem(s)); load the adapter onto the pruned base and "
-                f"configuration it was trained with:\n  {shown}"
-            )
+            raise _load_error(self.method, problems, zeros)
 
     def _pp_shape_problems(self, state_dict, prefix: str) -> list[str]:
         """Incoming adapter tensors whose shape differs from ours (torch would copy the others, then raise)."""
@@ -626,6 +612,16 @@ class SparseTunerMixin:
 def _trainable_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     """Every parameter's ``requires_grad``: peft's injection freezes the base, a rolled-back one must not."""
     return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _load_error(where: str, problems: list[str], zeros: bool) -> ValueError:
+    """One message for every refused load: what is wrong (zeros or fit), the first five problems, what to do."""
+    shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+    what = "the adapter's masks do not match this base model's zeros" if zeros else "it does not fit this model"
+    return ValueError(
+        f"{where}: {what} ({len(problems)} problem(s)); load the adapter onto the pruned base and configuration it "
+        f"was saved with:\n  {shown}"
+    )
 
 
 def _remove_adapter_layers(
