@@ -250,6 +250,139 @@ def run_cost(args) -> dict:
     return results
 
 
+# --------------------------------------------------------------------------------------------------------- profile
+
+PHASES = ("forward", "backward", "importance", "optimizer", "mask_update", "zero_grad")
+
+
+def _phase_loop(model, optimizer, batches, pruning: bool) -> dict[str, list[tuple[float, float]]]:
+    """The plain loop, one phase at a time: (wall s, CPU s) of each phase per step (LoRA: no importance/mask)."""
+    import torch
+
+    times: dict[str, list[tuple[float, float]]] = {p: [] for p in PHASES}
+
+    def timed(phase, fn):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        times[phase].append((time.perf_counter() - t0, time.process_time() - c0))
+        return out
+
+    model.train()
+    for step, batch in enumerate(batches):
+        loss = timed("forward", lambda: model(**batch).loss)
+        timed("backward", loss.backward)
+        if pruning:
+            timed("importance", lambda: model.base_model.update_importance(step))
+        timed("optimizer", optimizer.step)
+        if pruning:
+            timed("mask_update", lambda: model.base_model.update_and_allocate(step))
+        timed("zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
+    return times
+
+
+def _op_profile(fn) -> dict:
+    """torch.profiler over one call of ``fn``: op count, CPU time (self, summed over ops) and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total_self_us = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {
+        "ops": int(sum(e.count for e in events)),
+        "self_cpu_ms": total_self_us / 1e3,
+        "top": [{"op": e.key, "count": int(e.count), "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in top],
+    }
+
+
+def run_profile(args) -> dict:
+    """Per-phase breakdown of one LoRAPrune step vs plain LoRA (plain loop, same batches), the PruneCallback's own
+    time in a Trainer run, and torch.profiler op counts of the importance phase against forward + backward.
+
+    Phases are timed with wall and CPU clocks (median over the timed steps; the first step is untimed). The shares
+    that matter on a loaded machine are the CPU-time ones and the profiler's op counts.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    from prune_peft.models import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    base, tok = load_model_and_tokenizer("smollm2-135m")
+    steps = args.steps_per_run
+    data = _windows(tok, args.seqlen, args.batch * steps)
+    batches = [_collate(data[i : i + args.batch]) for i in range(0, args.batch * steps, args.batch)]
+    out: dict = {"phases": {}, "settings": {"batch": args.batch, "seqlen": args.seqlen, "steps": steps}}
+    models = {}
+    for config in ("lora", "loraprune"):
+        model, _ = _peft_model(config, base)
+        if config == "loraprune":
+            model.base_model.prepare_pruning(total_steps=steps)
+        opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=2e-4)
+        times = _phase_loop(model, opt, batches, pruning=config == "loraprune")
+        out["phases"][config] = {
+            p: {"wall_s": statistics.median(t[0] for t in v[1:]), "cpu_s": statistics.median(t[1] for t in v[1:])}
+            for p, v in times.items()
+            if v
+        }
+        models[config] = model
+    lp = out["phases"]["loraprune"]
+    step_cpu = sum(v["cpu_s"] for v in lp.values())
+    out["cpu_share"] = {p: v["cpu_s"] / step_cpu for p, v in lp.items()}
+    fb = lp["forward"]["cpu_s"] + lp["backward"]["cpu_s"]
+    out["importance_vs_forward_backward_cpu"] = lp["importance"]["cpu_s"] / fb
+    out["mask_update_vs_forward_backward_cpu"] = lp["mask_update"]["cpu_s"] / fb
+
+    # op counts: one forward+backward and one importance pass of the LoRAPrune model (gradients present)
+    model = models["loraprune"]
+    model.zero_grad(set_to_none=True)
+    fwd_bwd = _op_profile(lambda: model(**batches[0]).loss.backward())
+    pruner = model.base_model.pruner()
+    pruner._scored_step = -1  # score the same gradients again, outside the schedule bookkeeping
+    importance = _op_profile(pruner._accumulate)
+    metrics = _op_profile(pruner.metrics)
+    out["profiler"] = {"forward_backward": fwd_bwd, "importance": importance, "metrics": metrics,
+                       "importance_vs_forward_backward_self_cpu": importance["self_cpu_ms"] / fwd_bwd["self_cpu_ms"]}  # fmt: skip
+
+    # the PruneCallback's own time inside a Trainer run: clocks on either side of it in the callback list
+    from prune_peft import PruneCallback
+
+    events = ("on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log")
+    spent: dict[str, float] = {}
+
+    class Before(TrainerCallback):
+        pass
+
+    class After(TrainerCallback):
+        pass
+
+    for ev in events:
+
+        def start(self, *a, _ev=ev, **k):
+            self.t0 = time.process_time()
+
+        def stop(self, *a, _ev=ev, **k):
+            spent[_ev] = spent.get(_ev, 0.0) + time.process_time() - before.t0
+
+        setattr(Before, ev, start)
+        setattr(After, ev, stop)
+    before, after = Before(), After()
+    model, _ = _peft_model("loraprune", base)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=2e-4)
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=args.batch, report_to=[], save_strategy="no",
+            logging_steps=1, disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
+        )  # fmt: skip
+        Trainer(model=model, args=targs, train_dataset=data, data_collator=_collate,
+                callbacks=[before, PruneCallback(), after], optimizers=(opt, None)).train()  # fmt: skip
+    out["callback_cpu_s_per_step"] = {ev: v / steps for ev, v in spent.items()}
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------- quality
 
 
@@ -317,6 +450,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run into results/quick/")
     ap.add_argument("--skip-quality", action="store_true", help="no quality section in the results file")
     ap.add_argument("--skip-cost", action="store_true", help="no cost section in the results file")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-phase breakdown (forward, backward, importance, mask update, callback) into 'breakdown'")
     ap.add_argument("--out", default=None, help="results file (default: results/loraprune.json)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -337,6 +472,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     report: dict = {"model": "smollm2-135m"}
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "out")}
+    if args.profile:
+        report["breakdown"] = run_profile(args)
+        print(json.dumps(report["breakdown"], indent=1), flush=True)
     if not args.skip_cost:
         report["cost"] = run_cost(args)
         report["cost"]["settings"] = settings
