@@ -14,11 +14,16 @@ from torch import nn
 __all__ = [
     "all_gather_rows",
     "all_reduce_sum",
+    "counts_once",
     "full",
+    "gathered_call",
     "is_sharded",
     "local",
     "local_rows",
+    "refuse_zero3",
+    "rowwise",
     "sharding_kind",
+    "sum_over_shards",
     "world_size",
 ]
 
@@ -56,6 +61,41 @@ def local_rows(t: torch.Tensor) -> tuple[int, int]:
         raise ValueError(f"a tensor sharded as {t.placements} (only dim-0 shards, FSDP2's layout, are supported)")
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return int(offset[0]), int(offset[0]) + int(shape[0])
+
+
+def counts_once(t: torch.Tensor) -> bool:
+    """Whether this rank's local part of DTensor ``t`` enters a Σ over all ranks exactly once: True on the first
+    replica of each shard (every rank for FSDP2's 1-D mesh; one rank per shard for HSDP's replicate dimension)."""
+    if not is_sharded(t):
+        return world_size() <= 1 or torch.distributed.get_rank() == 0
+    from torch.distributed.tensor import Replicate
+
+    mesh = t.device_mesh
+    return all(mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements) if isinstance(p, Replicate))
+
+
+class _Call(nn.Module):
+    def __init__(self, module: nn.Module, fn) -> None:
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self):
+        return self.fn()
+
+
+def gathered_call(module: nn.Module, fn):
+    """``fn()`` while the DTensor parameters of ``module`` (one layer, never a model) read as their full values.
+
+    ``torch.func.functional_call`` swaps the gathered tensors in for the call and puts the shards back, so code written
+    for one process runs unchanged on the same numbers it would see there (the fp32 shards, whatever FSDP2's
+    mixed-precision policy gathers for forward). Every rank must call it (``full_tensor`` is a collective).
+    """
+    from torch.func import functional_call
+
+    values = {f"module.{n}": p.detach().full_tensor() for n, p in module.named_parameters() if is_sharded(p)}
+    if not values:
+        return fn()
+    return functional_call(_Call(module, fn), values, ())
 
 
 def _group_device() -> torch.device:
@@ -119,3 +159,53 @@ def sharding_kind(model: nn.Module) -> str | None:
     ):
         return "fsdp2"
     return None
+
+
+# ---------------------------------------------------------------------------- row-local functions (S-STE, 2:4 masks)
+
+
+def rowwise(t: torch.Tensor, fn) -> torch.Tensor:
+    """``fn(t)`` for a function that treats every row on its own (2:4 groups along the input dim): on a DTensor
+    sharded on dim 0 (FSDP2), ``fn`` runs on the local rows and the result is wrapped with ``t``'s mesh, placements
+    and global shape (no communication); a plain tensor goes to ``fn`` as is. ValueError for other placements."""
+    if not is_sharded(t):
+        return fn(t)
+    local_rows(t)  # validates the placement (dim-0 shards or replicated)
+    from torch.distributed.tensor import DTensor
+
+    out = fn(t.to_local())
+    return DTensor.from_local(out, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=out.stride())
+
+
+def sum_over_shards(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Σ of a small per-rank tensor ``x`` over the ranks that hold different shards of ``like`` (a DTensor: the
+    mesh dims where it is ``Shard``; replicas are not summed twice); ``x`` itself when ``like`` is not sharded."""
+    if not is_sharded(like):
+        return x
+    from torch.distributed.tensor import Shard
+
+    mesh = like.device_mesh
+    out = x
+    for dim, placement in enumerate(like.placements):
+        if isinstance(placement, Shard) and mesh.size(dim) > 1:
+            group = mesh.get_group(dim)
+            nccl = torch.distributed.get_backend(group) == "nccl"
+            dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            buf = out.detach().to(dev, copy=True)
+            torch.distributed.all_reduce(buf, group=group)
+            out = buf.to(x.device)
+    return out
+
+
+def refuse_zero3(model: nn.Module, owner: str) -> None:
+    """ValueError before any work when ``model``'s parameters are DeepSpeed ZeRO-3 partitions (``ds_numel``/``ds_id``
+    attributes): DeepSpeed is not installed or tested with prune_peft, and outside forward a ZeRO-3 parameter is an
+    empty placeholder, so weight-based scores and masks would see no weights."""
+    names = [n for n, p in model.named_parameters() if hasattr(p, "ds_numel") or hasattr(p, "ds_id")]
+    if names:
+        raise ValueError(
+            f"{owner}: the model's parameters are DeepSpeed ZeRO-3 partitions ({names[0]!r} and {len(names) - 1} "
+            "more have ds_numel/ds_id); ZeRO-3 is not supported (DeepSpeed is not tested with prune_peft). Train "
+            "with DDP, ZeRO stage 1/2, or FSDP2 (torch fully_shard / accelerate fsdp_version: 2) where the method "
+            "supports it; see docs/distributed.md"
+        )

@@ -20,6 +20,11 @@ split along the Trainer's documented extension points:
                                 callbacks=[QTuningCallback(QTuningConfig(sample_ratio=0.25, token_ratio=0.5))])
 
 A ``QTuningCallback`` in a Trainer without the mixin raises a ``ValueError`` at ``on_train_begin`` naming the fix.
+
+Distributed (docs/distributed.md): every rank scores its own samples; the per-sample statistics of all ranks are
+all-gathered, so the quantile thresholds and the keep decisions are those of one process seeing the whole step's batch
+(DDP and FSDP2 alike). Under FSDP2 the two-pass scoring forward runs through the sharded root model (FSDP2 gathers the
+embedding and LM head only in the root's forward) under ``no_grad``. DeepSpeed ZeRO-3 is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import Trainer
 
+from .._dist import refuse_zero3, sharding_kind
 from ..sparsity.qtuning import (
     IGNORE_INDEX,
     QUADRANT_NAMES,
@@ -372,6 +378,15 @@ class QTuningCallback(MetricsCallback):
 
     def _validate(self, trainer: Trainer) -> None:
         cfg, args = self.config, trainer.args
+        refuse_zero3(trainer.model, "QTuningCallback")
+        teacher = getattr(trainer.compute_loss_func, "teacher", None)
+        if cfg.mode == "two_pass" and isinstance(teacher, torch.nn.Module) and sharding_kind(teacher) == "fsdp2":
+            raise ValueError(
+                "Q-Tuning two-pass with an FSDP2-sharded KD teacher (compute_loss_func=LogitDistillation(...)): a rank "
+                "whose micro-batch keeps no sample skips the loss function, so its teacher forward (an FSDP2 "
+                "all-gather) would be missing on that rank and the others would wait forever. Use a replicated "
+                "teacher, precomputed top-k teacher logits (LogitDistillation(topk=...)), or sample_ratio=1.0"
+            )
         for flag in ("packing", "padding_free"):
             if getattr(args, flag, False):
                 raise ValueError(
@@ -423,6 +438,8 @@ class QTuningCallback(MetricsCallback):
         # The Trainer passes its own `args` to every event: a bound trainer with other args is another trainer.
         if self.trainer is None or self.trainer.args is not args:
             raise ValueError(_NEEDS_MIXIN)
+        if kwargs.get("model") is not None:  # the model as wrapped by accelerate (DeepSpeed init happens in train())
+            refuse_zero3(kwargs["model"], "QTuningCallback")
         self._acc = {}
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -627,19 +644,29 @@ class QTuningTrainerMixin(PruneTrainerMixin):
         Runs in ``torch.inference_mode`` with the adapter's current weights and dropout off; with
         ``score_batch_size`` the rows of all micro-batches are scored in chunks of that size (right-padded to a
         common length: under causal attention later columns do not change earlier positions' scores).
+
+        Under FSDP2 the forward goes through the root module (only its forward gathers the root's own shards: the
+        embedding, final norm and LM head) and under ``no_grad`` (FSDP2 keeps the unsharded parameters it allocates;
+        allocated under inference mode they could not be used for training afterwards).
         """
         cfg = self.qtuning_callback.config  # type: ignore[union-attr]
-        model = self.model  # type: ignore[attr-defined]
-        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        root = self.model  # type: ignore[attr-defined]
+        fsdp2 = sharding_kind(root) == "fsdp2"
+        model = root.get_base_model() if hasattr(root, "get_base_model") else root
         was_training = model.training
         model.eval()  # deterministic scores: no dropout (LoRA dropout included)
+        if fsdp2:
+            model = root
+        grad_off = torch.no_grad() if fsdp2 else torch.inference_mode()
         try:
-            with torch.inference_mode(), self._qtuning_autocast(cfg.score_dtype):
+            with grad_off, self._qtuning_autocast(cfg.score_dtype):
                 if cfg.score_batch_size is None or not _can_merge(batches):
-                    return [self._qtuning_score(model, b) for b in batches]
+                    return [self._qtuning_score(model, b, fsdp2) for b in batches]
                 merged, sizes, lengths = _merge_rows(batches)
                 n, step = merged["labels"].size(0), cfg.score_batch_size
-                parts = [self._qtuning_score(model, _rows(merged, i, min(n, i + step))) for i in range(0, n, step)]
+                parts = [
+                    self._qtuning_score(model, _rows(merged, i, min(n, i + step)), fsdp2) for i in range(0, n, step)
+                ]
                 nll, ent, mask = (torch.cat(x) for x in zip(*parts))
                 out, start = [], 0
                 for b, length in zip(sizes, lengths):
@@ -657,11 +684,16 @@ class QTuningTrainerMixin(PruneTrainerMixin):
         dtype = getattr(torch, score_dtype)
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def _qtuning_score(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token NLL and entropy [B, L−1] of one batch (no graph), projecting only response positions."""
+    def _qtuning_score(
+        self, model, batch: dict[str, Any], full: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token NLL and entropy [B, L−1] of one batch (no graph), projecting only response positions (``full``:
+        the whole forward of ``model``, for an FSDP2 root whose own shards are gathered only by its forward)."""
         labels = batch["labels"]
         mask = labels[:, 1:] != IGNORE_INDEX
         inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+        if full:
+            return token_nll_entropy(model(**inputs, use_cache=False).logits, labels)
         backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         cfg = getattr(model, "config", None)

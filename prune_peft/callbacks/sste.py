@@ -14,6 +14,12 @@ reference computes β once, ``init_scale``). A plain loop saves and restores the
 :func:`load_sste_betas`.
 
 This is full (dense-weight) fine-tuning with a dynamic mask; to keep a fixed mask use SparseLoRA/SPP instead.
+
+Sharded training (docs/distributed.md): with FSDP2 (``fully_shard``) call :func:`apply_sste` *before* sharding —
+FSDP2 registers each parameter with the module that holds it, so a layer swapped in afterwards would never see its
+unsharded weight (refused with a ValueError naming the fix). β is then computed from the whole weight, the forward
+runs on FSDP2's unsharded weight, and mask-flip statistics and :func:`finalize_sste` work on each rank's local rows
+(2:4 groups lie along the unsharded input dim). DeepSpeed ZeRO-3 is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 from transformers.trainer_callback import ExportableState
 
+from .._dist import refuse_zero3, sharding_kind
 from ..sparsity.sste import MaskFlipTracker, SSTELinear
 from ._trainer import MetricsCallback
 from .prune import PruneDriver, register_driver
@@ -95,8 +102,10 @@ def apply_sste(model: nn.Module, modules: str | Iterable[str] | Callable[[str], 
 
     ``modules=None``: every ``nn.Linear`` except output heads (``lm_head``, ...). Layers must have ``in_features``
     divisible by 4 (ValueError naming the layer otherwise, before anything is replaced). Hooks registered on a
-    replaced ``nn.Linear`` stay on the old module.
+    replaced ``nn.Linear`` stay on the old module. Under FSDP/FSDP2 call it before sharding (ValueError otherwise);
+    DeepSpeed ZeRO-3 is refused.
     """
+    refuse_zero3(model, "S-STE")
     select = _select(modules)
     chosen = []
     for name, module in model.named_modules():
@@ -109,16 +118,34 @@ def apply_sste(model: nn.Module, modules: str | Iterable[str] | Callable[[str], 
         chosen.append((name, module))
     if not chosen:
         raise ValueError(f"S-STE: no nn.Linear layer selected (modules={modules!r})")
+    kind = sharding_kind(model)
+    if kind in ("fsdp1", "fsdp2"):
+        raise ValueError(
+            f"S-STE: apply_sste on a model already sharded with {kind.upper()}: FSDP registers every parameter with "
+            "the module holding it, so a layer swapped in now would never get its unsharded weight. Call "
+            "apply_sste(model) before fully_shard (with accelerate/Trainer FSDP: before building the Trainer); "
+            "SSTECallback and PruneCallback(method='s-ste') then train the layers already there"
+        )
     for _, module in chosen:
         _replace_module(model, module, SSTELinear.from_linear(module))
     return [n for n, _ in chosen]
 
 
 def finalize_sste(model: nn.Module) -> list[str]:
-    """Bake ``W ← β·S(W)`` (exactly 2:4) into every S-STE layer and replace it with an ``nn.Linear`` (same Parameters)."""
+    """Bake ``W ← β·S(W)`` (exactly 2:4) into every S-STE layer and replace it with an ``nn.Linear`` (same Parameters).
+
+    On an FSDP2-sharded model the layers stay (FSDP2 keeps each parameter registered with its module): the weight is
+    baked in place on each rank's rows and β set to 1, so the forward ``1·S(W) = W`` is exactly the baked 2:4 weight
+    and the state-dict keys are those of ``nn.Linear``."""
+    in_place = sharding_kind(model) == "fsdp2"
     names = []
     for name, module in sste_layers(model).items():
-        _replace_module(model, module, module.to_linear())
+        if in_place:
+            with torch.no_grad():
+                module.weight.copy_(module.sparse_weight())
+            module.sste_scale = torch.ones_like(module.sste_scale)
+        else:
+            _replace_module(model, module, module.to_linear())
         names.append(name)
     return names
 
@@ -158,6 +185,7 @@ class SSTECallback(MetricsCallback, ExportableState):
 
     def prepare(self, model: nn.Module) -> list[str]:
         """Replace the layers (if not done yet) and record the initial masks."""
+        refuse_zero3(model, "SSTECallback")
         self._model = model
         names = list(sste_layers(model)) or apply_sste(model, self.modules)
         if self.track_flips:
@@ -245,6 +273,7 @@ class SSTEDriver(PruneDriver):
     def setup(self, model: nn.Module, args, state) -> None:
         from ..pruning.oneshot import target_linears
 
+        refuse_zero3(model, "PruneCallback(method='s-ste')")
         names = set(target_linears(model, include=self.include, exclude=self.exclude))
         if any(type(m) is nn.Linear for n, m in model.named_modules() if n in names):
             apply_sste(model, lambda n: n in names)

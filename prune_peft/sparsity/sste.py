@@ -14,6 +14,10 @@ Backward is a straight-through estimator: ``∂L/∂W := ∂L/∂W_sp`` (no β, 
 and the 2:4 mask can change during training (S-STE is a dynamic-mask method). On an already 2:4-pruned weight
 ``t = 0``, ``S`` is the identity and ``β = 1``.
 
+Sharded weights (FSDP2 ``fully_shard``: a DTensor sharded on dim 0, the output rows): every group of 4 lies inside
+one row, so ``S``, the mask and the flip counts are computed on each rank's local rows with no communication, and β's
+two sums are summed over the shards (float64) before the division, so β is that of the whole weight.
+
 Pure tensor code and the :class:`SSTELinear` layer; replacing a model's linears with it (and back) and the Trainer
 callback are in :mod:`prune_peft.callbacks.sste`.
 """
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._dist import is_sharded, local, rowwise, sum_over_shards
 from .masks import top2of4_mask
 from .packing import pack_mask
 
@@ -44,15 +49,21 @@ def _groups(w: torch.Tensor) -> torch.Tensor:
 
 
 def topk24_mask(w: torch.Tensor) -> torch.Tensor:
-    """The kept positions of S-STE: the 2 largest ``|w|`` per group of 4 (ties keep the lower index)."""
-    return top2of4_mask(_groups(w).abs()).reshape(w.shape)
+    """The kept positions of S-STE: the 2 largest ``|w|`` per group of 4 (ties keep the lower index).
+
+    A dim-0-sharded DTensor gives a DTensor mask of the same layout (computed on the local rows)."""
+    return rowwise(w, lambda x: top2of4_mask(_groups(x).abs()).reshape(x.shape))
 
 
 def soft_threshold24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S(w), mask)``: S-STE's soft-threshold 2:4 projection and the kept positions (2 per group of 4).
 
     ``S(w)`` is zero outside ``mask``; inside, ``|S| = |w| − t`` (which is 0 for a kept weight tied with t).
+    A dim-0-sharded DTensor gives DTensors of the same layout (computed on the local rows).
     """
+    if is_sharded(w):
+        s, m = soft_threshold24(local(w))
+        return rowwise(w, lambda _: s), rowwise(w, lambda _: m)
     g = _groups(w)
     a = g.abs()
     a0, a1, a2, a3 = a.unbind(-1)
@@ -66,20 +77,25 @@ def soft_threshold24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sste_scale(w: torch.Tensor) -> torch.Tensor:
-    """Frozen per-tensor scale ``β = ⟨W, S(W)⟩ / ⟨S(W), S(W)⟩`` (float32 scalar; 1 when ``S(W) = 0``)."""
+    """Frozen per-tensor scale ``β = ⟨W, S(W)⟩ / ⟨S(W), S(W)⟩`` (float32 scalar; 1 when ``S(W) = 0``).
+
+    On a dim-0-sharded DTensor both sums are taken over the local rows in float64 and summed over the shards, so
+    every rank gets the β of the whole weight (a plain tensor; equal to the one-process β up to the order of the
+    float64 additions)."""
     with torch.no_grad():
-        wd = w.detach().double()
+        wd = local(w.detach()).double()
         s, _ = soft_threshold24(wd)
-        den = (s * s).sum()
-        beta = (wd * s).sum() / den if den > 0 else torch.ones((), dtype=torch.float64, device=w.device)
+        sums = sum_over_shards(torch.stack([(wd * s).sum(), (s * s).sum()]), w)
+        num, den = sums[0], sums[1]
+        beta = num / den if den > 0 else torch.ones((), dtype=torch.float64, device=wd.device)
     return beta.float()
 
 
 class _SoftThresholdSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        s, _ = soft_threshold24(w)
-        return s * beta.to(w.dtype)
+        # row-local, so a sharded weight (outside FSDP2's forward, e.g. when baking) stays on its own rows
+        return rowwise(w, lambda x: soft_threshold24(x)[0] * beta.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -162,19 +178,24 @@ class MaskFlipTracker:
 
     def update(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         """Record the current masks; return ``{"flips": count, "flip_fraction": …, "positions": …}`` (zeros the
-        first time) plus ``per_module`` fractions."""
-        flips = positions = 0
-        per_module: dict[str, float] = {}
+        first time) plus ``per_module`` fractions.
+
+        Sharded weights (dim-0 DTensors) are compared on their local rows; the per-module counts are then summed over
+        the shards (one all-reduce per call), so every rank reports the whole model's counts."""
+        counts: dict[str, int] = {}
         for name, w in weights.items():
-            packed = pack_mask(topk24_mask(w.detach()))
+            packed = pack_mask(topk24_mask(local(w.detach())))
             prev = self._prev.get(name)
-            n = w.numel()
             if prev is not None and prev.shape == packed.shape:
-                changed = int(_POPCOUNT.to(packed.device)[(prev ^ packed).long()].sum().item())
-                flips += changed
-                per_module[name] = changed / n
-            positions += n
+                counts[name] = int(_POPCOUNT.to(packed.device)[(prev ^ packed).long()].sum().item())
             self._prev[name] = packed
+        shards = [n for n in counts if is_sharded(weights[n])]
+        if shards:  # every rank holds the same modules, so all reach this all-reduce
+            summed = sum_over_shards(torch.tensor([counts[n] for n in shards]), weights[shards[0]])
+            counts.update(zip(shards, (int(c) for c in summed.tolist())))
+        flips = sum(counts.values())
+        positions = sum(w.numel() for w in weights.values())  # global numel for DTensors
+        per_module = {name: counts[name] / weights[name].numel() for name in counts}
         return {
             "flips": float(flips),
             "flip_fraction": flips / max(positions, 1),
