@@ -16,8 +16,9 @@ and unloads quantized bases to dequantized sparse ``nn.Linear`` layers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -208,7 +209,56 @@ class SparseAdapterLayer:
         weight = dense_weight(self.get_base_layer()) if weight is None else weight
         return mask_mismatch(weight, self.sparse_mask(adapter_name), nnz)
 
+    # adapter -> [base digest, mask digest] recorded in the config it was injected from; see _pp_check_loaded
+    _pp_pending: Mapping[str, list | None] = MappingProxyType({})
+
+    def _pp_adapter_floats(self, adapter: str) -> dict[str, torch.Tensor]:
+        return {
+            k: v
+            for k, v in self.state_dict(keep_vars=True).items()
+            if adapter in k.split(".") and v.is_floating_point() and v.device.type != "meta"
+        }
+
+    def _pp_expect_load(self, adapter: str, digests: list | None) -> None:
+        """Arm :meth:`_pp_check_loaded`: NaN factors and ``lora_sparse_nnz = -2`` until a load overwrites them."""
+        with torch.no_grad():
+            for value in self._pp_adapter_floats(adapter).values():
+                value.fill_(float("nan"))
+        self.lora_sparse_nnz.set(adapter, torch.full_like(self.lora_sparse_nnz.get(adapter), -2))
+        self._pp_pending = {**self._pp_pending, adapter: digests}
+
+    def _pp_check_loaded(self) -> None:
+        """First forward / merge after an adapter was injected from a saved config (``sparse_digests``): refuse it
+        when its weights never arrived (transformers' ``load_adapter`` keeps the injected layers when reading the file
+        fails, a file lacking a tensor leaves it as injected; :meth:`_pp_expect_load` marked both), when its mask is
+        not the one recorded (tampered file) and when the base's zeros are not the adapter's. Stays armed until it
+        passes, so a refused layer refuses every forward."""
+        for adapter, want in self._pp_pending.items():
+            if adapter not in self.lora_sparse_mask:
+                continue  # deleted since
+            where = f"{self.method}: adapter {adapter!r} at {self._pp_name or type(self).__name__}"
+            unloaded = [k for k, v in self._pp_adapter_floats(adapter).items() if bool(torch.isnan(v).any())]
+            if int(self.lora_sparse_nnz.get(adapter).item()) == -2 or unloaded:
+                raise RuntimeError(
+                    f"{where} was injected from a saved adapter config but its weights were never loaded "
+                    f"({', '.join(unloaded) or 'lora_sparse_nnz'}: the load failed part-way or the file lacks them, "
+                    "e.g. a truncated adapter_model.safetensors); the layer refuses to run. Remove it "
+                    f"(model.delete_adapter({adapter!r})) and load the adapter again from a complete file; to start a "
+                    "new adapter from this config set config.sparse_digests=None first"
+                )
+            problem = self.mask_problem(adapter)
+            if problem is None and _listed(want, 2) and _digest(self.lora_sparse_mask.packed(adapter)) != want[1]:
+                problem = "its mask does not match the mask digest in adapter_config.json (sparse_digests): tampered"
+            whole = getattr(self.get_base_layer().weight, "device_mesh", None) is None  # a DTensor shard: mask_problem
+            if problem is None and whole and _listed(want, 1) and base_digest(self) != want[0]:
+                problem = "the base's zero pattern does not match the digest in adapter_config.json (sparse_digests)"
+            if problem:
+                raise ValueError(f"{where} does not fit this model: {problem}; the layer refuses to run")
+        self._pp_pending = {}
+
     def _pp_check_base(self, adapter_names: Iterable[str]) -> None:
+        if self._pp_pending:
+            self._pp_check_loaded()
         if self.merged:  # the base already holds our own (sparsity-preserving) updates
             return
         weight = None
@@ -282,6 +332,8 @@ class SparseAdapterLayer:
         autocast dtype, else the input's), or the fused Function when nothing sits between ``x`` and the base
         (it keeps ``W + ΔW`` in ≥ fp32 or runs two GEMMs in half precision, see :mod:`prune_peft.sparsity.adapters`).
         The update is never added to a half-precision weight."""
+        if self._pp_pending:
+            self._pp_check_loaded()
         adapter = self._pp_single(args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
@@ -444,6 +496,11 @@ class SparseTunerMixin:
             if config is not None and source is not None:
                 config._pp_source = None  # checked once; a reused config object is not tied to that folder
         self._pp_refresh_card(adapter_name)
+        digests = getattr(config, "sparse_digests", None)
+        if isinstance(digests, dict) and digests:  # a saved adapter: its weights must arrive before it runs
+            for name, layer in sparse_layers(model).items():
+                if adapter_name in layer.lora_sparse_mask and int(layer.lora_sparse_nnz.get(adapter_name)) >= 0:
+                    layer._pp_expect_load(adapter_name, digests.get(name))
 
     def _pp_refresh_card(self, adapter_name: str) -> None:
         config = self.peft_config.get(adapter_name)
@@ -612,6 +669,10 @@ class SparseTunerMixin:
 def _trainable_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     """Every parameter's ``requires_grad``: peft's injection freezes the base, a rolled-back one must not."""
     return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _listed(value, n: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) >= n
 
 
 def _load_error(where: str, problems: list[str], zeros: bool) -> ValueError:

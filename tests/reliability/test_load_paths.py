@@ -139,3 +139,76 @@ def test_digest_refused_when_base_changed_after_load_config(saved, base24):
     assert_unchanged(before, model)
     cfg.sparse_digests = None
     get_peft_model(model, cfg)  # the documented way to adapt a new base with the same settings
+
+
+# ------------------------------------------------------------------ transformers' model.load_adapter: first forward
+
+IDS = torch.tensor([[1, 2, 3, 4, 5]])
+
+
+def _assert_refuses_to_run(model, match):
+    """Forward, generate and merge all raise (naming the module), and keep raising: no output is ever produced."""
+    for _ in range(2):
+        with pytest.raises((ValueError, RuntimeError), match=match) as info:
+            model(IDS)
+        assert "model.layers.0.self_attn.q_proj" in str(info.value) or "model.layers." in str(info.value)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        model.generate(IDS, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("kind", ["tampered-mask", "truncated", "empty", "garbage", "missing-key"])
+def test_transformers_load_adapter_broken_file_never_runs(saved, tmp_path, base24, kind):
+    """transformers' load_adapter reads the file itself (no tuner hook between injection and loading): a broken or
+    tampered file either raises at load or leaves layers that refuse their first forward; never an output."""
+    path = _variant(saved, tmp_path, kind)
+    model = copy.deepcopy(base24)
+    try:
+        _transformers_load_adapter(model, path)
+    except Exception as exc:  # truncated / empty / garbage: transformers' own error, layers stay injected
+        assert kind in ("truncated", "empty", "garbage"), f"{kind}: unexpected load error {exc!r}"
+    match = r"tampered" if kind == "tampered-mask" else r"never loaded"
+    _assert_refuses_to_run(model, match)
+
+
+def test_transformers_load_adapter_base_changed_after_load(saved, base24):
+    """A base whose zeros move after a good load (before the first forward) is refused at that forward."""
+    model = copy.deepcopy(base24)
+    _transformers_load_adapter(model, saved)
+    q = model.model.layers[0].self_attn.q_proj.get_base_layer()
+    with torch.no_grad():
+        q.weight[q.weight == 0] = 0.5  # densify: the adapter's mask no longer covers the base
+    _assert_refuses_to_run(model, r"does not fit")
+    with pytest.raises(ValueError, match="does not fit"):
+        model.model.layers[0].self_attn.q_proj.merge()
+
+
+def test_transformers_load_adapter_good_file_runs_and_matches_peft(saved, base24):
+    model = copy.deepcopy(base24)
+    _transformers_load_adapter(model, saved)
+    with torch.no_grad():
+        got = model(IDS).logits
+        want = PeftModel.from_pretrained(copy.deepcopy(base24), saved)(IDS).logits
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not any(getattr(m, "_pp_pending", None) for m in model.modules()), "check stays armed after passing"
+
+
+def test_peft_from_pretrained_disarms_on_load(saved, base24):
+    """PeftModel.from_pretrained loads through torch's load_state_dict: the load replaces the -2 marker."""
+    pm = PeftModel.from_pretrained(copy.deepcopy(base24), saved)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert int(layer.lora_sparse_nnz.get("default")) > 0
+    pm(IDS)
+    assert not layer._pp_pending
+
+
+def test_fresh_adapter_from_saved_config_needs_digests_cleared(saved, base24):
+    """get_peft_model with a config read from a saved folder (digests set) expects that folder's weights; with
+    sparse_digests=None it is a new adapter and runs."""
+    from peft import PeftConfig
+
+    pm = get_peft_model(copy.deepcopy(base24), PeftConfig.from_pretrained(str(saved)))
+    with pytest.raises(RuntimeError, match="never loaded"):
+        pm(IDS)
+    cfg = PeftConfig.from_pretrained(str(saved))
+    cfg.sparse_digests = None
+    get_peft_model(copy.deepcopy(base24), cfg)(IDS)
