@@ -129,6 +129,132 @@ def table(result: dict) -> str:
     return head + "\n\n" + "\n".join(rows)
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+def phase_times(marks: list[tuple[float, float]]) -> dict[str, float]:
+    """Wall and process-CPU seconds of forward, backward and optimizer from (perf_counter, process_time) marks."""
+    out = {}
+    for i, phase in enumerate(PHASES):
+        out[phase] = marks[i + 1][0] - marks[i][0]
+        out[phase + "_cpu"] = marks[i + 1][1] - marks[i][1]
+    return out
+
+
+def gemm_floor(model, tokens: int, reps: int = 5) -> dict:
+    """Time of the exact mode's one extra GEMM per layer, ``Gᵀ X`` (tokens × d_out)ᵀ (tokens × d_in), summed over the
+    SparseLoRA layers of ``model`` at their real shapes in the compute dtype; interleaved with the same layers' base
+    forward GEMM ``X Wᵀ`` (the reference: the extra GEMM has the forward's size). Medians of ``reps`` rounds."""
+    import torch
+
+    from prune_peft.tuners.sparse_lora.layer import SparseLoraLinear
+
+    shapes: dict[tuple[int, int], int] = {}
+    dtype = None
+    for module in model.modules():
+        if isinstance(module, SparseLoraLinear):
+            w = module.get_base_layer().weight
+            dtype = w.dtype
+            shapes[tuple(w.shape)] = shapes.get(tuple(w.shape), 0) + 1
+    gen = torch.Generator().manual_seed(0)
+    timing: dict[str, dict[str, list[float]]] = {"extra": {"wall": [], "cpu": []}, "base": {"wall": [], "cpu": []}}
+    for _ in range(reps):
+        tot = {k: [0.0, 0.0] for k in timing}
+        for (d_out, d_in), count in shapes.items():
+            x = torch.randn(tokens, d_in, generator=gen).to(dtype)
+            g = torch.randn(tokens, d_out, generator=gen).to(dtype)
+            w = torch.randn(d_out, d_in, generator=gen).to(dtype)
+            for kind, (a, b) in (("extra", (g.t(), x)), ("base", (x, w.t()))):
+                t0, c0 = time.perf_counter(), time.process_time()
+                torch.mm(a, b)
+                tot[kind][0] += (time.perf_counter() - t0) * count
+                tot[kind][1] += (time.process_time() - c0) * count
+        for kind, (wall, cpu) in tot.items():
+            timing[kind]["wall"].append(wall)
+            timing[kind]["cpu"].append(cpu)
+    med = {k: {t: statistics.median(v) for t, v in d.items()} for k, d in timing.items()}
+    return {
+        "layers": sum(shapes.values()),
+        "shapes": {f"{o}x{i}": n for (o, i), n in shapes.items()},
+        "tokens": tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "extra_gemm_s": med["extra"]["wall"],
+        "extra_gemm_cpu_s": med["extra"]["cpu"],
+        "base_forward_gemm_s": med["base"]["wall"],
+        "base_forward_gemm_cpu_s": med["base"]["cpu"],
+    }
+
+
+def backward_profile(models: dict, ids, names: list[str], rounds: int = 2, top: int = 8) -> dict:
+    """torch.profiler CPU time of one backward per adapter, ``rounds`` times in alternating order: the total
+    self-CPU time of all ops and the ops that take most of it (last round)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    totals: dict[str, list[float]] = {n: [] for n in names}
+    tops: dict[str, list[dict]] = {}
+    for rnd in range(rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            m = models[name]
+            loss = m(input_ids=ids, labels=ids).loss
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                loss.backward()
+            m.zero_grad(set_to_none=True)
+            events = prof.key_averages()
+            totals[name].append(sum(e.self_cpu_time_total for e in events) / 1e6)
+            ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+            tops[name] = [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in ranked]
+    return {
+        "backward_cpu_s": {n: statistics.median(v) for n, v in totals.items()},
+        "backward_cpu_vs_lora": {
+            n: statistics.median(v) / statistics.median(totals["lora"]) for n, v in totals.items()
+        },
+        "top_ops": tops,
+    }
+
+
+def profile(models: dict, phases: dict[str, list[dict]], times: dict[str, list[float]], ids, rounds: int) -> dict:
+    """Per-phase breakdown (forward / backward / optimizer, wall and process CPU time, medians of the timed rounds
+    and per-round ratios to LoRA's same phase), the extra-GEMM floor of the exact mode, and profiler CPU time of
+    the backward."""
+    timed = {n: p[2:] or p for n, p in phases.items()}
+    lora = timed["lora"]
+    per: dict[str, dict] = {}
+    for name, rows in timed.items():
+        rec: dict = {}
+        for key in rows[0]:
+            rec[key + "_s"] = statistics.median(r[key] for r in rows)
+            rec[key + "_vs_lora"] = statistics.median(r[key] / b[key] for r, b in zip(rows, lora) if b[key] > 0)
+        per[name] = rec
+    floor = gemm_floor(models["lora"] if "sparse_lora" not in models else models["sparse_lora"], BATCH * SEQLEN)
+    lora_step = statistics.median(times["lora"][2:] or times["lora"])
+    lora_cpu = statistics.median(sum(r[p + "_cpu"] for p in PHASES) for r in lora)
+    summary = {
+        "lora_step_s": lora_step,
+        # the exact mode does one more dense GEMM per layer than LoRA: LoRA's step plus those GEMMs is its floor
+        "exact_floor_ratio": (lora_step + floor["extra_gemm_s"]) / lora_step,
+        "exact_floor_ratio_cpu": (lora_cpu + floor["extra_gemm_cpu_s"]) / lora_cpu,
+    }
+    if "sparse_lora" in timed:
+        sl = timed["sparse_lora"]
+        extra = statistics.median(r["backward"] - b["backward"] for r, b in zip(sl, lora))
+        summary["exact_step_vs_lora"] = statistics.median(
+            sum(r[p] for p in PHASES) / sum(b[p] for p in PHASES) for r, b in zip(sl, lora)
+        )
+        summary["exact_backward_minus_lora_s"] = extra
+        summary["exact_backward_excess_over_extra_gemm"] = extra / floor["extra_gemm_s"]
+    names = [n for n in ("lora", "sparse_lora", "sparse_lora_lors") if n in models]
+    return {
+        "what": "medians over timed rounds; *_vs_lora: median of per-round ratios to LoRA's same phase; *_cpu: "
+        "process CPU time (all threads). exact_floor_ratio = (LoRA step + one extra GEMM Gᵀ X per SparseLoRA "
+        "layer at its real shape) / LoRA step, the lowest step-time ratio the exact mode can reach while it "
+        "computes that GEMM densely",
+        "phases": per,
+        "extra_gemm": floor,
+        "summary": summary,
+        "backward_profiler": backward_profile(models, ids, names, rounds),
+    }
+
+
 def memory_worker(name: str, checkpoint: str, steps: int, threads: int, dtype: str = "fp32") -> dict:
     """Peak RSS of a few training steps, in a fresh process holding only this model."""
     import torch
@@ -170,6 +296,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (bf16: also the old path)")
     parser.add_argument("--quick", action="store_true", help="3 steps, lora + sparse_lora only; results/quick/")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-phase breakdown and extra-GEMM floor only "
+        "(no perplexities, no memory processes); writes results/quick/adapters_profile.json",
+    )
+    parser.add_argument("--profile-rounds", type=int, default=2, help="profiled backward passes per adapter")
     parser.add_argument("--out", default=None, help="results file (default: results/adapters.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
@@ -188,6 +321,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.nsamples, args.eval_windows, args.memory_steps = 4, 4, 2, 1
         args.configs = ["lora", "sparse_lora"]
+    if args.profile and args.configs == list(CONFIGS):
+        args.configs = ["lora", "sparse_lora", "sparse_lora_lors"]
     if "lora" not in args.configs:
         raise ValueError(f"--configs must include 'lora' (the denominator of every ratio), got {args.configs}")
     torch.set_num_threads(args.threads)
@@ -198,6 +333,8 @@ def main() -> None:
     held = shakespeare_texts("heldout")
 
     def ppl(m) -> float:
+        if args.profile:
+            return float("nan")
         return perplexity(m, tok, held, seqlen=SEQLEN, max_windows=args.eval_windows)
 
     result: dict = {
@@ -222,13 +359,13 @@ def main() -> None:
         model.save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
         memory = {}
-        for name in args.configs:
+        for name in [] if args.profile else args.configs:
             memory[name] = run_worker(name, ckpt, args.memory_steps, args.threads, args.dtype)
             print(f"memory {name}: {memory[name]}", flush=True)
 
     # side by side: one step per adapter in turn, same batch, so machine load hits all of them alike
     models = {name: get_peft_model(copy.deepcopy(model), make_config(name)).train() for name in args.configs}
-    if args.dtype != "fp32":  # the same adapters on the old rounded fused path, in the same rotation
+    if args.dtype != "fp32" and not args.profile:  # the same adapters on the old rounded fused path, same rotation
         models.update({n + LEGACY: copy.deepcopy(m) for n, m in list(models.items()) if n != "lora"})
     opts = {
         name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR[name.removesuffix(LEGACY)])
@@ -236,19 +373,32 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in models}
     losses: dict[str, list[float]] = {name: [] for name in models}
+    phases: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     for step, ids in enumerate(batches(tok, args.steps)):
         order = list(models)[step % len(models) :] + list(models)[: step % len(models)]  # rotate who goes first
         for name in order:
             m = models[name]
-            t0 = time.perf_counter()
+            marks = [(time.perf_counter(), time.process_time())]
             with legacy_fused(name.endswith(LEGACY)):
                 loss = m(input_ids=ids, labels=ids).loss
+                marks.append((time.perf_counter(), time.process_time()))
                 loss.backward()
+                marks.append((time.perf_counter(), time.process_time()))
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
-            times[name].append(time.perf_counter() - t0)
+            marks.append((time.perf_counter(), time.process_time()))
+            times[name].append(marks[-1][0] - marks[0][0])
+            phases[name].append(phase_times(marks))
             losses[name].append(loss.item())
         print(f"step {step}: " + ", ".join(f"{n} {times[n][-1]:.1f}s" for n in models), flush=True)
+    result["profile"] = profile(models, phases, times, ids, args.profile_rounds)
+    print("profile: " + json.dumps(result["profile"]["summary"]), flush=True)
+    if args.profile:  # the breakdown only: no perplexities, no memory processes
+        result["seconds"] = time.perf_counter() - t_start
+        name = "adapters_profile" if args.dtype == "fp32" else f"adapters_{args.dtype}_profile"
+        write_results(name, result, stamp, quick=True, out=args.out)
+        print(json.dumps(result["profile"], indent=2))
+        return
 
     per = {}
     base_time = statistics.median(times["lora"][2:])

@@ -79,6 +79,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def pairs_cell(p: dict | None, digits: int = 2) -> str:
+    """'1.18× (1.10–1.25 over 5 pairs)' from a ``_bench.paired`` record; 'not measured' when the results file
+    predates the key."""
+    return "not measured" if not p else f"{x(p['median'], digits)}{spread(p, digits)}"
+
+
 def missing(what: str, how: str) -> str:
     return f"**not yet measured** — no `benchmarks/results/{what}.json`; `{how}` produces it."
 
@@ -122,6 +128,11 @@ def readme_benchmarks(res: Results) -> str:
         rows.append(["", "SparseLoRA training memory ÷ LoRA's (extra RSS above the loaded model)",
                      x(ad["sparse_lora"]["training_mem_ratio"]), goal(ad["sparse_lora"]["training_mem_ratio"], "≤", "1.10"),
                      ""])  # fmt: skip
+        b16 = res.get("adapters_bf16")
+        if b16 and "sparse_lora" in b16["adapters"]:
+            bt, bts = _time_ratio(b16["adapters"]["sparse_lora"])
+            rows.append(["", f"SparseLoRA (exact) step time ÷ LoRA, {b16['dtype']} model (half-precision path)",
+                         f"{x(bt)}{bts}", goal(bt, "≤", "1.15"), run_note(b16)])  # fmt: skip
         if "sparse_lora_lors" in ad:
             lt, lts = _time_ratio(ad["sparse_lora_lors"])
             rows.append(["", 'alternative: SparseLoRA `grad_mode="lors"` step time / training memory ÷ LoRA',
@@ -167,6 +178,9 @@ def readme_benchmarks(res: Results) -> str:
         rows.append([f"Q-Tuning (`benchmarks/qtuning.py`, {qt['settings']['n_train']} samples, LoRA r=8)",
                      "two-pass 25 % × 50 % ÷ full-data SFT, wall time (paired median)",
                      f"{x(pt['median'])}{spread(pt)}", goal(pt["median"], "≤", "0.5"), run_note(qt)])  # fmt: skip
+        vf = qt["paired_timing"].get("vs_floor")
+        rows.append(["", "two-pass ÷ its floor (no-grad scoring + SFT on the kept share), wall time (paired median)",
+                     pairs_cell(vf), _paired_goal(vf, "≤", "1.10"), ""])  # fmt: skip
         rows.append(["", "alternative: one full epoch each (a single pair)", x(qt["ratios_vs_full"]["qtuning_wall"]),
                      "–", ""])  # fmt: skip
         r = qt["runs"]
@@ -204,6 +218,10 @@ def readme_benchmarks(res: Results) -> str:
         rows.append(["2:4 kernels (`benchmarks/sparse24_gpu.py`)", "linear fwd speedup, SFT step",
                      "**not yet measured** (needs an Ampere/Hopper GPU; `make bench-gpu`)", "≥ 1.6× / ≥ 1.2×", ""])  # fmt: skip
     return table(["area", "measurement", "result", "goal", "run"], rows)
+
+
+def _paired_goal(p: dict | None, op: str, target: str) -> str:
+    return goal(p["median"] if p else None, op, target)
 
 
 def _gpu_goal(met: bool | None, target: float) -> str:
@@ -311,7 +329,17 @@ def distill_throughput(res: Results) -> str:
         f"{x(tp['decode_step_speedup_cpu_time'])} faster batched, prefill {x(tp['prefill_speedup_cpu_time'])} "
         "(CPU time)."
     )
-    return head + "\n\n" + table(["path", "rows/s", "speedup"], rows) + "\n\n" + tail
+    pair_rows = [
+        ["whole generation, batched with the shared-prefix KV cache (headline)",
+         pairs_cell(tp.get("speedup_wall_pairs")) if tp.get("speedup_wall_pairs")
+         else f"{x(tp['speedup_wall'])} (no pairs recorded)", goal(tp["speedup_wall"], "≥", "5")],
+        ["alternative: whole generation, batched without the prefix cache",
+         pairs_cell(tp.get("speedup_wall_no_prefix_cache_pairs")), "–"],
+        ["prefill alone (one new token)", pairs_cell(tp.get("prefill_speedup_pairs")), "–"],
+        ["decode (whole run minus prefill)", pairs_cell(tp.get("decode_speedup_pairs")), "–"],
+    ]  # fmt: skip
+    pairs = table(["per-sample loop ÷ batched, wall time (median of pairs)", "speedup", "goal"], pair_rows)
+    return head + "\n\n" + table(["path", "rows/s", "speedup"], rows) + "\n\n" + tail + "\n\n" + pairs
 
 
 def distill_quality(res: Results) -> str:
@@ -339,17 +367,20 @@ def distill_quality(res: Results) -> str:
     return head + "\n\n" + table(["model", "held-out accuracy", "retention vs teacher", "Shakespeare ppl"], rows)
 
 
+ADAPTER_LABELS = {
+    "lora": "LoRA (peft)",
+    "sparse_lora": "SparseLoRA (default, exact gradients)",
+    "sparse_lora_lors": 'alternative: SparseLoRA `grad_mode="lors"`',
+    "spp": "SPP (default, fused)",
+    "spp_blockwise": 'alternative: SPP `forward_mode="blockwise"`',
+}
+
+
 def adapters_section(res: Results) -> str:
     a = res.get("adapters")
     if not a:
         return missing("adapters", "make bench")
-    labels = {
-        "lora": "LoRA (peft)",
-        "sparse_lora": "SparseLoRA (default, exact gradients)",
-        "sparse_lora_lors": 'alternative: SparseLoRA `grad_mode="lors"`',
-        "spp": "SPP (default, fused)",
-        "spp_blockwise": 'alternative: SPP `forward_mode="blockwise"`',
-    }
+    labels = ADAPTER_LABELS
     rows = []
     for name, r in a["adapters"].items():
         t, ts = _time_ratio(r)
@@ -372,7 +403,65 @@ def adapters_section(res: Results) -> str:
         if k in ad:
             verdicts.append(f"{labels[k]}: time {goal(ad[k]['time_ratio'], '≤', '1.15')}, memory "
                             f"{goal(ad[k]['training_mem_ratio'], '≤', '1.10')}")  # fmt: skip
-    return head + "\n\n" + table(header, rows) + "\n\n" + "; ".join(verdicts) + "."
+    return head + "\n\n" + table(header, rows) + "\n\n" + "; ".join(verdicts) + ".\n\n" + adapter_profile(a)
+
+
+def adapter_profile(a: dict) -> str:
+    """The exact mode's floor and the per-phase breakdown (``profile`` key of adapters*.json)."""
+    prof = a.get("profile")
+    if not prof:
+        return (
+            "Per-phase breakdown and the exact mode's floor: **not measured** in this run (the results file predates "
+            "`benchmarks/adapters.py`'s `profile` key)."
+        )
+    sm, eg = prof["summary"], prof["extra_gemm"]
+    rows = []
+    for name, r in prof["phases"].items():
+        rows.append([ADAPTER_LABELS.get(name, name)]
+                    + [f"{r[f'{ph}_s']:.2f} s ({x(r[f'{ph}_vs_lora'])})" for ph in ("forward", "backward", "optimizer")]
+                    + [f"{r['backward_cpu_s']:.2f} s ({x(r['backward_cpu_vs_lora'])})"])  # fmt: skip
+    bp = prof.get("backward_profiler", {}).get("backward_cpu_vs_lora", {})
+    profiler = ", ".join(f"{ADAPTER_LABELS.get(n, n)} {x(v)}" for n, v in bp.items() if n != "lora")
+    head = (
+        f"The exact mode's floor: it computes one more dense GEMM per layer than LoRA, `Gᵀ X` for "
+        f"`M ⊙ Gᵀ X` ({eg['layers']} layers, {eg['tokens']} tokens, {eg['dtype']}: {eg['extra_gemm_s']:.2f} s per step,"
+        f" the size of the layers' forward GEMMs, {eg['base_forward_gemm_s']:.2f} s). LoRA's step plus those GEMMs = "
+        f"**{x(sm['exact_floor_ratio'])}** LoRA's step ({x(sm['exact_floor_ratio_cpu'])} in CPU time); the exact "
+        f"mode measured {x(sm.get('exact_step_vs_lora'))} in the same rounds, its backward "
+        f"{sm.get('exact_backward_minus_lora_s', float('nan')):.2f} s longer than LoRA's "
+        f"({x(sm.get('exact_backward_excess_over_extra_gemm'))} the extra GEMM)."
+    )
+    if profiler:
+        head += f" Backward CPU time under torch.profiler ÷ LoRA's: {profiler}."
+    header = ["adapter", "forward (÷ LoRA)", "backward (÷ LoRA)", "optimizer (÷ LoRA)", "backward CPU (÷ LoRA)"]
+    return head + "\n\n" + table(header, rows)
+
+
+def adapters_bf16_section(res: Results) -> str:
+    a = res.get("adapters_bf16")
+    if not a:
+        return missing("adapters_bf16", "python benchmarks/adapters.py --dtype bf16 (make bench)")
+    rows = []
+    for name, r in a["adapters"].items():
+        old = r.get("vs_legacy")
+        rows.append([ADAPTER_LABELS.get(name, name), f"{r['step_s']:.2f} s",
+                     "1×" if name == "lora" else pairs_cell(r.get("time_ratio_pairs")),
+                     "–" if not old else f"{old['legacy_step_s']:.2f} s",
+                     "–" if not old else pairs_cell(old)])  # fmt: skip
+    head = (
+        f"Run: {run_note(a)}. The same model in {a['dtype']} (adapters in fp32, as peft keeps them), batch "
+        f"{a['batch'][0]} × {a['batch'][1]}, {a['threads']} threads, {a['steps']} steps, every adapter and its copy "
+        "on the old fused path (`x · bf16(W + ΔW)ᵀ`, which rounded away updates below half an ulp of the weight) "
+        "trained side by side in one rotation; ratios are medians of per-round pairs."
+    )
+    header = ["adapter", "step time", "÷ LoRA (pairs)", "old rounded fused path: step time",
+              "current ÷ old path (pairs)"]  # fmt: skip
+    ad = a["adapters"]
+    verdicts = []
+    for k in ("sparse_lora", "spp"):
+        if k in ad:
+            verdicts.append(f"{ADAPTER_LABELS[k]} in {a['dtype']}: time {goal(ad[k]['time_ratio'], '≤', '1.15')}")
+    return head + "\n\n" + table(header, rows) + "\n\n" + "; ".join(verdicts) + ".\n\n" + adapter_profile(a)
 
 
 def qtuning_section(res: Results) -> str:
@@ -386,6 +475,10 @@ def qtuning_section(res: Results) -> str:
         ["Q-Tuning ÷ full-data SFT, wall time, paired median (headline)", f"{x(pt['median'])}{spread(pt)}",
          goal(pt["median"], "≤", "0.5")],
         ["Q-Tuning ÷ full-data SFT, CPU time, paired median", f"{x(cpu['median'])}{spread(cpu)}", "–"],
+        ["Q-Tuning ÷ its floor (no-grad scoring of every sample + SFT on the kept share), wall time, paired median",
+         pairs_cell(q["paired_timing"].get("vs_floor")), _paired_goal(q["paired_timing"].get("vs_floor"), "≤", "1.10")],
+        ["the floor ÷ full-data SFT, wall time, paired median", pairs_cell(q["paired_timing"].get("floor_vs_full")),
+         "–"],
         ["alternative: one full epoch each (a single pair), wall time", x(q["ratios_vs_full"]["qtuning_wall"]), "–"],
         ["share of Q-Tuning's wall time in its scoring forward (paired median)",
          f"{q['paired_timing']['median_scoring_share']:.0%}", "–"],
@@ -437,6 +530,7 @@ def sparse24_gpu_section(res: Results) -> str:
 SECTIONS: dict[str, Callable[[Results], str]] = {
     "readme-benchmarks": readme_benchmarks,
     "adapters": adapters_section,
+    "adapters-bf16": adapters_bf16_section,
     "loraprune-cost": loraprune_cost,
     "loraprune-quality": loraprune_quality,
     "distill-throughput": distill_throughput,
@@ -444,7 +538,7 @@ SECTIONS: dict[str, Callable[[Results], str]] = {
     "qtuning": qtuning_section,
     "sparse24-gpu": sparse24_gpu_section,
 }
-BENCHMARKS = ("oneshot", "adapters", "loraprune", "qtuning", "distill", "sparse24_gpu")
+BENCHMARKS = ("oneshot", "adapters", "adapters_bf16", "loraprune", "qtuning", "distill", "sparse24_gpu")
 
 
 # ----------------------------------------------------------------------------------------------------------- driver

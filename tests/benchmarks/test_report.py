@@ -176,3 +176,109 @@ def test_paired_reports_median_and_spread():
 def test_published_docs_agree_with_the_results():
     """The repository's README and docs are what report.py generates from benchmarks/results (make test runs this)."""
     assert report.main(["--check"]) == 0
+
+
+def _paired(median: float, lo: float, hi: float, n: int = 3) -> dict:
+    return {"median": median, "min": lo, "max": hi, "n": n}
+
+
+def test_qtuning_floor_rows_and_not_measured_when_the_key_is_absent():
+    old = report.qtuning_section({"qtuning": _qtuning(STAMP)})
+    assert (
+        "its floor (no-grad scoring of every sample + SFT on the kept share), wall time, paired median | "
+        "not measured | ≤ 1.10× — not measured |"
+    ) in old
+    data = _qtuning(STAMP)
+    data["paired_timing"]["vs_floor"] = _paired(1.12, 1.05, 1.3)
+    data["paired_timing"]["floor_vs_full"] = _paired(0.61, 0.6, 0.7)
+    text = report.qtuning_section({"qtuning": data})
+    assert "paired median | 1.12× (1.05–1.30 over 3 pairs) | ≤ 1.10× — **missed** |" in text
+    assert "| the floor ÷ full-data SFT, wall time, paired median | 0.61× (0.60–0.70 over 3 pairs) | – |" in text
+
+
+def _distill(**extra) -> dict:
+    tp = {
+        "prompts": 24, "mean_prompt_tokens": 116, "max_new_tokens": 40, "batch_size": 24,
+        "per_sample_rows_per_s": 0.4, "batched_rows_per_s": 2.2, "speedup_wall": 5.5, "speedup_cpu_time": 5.0,
+        "identical_outputs": 1.0, "decode_step_speedup_cpu_time": 7.0, "prefill_speedup_cpu_time": 1.3, **extra,
+    }  # fmt: skip
+    return {"stamp": STAMP, "throughput": tp}
+
+
+def test_distill_pairs_of_prefill_decode_and_no_prefix_cache():
+    text = report.distill_throughput({"distill": _distill()})
+    assert "| prefill alone (one new token) | not measured | – |" in text
+    assert "(headline) | 5.50× (no pairs recorded) | ≥ 5× — met |" in text
+    text = report.distill_throughput(
+        {
+            "distill": _distill(
+                speedup_wall_pairs=_paired(5.5, 5.1, 6.0),
+                speedup_wall_no_prefix_cache_pairs=_paired(4.2, 4.0, 4.4),
+                prefill_speedup_pairs=_paired(1.3, 1.2, 1.4),
+                decode_speedup_pairs=_paired(8.0, 7.5, 8.5),
+            )
+        }
+    )
+    assert "(headline) | 5.50× (5.10–6.00 over 3 pairs) | ≥ 5× — met |" in text
+    assert "without the prefix cache | 4.20× (4.00–4.40 over 3 pairs) | – |" in text
+    assert "| prefill alone (one new token) | 1.30× (1.20–1.40 over 3 pairs) | – |" in text
+    assert "| decode (whole run minus prefill) | 8.00× (7.50–8.50 over 3 pairs) | – |" in text
+
+
+def _adapters(dtype: str, exact: float, profile: dict | None = None) -> dict:
+    row = {"step_s": 3.0, "time_ratio": 1.0, "peak_rss_mb": 1024, "peak_rss_ratio": 1.0, "training_mb": 512,
+           "training_mem_ratio": 1.0, "ppl_merged": 100.0, "sparsity_after_merge": 0.0}  # fmt: skip
+    sl = {**row, "time_ratio": exact, "time_ratio_pairs": _paired(exact, exact - 0.05, exact + 0.05, 4)}
+    if dtype == "bfloat16":
+        sl["vs_legacy"] = {**_paired(1.01, 0.97, 1.02, 4), "legacy_step_s": 2.9}
+    data = {"stamp": STAMP, "dtype": dtype, "batch": [4, 256], "threads": 2, "steps": 6, "rank": 16,
+            "sparsity_pruned": 0.5, "ppl_dense": 50.0, "ppl_pruned": 170.0,
+            "adapters": {"lora": row, "sparse_lora": sl}}  # fmt: skip
+    if profile:
+        data["profile"] = profile
+    return data
+
+
+def test_adapters_bf16_section_and_readme_row_judge_the_bf16_run():
+    res = {"adapters": _adapters("float32", 1.18), "adapters_bf16": _adapters("bfloat16", 0.92)}
+    text = report.adapters_bf16_section(res)
+    assert "| SparseLoRA (default, exact gradients) | 3.00 s | 0.92× (0.87–0.97 over 4 pairs) | 2.90 s | " in text
+    assert "1.01× (0.97–1.02 over 4 pairs) |" in text
+    assert "SparseLoRA (default, exact gradients) in bfloat16: time ≤ 1.15× — met" in text
+    assert "breakdown and the exact mode's floor: **not measured**" in text
+    readme = report.readme_benchmarks(res)
+    # the default (fp32) headline is judged on fp32, the bf16 row on bf16: one missed, one met
+    assert (
+        '| SparseLoRA (default `grad_mode="exact"`) step time ÷ LoRA | 1.18× (1.13–1.23 over 4 pairs) | ≤ 1.15× — **missed** |'
+        in readme
+    )
+    assert "LoRA, bfloat16 model (half-precision path) | 0.92× (0.87–0.97 over 4 pairs) | ≤ 1.15× — met |" in readme
+    assert "no `benchmarks/results/adapters_bf16.json`" in report.adapters_bf16_section({})
+
+
+def test_adapter_profile_renders_the_floor_and_phases():
+    phase = {f"{p}{c}_{k}": v for p in ("forward", "backward", "optimizer") for c in ("", "_cpu")
+             for k, v in (("s", 1.0), ("vs_lora", 1.0))}  # fmt: skip
+    profile = {
+        "phases": {"lora": phase, "sparse_lora": {**phase, "backward_s": 1.4, "backward_vs_lora": 1.4}},
+        "extra_gemm": {
+            "layers": 210,
+            "tokens": 1024,
+            "dtype": "float32",
+            "extra_gemm_s": 0.9,
+            "base_forward_gemm_s": 0.85,
+        },
+        "summary": {
+            "exact_floor_ratio": 1.16,
+            "exact_floor_ratio_cpu": 1.17,
+            "exact_step_vs_lora": 1.18,
+            "exact_backward_minus_lora_s": 0.95,
+            "exact_backward_excess_over_extra_gemm": 1.06,
+        },
+        "backward_profiler": {"backward_cpu_vs_lora": {"lora": 1.0, "sparse_lora": 1.3}},
+    }
+    text = report.adapters_section({"adapters": _adapters("float32", 1.18, profile)})
+    assert "LoRA's step plus those GEMMs = **1.16×** LoRA's step (1.17× in CPU time)" in text
+    assert "measured 1.18× in the same rounds" in text and "(1.06× the extra GEMM)" in text
+    assert "| SparseLoRA (default, exact gradients) | 1.00 s (1.00×) | 1.40 s (1.40×) |" in text
+    assert "÷ LoRA's: SparseLoRA (default, exact gradients) 1.30×" in text
