@@ -70,38 +70,48 @@ def channel_scores(
     chunk: int | None = None,
 ) -> torch.Tensor:
     """Per-channel sums of the element importance, ``Σ_j I_ij`` (``axis="out"``) or ``Σ_i I_ij`` (``axis="in"``), as
-    LoRAPrune scores its structured groups (arXiv 2305.18403), computed a block of rows at a time.
+    LoRAPrune scores its structured groups (arXiv 2305.18403).
 
     The score is :func:`lora_importance` when LoRA gradients are given, :func:`grad_importance` when the base gradient
-    ``grad_W`` is given, else the magnitude ``|W + s·B A|``. Rows are processed ``chunk`` at a time, so the
-    d_out × d_in temporaries stay cache-sized instead of materialising (several times) per layer — the importance then
-    costs about one read of the weight.
+    ``grad_W`` is given, else the magnitude ``|W + s·B A|``. The whole layer is one fused pass of a handful of ops
+    (``Ĝ = [G_B, B]·[A − G_A; G_A]``, ``W + s·BA``, product, abs, sum) when it has at most 4 Mi elements; larger
+    layers go ``chunk`` rows at a time (default: 4 Mi elements' worth), which bounds the float32 temporaries at
+    2 × 16 MiB whatever the model size.
+
+    ``weight``, ``B`` and ``grad_B`` may be any block of rows of the layer (the rows one rank holds under FSDP2) with
+    the whole ``A`` / ``grad_A``: ``"out"`` then gives those rows' scores and ``"in"`` their partial column sums.
     """
     if axis not in ("out", "in"):
         raise ValueError(f"axis must be 'out' (rows) or 'in' (columns), got {axis!r}")
     A32, B32 = A.detach().float(), B.detach().float()
-    if grad_A is not None and grad_B is not None:
-        rhs = torch.cat([A32 - grad_A.detach().float(), grad_A.detach().float()], dim=0)  # [2r, d_in]
-        gB = grad_B.detach().float()
+    lora = grad_A is not None and grad_B is not None
+    if lora:
+        gA = grad_A.detach().float()
+        rhs = torch.cat([A32 - gA, gA], dim=0)  # [2r, d_in]
+        lhs = torch.cat([grad_B.detach().float(), B32], dim=1)  # [d_out, 2r]
     d_out, d_in = weight.shape
-    if chunk is None:  # CPU: ~256 KB temporaries (cache); GPU: few large kernels
-        chunk = max(1, (1 << 22) // d_in) if weight.is_cuda else max(8, (1 << 16) // d_in)
-    rows = torch.empty(d_out, dtype=torch.float32, device=weight.device) if axis == "out" else None
-    cols = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device) if axis == "in" else None
-    for r0 in range(0, d_out, chunk):
-        r1 = min(d_out, r0 + chunk)
+    if chunk is None:
+        chunk = d_out if d_out * d_in <= _FUSED_ELEMENTS else max(1, _FUSED_ELEMENTS // d_in)
+
+    def block(r0: int, r1: int) -> torch.Tensor:
         merged = torch.addmm(weight[r0:r1].detach().float(), B32[r0:r1], A32, alpha=scaling)
-        if grad_A is not None and grad_B is not None:
-            imp = (torch.cat([gB[r0:r1], B32[r0:r1]], dim=1) @ rhs).mul_(merged).abs_()
-        elif grad_W is not None:
-            imp = merged.mul_(grad_W[r0:r1].detach().float()).abs_()
-        else:
-            imp = merged.abs_()
-        if rows is not None:
-            rows[r0:r1] = imp.sum(1)
-        else:
-            cols += imp.sum(0)
-    return rows if rows is not None else cols
+        if lora:
+            return torch.mm(lhs[r0:r1], rhs).mul_(merged).abs_()
+        if grad_W is not None:
+            return merged.mul_(grad_W[r0:r1].detach().float()).abs_()
+        return merged.abs_()
+
+    if chunk >= d_out:
+        return block(0, d_out).sum(1 if axis == "out" else 0)
+    if axis == "out":
+        return torch.cat([block(r0, min(d_out, r0 + chunk)).sum(1) for r0 in range(0, d_out, chunk)])
+    cols = torch.zeros(d_in, dtype=torch.float32, device=weight.device)
+    for r0 in range(0, d_out, chunk):
+        cols += block(r0, min(d_out, r0 + chunk)).sum(0)
+    return cols
+
+
+_FUSED_ELEMENTS = 1 << 22  # layers up to this size are scored in one pass (float32 temporaries ≤ 16 MiB each)
 
 
 def normalize_scores(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import _dist
 from ...sparsity.loraprune import (
     channel_scores,
     grad_importance,
@@ -31,7 +32,15 @@ from ...sparsity.masks import gqa_unit_scores
 from ...sparsity.schedules import SCHEDULE_KEYS, PruneSchedule
 from .config import IMPORTANCE, check_importance_beta
 
-__all__ = ["OVERRIDABLE", "LoRAPruner", "broadcast_masks", "check_not_sharded", "dense_weight", "uniform_kept"]
+__all__ = [
+    "OVERRIDABLE",
+    "LoRAPruner",
+    "broadcast_masks",
+    "check_not_sharded",
+    "check_sharding",
+    "dense_weight",
+    "uniform_kept",
+]
 
 # settings a run may override without changing the adapter (the structure is fixed when the adapter is created)
 OVERRIDABLE = (*SCHEDULE_KEYS, "importance_beta", "importance")
@@ -89,6 +98,60 @@ def check_not_sharded(model: nn.Module, owner: str = "loraprune") -> None:
         )
 
 
+SUPPORTED_SHARDING = (
+    "supported: DDP, one device, or FSDP2 (torch's fully_shard / accelerate fsdp_version: 2) on a 1-D mesh over all "
+    "ranks, applied after get_peft_model, with a structured LoRAPruneConfig (structure 'head+channel', 'head' or "
+    "'channel') and importance 'lora' or 'magnitude'"
+)
+
+
+def check_sharding(
+    model: nn.Module, structured: bool = True, importance: str = "lora", owner: str = "loraprune"
+) -> None:
+    """ValueError for a sharded layout LoRAPrune cannot score exactly; FSDP2 row shards of a structured adapter pass.
+
+    Under FSDP2 every parameter is a dim-0 shard: the importance reads the local rows of each base weight, gathers
+    only the small LoRA factor ``A`` and its gradient, and all-reduces row/column score vectors. FSDP1 flattens base
+    and adapter into one FlatParameter and DeepSpeed ZeRO-3 partitions a flat buffer (neither exposes rows); element
+    masks (unstructured / N:M) need a global top-k over whole matrices; ``importance="grad"`` needs base-weight
+    gradients that FSDP2 would have to reduce-scatter for a frozen weight.
+    """
+    kind = _dist.sharding_kind(model)
+    if kind is None:
+        return
+    if kind in ("fsdp1", "zero3"):
+        what = "FSDP1 (FlatParameter)" if kind == "fsdp1" else "DeepSpeed ZeRO-3 (partitioned parameters)"
+        raise ValueError(
+            f"{owner}: parameters are sharded by {what}, which flattens base and adapter weights so the LoRA-guided "
+            f"importance cannot read the base rows it scores; {SUPPORTED_SHARDING}. See docs/distributed.md."
+        )
+    if not structured:
+        raise ValueError(
+            f"{owner}: element-wise masks (structure 'unstructured' / N:M) under FSDP2 need a global top-k over whole "
+            f"d_out×d_in importance matrices, which sharding splits across ranks; {SUPPORTED_SHARDING}."
+        )
+    if importance == "grad":
+        raise ValueError(
+            f"{owner}: importance='grad' under FSDP2 needs gradients of the frozen base weights, which FSDP2 does "
+            f"not reduce; {SUPPORTED_SHARDING}."
+        )
+    ws = _dist.world_size()
+    for name, p in model.named_parameters():
+        if not _dist.is_sharded(p):
+            continue
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or mesh.size() != ws:
+            raise ValueError(
+                f"{owner}: {name} is sharded on a {mesh.ndim}-D mesh of {mesh.size()} ranks (world size {ws}, e.g. "
+                f"HSDP): the score vectors are reduced over all ranks, so replicas would be counted twice; "
+                f"{SUPPORTED_SHARDING}."
+            )
+        try:
+            _dist.local_rows(p)
+        except ValueError as exc:
+            raise ValueError(f"{owner}: {name} is {exc}; {SUPPORTED_SHARDING}.") from None
+
+
 # ---------------------------------------------------------------------------------------------------- the pruner
 
 
@@ -131,7 +194,7 @@ class LoRAPruner:
         if s["importance"] not in IMPORTANCE:
             raise ValueError(f"loraprune: importance must be one of {list(IMPORTANCE)}, got {s['importance']!r}")
         check_importance_beta(s["importance_beta"])
-        check_not_sharded(tuner)
+        check_sharding(tuner, config.structured, s["importance"])
         self.blocks = [b for b in tuner.prune_blocks(adapter) if b.prunable]
         self.elements: dict[str, nn.Module] = {}
         p = s["target_sparsity"]
@@ -220,35 +283,88 @@ class LoRAPruner:
         return torch.addmm(W.detach().float(), B.detach().float(), A.detach().float(), alpha=s).abs_()
 
     def _channel_scores(self, layer, axis: str) -> torch.Tensor | None:
-        """Row (``"out"``) or column (``"in"``) sums of one layer's importance; None when its gradients are missing."""
+        """Row (``"out"``) or column (``"in"``) sums of one layer's importance; None when its gradients are missing.
+
+        Under FSDP2 (DTensor parameters sharded on rows) this rank scores only its rows of the base weight: the small
+        ``A`` and ``∂L/∂A`` are gathered whole, ``B``'s rows are the base's rows. ``"out"`` returns the whole d_out
+        vector with zeros outside the local rows and ``"in"`` this rank's partial column sums, so one sum over ranks
+        (:meth:`_structured_scores`) gives the single-process vector.
+        """
         if (factors := self._factors(layer)) is None:
             return None
         W, A, B, s, mode = factors
+        if not _dist.is_sharded(W):
+            if mode == "lora":
+                return channel_scores(W, A, B, s, grad_A=A.grad, grad_B=B.grad, axis=axis)
+            if mode == "grad":
+                return channel_scores(W, A, B, s, grad_W=self._base_grad(layer), axis=axis)
+            return channel_scores(W, A, B, s, axis=axis)
+        rows = self._local_rows(layer, W, B)
+        Wl, Bl, Af = _dist.local(W), _dist.local(B.detach()), _dist.full(A.detach())
         if mode == "lora":
-            return channel_scores(W, A, B, s, grad_A=A.grad, grad_B=B.grad, axis=axis)
-        if mode == "grad":
-            return channel_scores(W, A, B, s, grad_W=self._base_grad(layer), axis=axis)
-        return channel_scores(W, A, B, s, axis=axis)
+            grads = {"grad_A": _dist.full(A.grad), "grad_B": _dist.local(B.grad)}
+        else:  # "magnitude" ("grad" is refused under FSDP2 by check_sharding)
+            grads = {}
+        score = channel_scores(Wl, Af, Bl, s, axis=axis, **grads)
+        if axis == "in":
+            return score
+        whole = torch.zeros(W.shape[0], dtype=score.dtype, device=score.device)
+        whole[rows[0] : rows[1]] = score
+        return whole
 
-    def _block_scores(self, b) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        units = channels = None
-        if b.prunes_heads:
-            parts = []
-            for role, axis in (("q_proj", "out"), ("k_proj", "out"), ("v_proj", "out"), ("o_proj", "in")):
-                layer = b.layers.get(role)
-                score = self._channel_scores(layer, axis) if layer is not None else None
-                if score is not None:
-                    parts.append(normalize_scores(gqa_unit_scores(score, b.num_kv_heads, head_dim=b.head_dim)))
-            units = torch.stack(parts).sum(0) if parts else None
-        if b.prunes_channels:
-            parts = []
-            for role, axis in (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in")):
-                layer = b.layers.get(role)
-                score = self._channel_scores(layer, axis) if layer is not None else None
-                if score is not None:
-                    parts.append(normalize_scores(score))
-            channels = torch.stack(parts).sum(0) if parts else None
-        return units, channels
+    def _local_rows(self, layer, W, B) -> tuple[int, int]:
+        """This rank's rows of ``W`` (cached per layer); ValueError when ``B``'s shard holds other rows."""
+        cache = self.__dict__.setdefault("_rows", {})
+        key = id(layer)
+        if key not in cache:
+            rows = _dist.local_rows(W)
+            if _dist.local_rows(B) != rows:
+                raise ValueError(
+                    f"loraprune: the base weight and lora_B of a layer are sharded on different rows ({rows} vs "
+                    f"{_dist.local_rows(B)}); {SUPPORTED_SHARDING}."
+                )
+            cache[key] = rows
+        return cache[key]
+
+    _UNIT_ROLES = (("q_proj", "out"), ("k_proj", "out"), ("v_proj", "out"), ("o_proj", "in"))
+    _CHANNEL_ROLES = (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in"))
+
+    def _structured_scores(self) -> dict[str, torch.Tensor]:
+        """This step's block scores ``{"u<i>": units, "c<i>": channels}``: every module's row/column sums, one sum
+        over ranks when sharded (a single all-reduce of the concatenated vectors), then the per-module L2
+        normalisation and the per-block sum, as in the reference."""
+        parts: list[tuple[str, object, torch.Tensor]] = []  # (key, block, score vector)
+        for b in self.blocks:
+            for key, roles, wanted in (
+                ("u", self._UNIT_ROLES, b.prunes_heads),
+                ("c", self._CHANNEL_ROLES, b.prunes_channels),
+            ):
+                if not wanted:
+                    continue
+                for role, axis in roles:
+                    layer = b.layers.get(role)
+                    score = self._channel_scores(layer, axis) if layer is not None else None
+                    if score is not None:
+                        parts.append((f"{key}{b.index}", b, score))
+        if parts and self._sharded():
+            flat = _dist.all_reduce_sum(torch.cat([v for _, _, v in parts]))
+            parts = [(k, b, v) for (k, b, _), v in zip(parts, flat.split([v.numel() for _, _, v in parts]))]
+        grouped: dict[str, list[torch.Tensor]] = {}
+        for key, b, score in parts:
+            if key[0] == "u":
+                score = gqa_unit_scores(score, b.num_kv_heads, head_dim=b.head_dim)
+            grouped.setdefault(key, []).append(normalize_scores(score))
+        return {k: torch.stack(v).sum(0) for k, v in grouped.items()}
+
+    def _sharded(self) -> bool:
+        """Whether the scored base weights are FSDP2 shards (checked once, on the first scored layer)."""
+        if "_is_sharded" not in self.__dict__:
+            layer = next((layer for _, layer in self._layers()), None)
+            sharded = layer is not None and _dist.is_sharded(layer.get_base_layer().weight)
+            if sharded:  # sharded after prepare_pruning: check the layout now, before any collective
+                check_sharding(self.tuner, self.config.structured, self.settings["importance"])
+            self._is_sharded = sharded
+        return self._is_sharded
 
     @torch.no_grad()
     def update_importance(self, global_step: int) -> None:
@@ -273,14 +389,11 @@ class LoRAPruner:
 
     def _accumulate(self) -> None:
         beta = self.settings["importance_beta"]
-        new: dict[str, torch.Tensor] = {}
         if self.config.structured:
-            for b in self.blocks:
-                units, channels = self._block_scores(b)
-                for key, score in ((f"u{b.index}", units), (f"c{b.index}", channels)):
-                    if score is not None:
-                        new[key] = score.cpu()
+            self._sharded()  # the layout check happens before any scoring
+            new = self._structured_scores()
         else:  # element-wise: the new averages are formed first, so a skipped step leaves every old one untouched
+            new = {}
             for name, layer in self.elements.items():
                 imp = self._importance(layer)
                 if imp is not None:
@@ -294,11 +407,13 @@ class LoRAPruner:
                 "loss.backward() and before optimizer.zero_grad(). (DeepSpeed ZeRO ≥ 2 keeps gradients out of "
                 ".grad; see docs/loraprune.md.)"
             )
-        if self.config.structured:
-            if not all(bool(torch.isfinite(v).all()) for v in new.values()):
+        if self.config.structured and new:
+            keys, values = list(new), list(new.values())
+            # one host sync per step: every block's new score must be finite, else the step is skipped for all
+            if not bool(torch.isfinite(torch.cat(values)).all()):
                 self._skip()
                 return
-            new = {k: moving_average(self.importance.get(k), v, beta) for k, v in new.items()}
+            new = _moving_averages([self.importance.get(k) for k in keys], values, beta, keys)
         self.importance.update(new)
 
     def _skip(self) -> None:
@@ -446,14 +561,43 @@ class LoRAPruner:
     # --------------------------------------------------------------------------------------------------- resume
 
     def state_dict(self) -> dict[str, Any]:
-        """Schedule position, level and moving-average importance (tensors; masks travel with the adapter)."""
-        return {"last_step": self.last_step, "level": self.level, "importance": dict(self.importance)}
+        """Schedule position, level and moving-average importance (CPU copies; masks travel with the adapter).
+
+        Under FSDP2 the importance vectors are already whole and equal on every rank (they are reduced before the
+        moving average), so this is the full, replicated state; any rank's copy resumes every rank.
+        """
+        return {
+            "last_step": self.last_step,
+            "level": self.level,
+            "importance": {k: v.detach().cpu().clone() for k, v in self.importance.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_step = int(state.get("last_step", 0))
         self.level = float(state.get("level", 0.0))
         if "importance" in state:
             self.importance = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in state["importance"].items()}
+
+
+def _moving_averages(
+    olds: list[torch.Tensor | None], news: list[torch.Tensor], beta: float, keys: list[str]
+) -> dict[str, torch.Tensor]:
+    """:func:`~prune_peft.sparsity.loraprune.moving_average` of many vectors at once (``torch._foreach_*``: no
+    Python loop of small ops): Ī ← β·Ī + (1 − β)·I, Ī = 0 before the first step (then (1 − β)·I), bit-identical to
+    the one-vector function. New tensors, so a state taken earlier is not changed."""
+    out: dict[str, torch.Tensor] = {}
+    seen = [i for i, o in enumerate(olds) if o is not None]
+    fresh = [i for i, o in enumerate(olds) if o is None]
+    if seen:
+        device = news[seen[0]].device
+        olds_seen = [olds[i].to(device=device, dtype=torch.float32) for i in seen]  # no-op unless just loaded
+        averaged = torch._foreach_mul(olds_seen, beta)
+        torch._foreach_add_(averaged, [news[i] for i in seen], alpha=1.0 - beta)
+        out.update({keys[i]: v for i, v in zip(seen, averaged)})
+    if fresh:
+        scaled = torch._foreach_mul([news[i].float() for i in fresh], 1.0 - beta)
+        out.update({keys[i]: v for i, v in zip(fresh, scaled)})
+    return out
 
 
 def uniform_kept(kept: int, total: int, multiple: int) -> int:
