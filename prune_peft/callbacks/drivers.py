@@ -37,7 +37,7 @@ from torch import nn
 from ..sparsity.loraprune import n_pruned, prune_lowest
 from ..sparsity.masks import parse_pattern
 from ..sparsity.schedules import SCHEDULE_KEYS, PruneSchedule, check_schedule_values
-from ..tuners.loraprune.pruner import OVERRIDABLE, LoRAPruner, broadcast_masks, check_not_sharded
+from ..tuners.loraprune.pruner import OVERRIDABLE, LoRAPruner, broadcast_masks, check_sharding
 
 __all__ = ["DRIVERS", "LoRAPruneDriver", "MagnitudeDriver", "PruneDriver", "SparseAdapterDriver", "register_driver"]
 
@@ -139,7 +139,7 @@ class LoRAPruneDriver(PruneDriver):
         return [cls(t, a, **overrides) for t in _find(model, LoRAPruneModel) for a in t.peft_config]
 
     def setup(self, model: nn.Module, args, state) -> None:
-        check_not_sharded(model)  # the wrapped model: FSDP wrappers sit outside the tuner
+        check_sharding(model)  # the wrapped model (FSDP1 wrappers sit outside the tuner); FSDP2 row shards pass
         total = _max_steps(state, "loraprune")
         self.tuner.prepare_pruning(total, adapter=self.adapter, **self.overrides)
         self.pruner = self.tuner.pruner(self.adapter)

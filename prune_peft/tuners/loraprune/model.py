@@ -28,10 +28,10 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ... import _hf
+from ... import _dist, _hf
 from ...sparsity.loraprune import n_pruned
 from .._base import _remove_adapter_layers, _trainable_flags
-from .layer import LoRAPruneLinear
+from .layer import LoRAPruneLayer, LoRAPruneLinear
 from .pruner import LoRAPruner
 
 __all__ = ["ATTN_ROLES", "MLP_ROLES", "LoRAPruneModel", "PruneBlock", "default_excluded_layers"]
@@ -67,6 +67,20 @@ class PruneBlock:
         return self.intermediate > 0
 
 
+def _refuse_sharded_base(model: nn.Module) -> None:
+    kind = _dist.sharding_kind(model)
+    if kind is None:
+        return
+    what = {"fsdp2": "FSDP2 (fully_shard)", "fsdp1": "FSDP1", "zero3": "DeepSpeed ZeRO-3"}[kind]
+    raise ValueError(
+        f"loraprune: get_peft_model was given a model already sharded by {what}. Adapters must be added before "
+        "sharding: peft would insert new, unsharded LoRA parameters into modules whose parameter groups are fixed "
+        "(their gradients would never be reduced across ranks) around base weights that are shards. Supported order: "
+        "model = get_peft_model(model, LoRAPruneConfig(...)); then fully_shard(block) for each decoder block and "
+        "fully_shard(model) (accelerate's fsdp_version: 2 does this for you). See docs/distributed.md."
+    )
+
+
 class LoRAPruneModel(LoraModel):
     """Creates LoRAPrune adapters; see :class:`~prune_peft.tuners.loraprune.LoRAPruneConfig`.
 
@@ -92,7 +106,13 @@ class LoRAPruneModel(LoraModel):
     # ------------------------------------------------------------------------------------------------ injection
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """peft's injection and the block structure, all-or-nothing: a failure leaves ``model`` as it was."""
+        """peft's injection and the block structure, all-or-nothing: a failure leaves ``model`` as it was.
+
+        A model already sharded (FSDP2 ``fully_shard``, FSDP1, ZeRO-3) is refused before anything changes: the
+        adapter's new parameters would sit outside the sharded groups (never reduced across ranks) and its base
+        weights are shards. Call ``get_peft_model`` first, then ``fully_shard`` the blocks and the model.
+        """
+        _refuse_sharded_base(model)
         before = {id(m) for m in model.modules()}
         flags = _trainable_flags(model)
         try:
@@ -130,7 +150,7 @@ class LoRAPruneModel(LoraModel):
             info = PruneBlock(index=i, name=f"{blocks_name}.{i}", prunable=i not in excluded)
             for name, module in block.named_modules():
                 role = name.rpartition(".")[2]
-                if isinstance(module, LoRAPruneLinear) and adapter in module.lora_A and role in ATTN_ROLES + MLP_ROLES:
+                if isinstance(module, LoRAPruneLayer) and adapter in module.lora_A and role in ATTN_ROLES + MLP_ROLES:
                     info.layers[role] = module
             if info.prunable and config.structured:
                 self._pp_structure(info, block, config, size, check)
@@ -150,7 +170,7 @@ class LoRAPruneModel(LoraModel):
             found = 0
             for info in prunable:
                 for name, module in blocks[info.index].named_modules():
-                    if isinstance(module, LoRAPruneLinear) and adapter in module.lora_A:
+                    if isinstance(module, LoRAPruneLayer) and adapter in module.lora_A:
                         if config.nm is not None and module.in_features % config.nm.m:
                             raise ValueError(
                                 f"loraprune: structure={config.structure!r} needs in_features divisible by "
@@ -297,7 +317,7 @@ class LoRAPruneModel(LoraModel):
         return {
             name: m
             for name, m in self.model.named_modules()
-            if isinstance(m, LoRAPruneLinear) and m.element_mask(adapter) is not None
+            if isinstance(m, LoRAPruneLayer) and m.element_mask(adapter) is not None
         }
 
     # ------------------------------------------------------------------------------------------------ algorithm
