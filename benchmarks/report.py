@@ -157,7 +157,7 @@ def readme_benchmarks(res: Results) -> str:
         tr, ts = _loraprune_time(c)
         m = c["ratios"]
         rows.append(["LoRAPrune (`benchmarks/loraprune.py`, 4 × 256)", "step wall time ÷ plain LoRA",
-                     f"{x(tr)}{ts}", goal(tr, "≤", "1.10"), run_note(lp)])  # fmt: skip
+                     f"{x(tr)}{ts}", _loraprune_goal(c), run_note(lp)])  # fmt: skip
         rows.append(["", "peak RSS ÷ plain LoRA's (4 × 256)", x(m["loraprune_vs_lora_peak_rss@4x256"]),
                      goal(m["loraprune_vs_lora_peak_rss@4x256"], "≤", "1.05"), ""])  # fmt: skip
         g1, g2 = m["loraprune_vs_grad_training_memory@4x256"], m["loraprune_vs_grad_training_memory@1x128"]
@@ -198,7 +198,7 @@ def readme_benchmarks(res: Results) -> str:
                      "batched ÷ per-sample generation, wall time",
                      f"{x(tp['speedup_wall'])}{spread(tp.get('speedup_wall_pairs'))} (identical outputs: "
                      f"{tp['identical_outputs']:.0%}; decode step {x(tp['decode_step_speedup_cpu_time'])}, "
-                     f"prefill {x(tp['prefill_speedup_cpu_time'])})", goal(tp["speedup_wall"], "≥", "5"), run_note(d)])  # fmt: skip
+                     f"prefill {x(tp['prefill_speedup_cpu_time'])})", _distill_goal(tp), run_note(d)])  # fmt: skip
         q = d["quality"]
         rows.append(["", f"{q['layer_drop']['n']} of {q['layer_drop']['num_blocks_before']} blocks dropped, accuracy "
                      "after equal LoRA steps: original vs distilled data",
@@ -237,6 +237,23 @@ def _loraprune_time(c: dict) -> tuple[float, str]:
     return c["ratios"]["loraprune_vs_lora_time"], " (medians of separate runs, not paired)"
 
 
+def _loraprune_goal(c: dict) -> str:
+    """The goal names interleaved pairs: medians of separate runs are judged, but marked as not that configuration."""
+    tr, _ = _loraprune_time(c)
+    verdict = goal(tr, "≤", "1.10")
+    if not c.get("paired", {}).get("loraprune_vs_lora_time"):
+        verdict += " (separate runs, not the goal's interleaved pairs)"
+    return verdict
+
+
+def _distill_goal(tp: dict) -> str:
+    """≥ 5× with identical outputs: a faster batched path that changes any output misses the goal."""
+    verdict = goal(tp["speedup_wall"], "≥", "5")
+    if tp["identical_outputs"] < 1.0 and verdict.endswith("met"):
+        verdict = verdict.removesuffix("met") + f"**missed** (outputs identical: {tp['identical_outputs']:.0%})"
+    return verdict
+
+
 def _qtuning_paired(q: dict) -> dict:
     pt = q["paired_timing"]
     return pt.get("wall") or paired_from_list([p["wall_ratio"] for p in pt["pairs"]])
@@ -268,7 +285,7 @@ def loraprune_cost(res: Results) -> str:
     cpu = c.get("paired", {}).get("loraprune_vs_lora_cpu_time")
     cpu_v = cpu["median"] if cpu else r["loraprune_vs_lora_cpu_time"]
     ratio_rows = [
-        ["LoRAPrune / LoRA, step wall time", f"{x(tr, 3)}{ts}", goal(tr, "≤", "1.10")],
+        ["LoRAPrune / LoRA, step wall time", f"{x(tr, 3)}{ts}", _loraprune_goal(c)],
         ["LoRAPrune / LoRA, step CPU time", f"{x(cpu_v, 3)}{spread(cpu)}", "–"],
     ]
     for k in shapes:
@@ -325,14 +342,14 @@ def distill_throughput(res: Results) -> str:
         f"tokens), greedy, `max_new_tokens={tp['max_new_tokens']}`."
     )
     tail = (
-        f"Outputs identical: {tp['identical_outputs']:.0%}. Goal {goal(tp['speedup_wall'], '≥', '5')}. Decode step "
+        f"Outputs identical: {tp['identical_outputs']:.0%}. Goal {_distill_goal(tp)}. Decode step "
         f"{x(tp['decode_step_speedup_cpu_time'])} faster batched, prefill {x(tp['prefill_speedup_cpu_time'])} "
         "(CPU time)."
     )
     pair_rows = [
         ["whole generation, batched with the shared-prefix KV cache (headline)",
          pairs_cell(tp.get("speedup_wall_pairs")) if tp.get("speedup_wall_pairs")
-         else f"{x(tp['speedup_wall'])} (no pairs recorded)", goal(tp["speedup_wall"], "≥", "5")],
+         else f"{x(tp['speedup_wall'])} (no pairs recorded)", _distill_goal(tp)],
         ["alternative: whole generation, batched without the prefix cache",
          pairs_cell(tp.get("speedup_wall_no_prefix_cache_pairs")), "–"],
         ["prefill alone (one new token)", pairs_cell(tp.get("prefill_speedup_pairs")), "–"],

@@ -282,3 +282,18 @@ def test_adapter_profile_renders_the_floor_and_phases():
     assert "measured 1.18× in the same rounds" in text and "(1.06× the extra GEMM)" in text
     assert "| SparseLoRA (default, exact gradients) | 1.00 s (1.00×) | 1.40 s (1.40×) |" in text
     assert "÷ LoRA's: SparseLoRA (default, exact gradients) 1.30×" in text
+
+
+def test_distill_goal_needs_identical_outputs():
+    assert report._distill_goal({"speedup_wall": 5.5, "identical_outputs": 1.0}) == "≥ 5× — met"
+    assert report._distill_goal({"speedup_wall": 5.5, "identical_outputs": 0.95}) == (
+        "≥ 5× — **missed** (outputs identical: 95%)"
+    )
+    assert report._distill_goal({"speedup_wall": 4.0, "identical_outputs": 0.95}) == "≥ 5× — **missed**"
+
+
+def test_loraprune_goal_marks_unpaired_runs():
+    paired = {"paired": {"loraprune_vs_lora_time": _paired(1.08, 1.02, 1.12)}, "ratios": {}}
+    assert report._loraprune_goal(paired) == "≤ 1.10× — met"
+    unpaired = {"ratios": {"loraprune_vs_lora_time": 1.05}}
+    assert report._loraprune_goal(unpaired) == "≤ 1.10× — met (separate runs, not the goal's interleaved pairs)"
