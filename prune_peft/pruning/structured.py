@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import _hf
-from ..tuners.loraprune import LoRAPruneLinear, LoRAPruneModel
+from ..tuners.loraprune import LoRAPruneLayer, LoRAPruneModel
 
 __all__ = ["compact", "compacted_shapes", "is_uniform", "load_compacted", "save_compacted"]
 
@@ -81,7 +81,7 @@ def _slice_param(p: torch.Tensor, dim: int, index: torch.Tensor) -> nn.Parameter
 
 def _slice(module: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
     """Keep ``rows`` (output features) / ``cols`` (input features) of a Linear or a peft LoRA layer, in place."""
-    if isinstance(module, LoRAPruneLinear):
+    if isinstance(module, LoRAPruneLayer):
         module.compact_masks(rows, cols)  # first: refuses element-wise masks before anything is sliced
     base = _base_linear(module)
     if rows is not None:

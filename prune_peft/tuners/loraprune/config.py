@@ -134,10 +134,10 @@ class LoRAPruneConfig(LoraConfig):
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPRUNE")
         self._validate()
-        from .layer import LoRAPruneLinear
+        from .layer import layer_mapping_loraprune
 
-        # re-runs on every load (from_peft_type builds the config through __init__)
-        self._register_custom_module({_linear(): LoRAPruneLinear})
+        # re-runs on every load (from_peft_type builds the config through __init__); float and bitsandbytes bases
+        self._register_custom_module(layer_mapping_loraprune())
 
     @property
     def nm(self):
@@ -205,9 +205,3 @@ class LoRAPruneConfig(LoraConfig):
                 "be honoured; drop exclude_layers or use uniform=False (compacted output then needs prune_peft)"
             )
         self.exclude_layers = []  # no default exclusion: excluded blocks would keep their full size
-
-
-def _linear():
-    from torch import nn
-
-    return nn.Linear

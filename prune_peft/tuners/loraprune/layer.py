@@ -5,6 +5,11 @@ alike; element-wise masks multiply ``W`` and ``s·BA`` inside the product. A mas
 forward pass. Masks are persistent ``lora_…`` buffers, so they are saved in ``adapter_model.safetensors`` and restored
 by ``PeftModel.from_pretrained`` and by Trainer checkpoint resume. Merging bakes the mask into the weight (pruned rows
 and their bias become zero), which is why a merge of a pruned adapter cannot be undone.
+
+The mask logic lives in :class:`LoRAPruneLayer`, mixed in before a peft LoRA layer class: :class:`LoRAPruneLinear`
+(float ``nn.Linear``) here, ``LoRAPruneLinear4bit`` / ``LoRAPruneLinear8bitLt`` (bitsandbytes bases) in
+:mod:`prune_peft.tuners.loraprune.bnb`, which is imported only when bitsandbytes is installed. peft dispatches a base
+layer to its class through the config's custom-module mapping (:func:`layer_mapping_loraprune`).
 """
 
 from __future__ import annotations
@@ -18,26 +23,41 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.adapters import compute_dtype
+from .._base import layer_mapping
 from .._buffers import AdapterBuffers, PackedMasks
 from .._registry import layer_takes_config
 
-__all__ = ["LoRAPruneLinear"]
+__all__ = ["LoRAPruneLayer", "LoRAPruneLinear", "layer_mapping_loraprune"]
 
 
-class LoRAPruneLinear(LoraLinear):
-    """LoRA on a float ``nn.Linear`` with a LoRAPrune mask (``lora_prune_mask``: rows, ``lora_prune_emask``: elements)."""
+class LoRAPruneLayer:
+    """Mixin placed *before* a peft LoRA layer class: the LoRAPrune masks (``lora_prune_mask``: rows,
+    ``lora_prune_emask``: elements), the masked forward and the masked merge. ``isinstance(m, LoRAPruneLayer)`` finds
+    every LoRAPrune layer, whatever its base."""
+
+    quantized: bool = False  # bitsandbytes base (LoRAPruneLinear4bit / LoRAPruneLinear8bitLt)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, **kwargs: Any) -> None:
-        weight = getattr(base_layer, "weight", None)
-        if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter):
-            raise ValueError(
-                f"loraprune: cannot adapt {type(base_layer).__name__} with weight type {type(weight).__name__}: "
-                "only torch.nn.Linear with float weights is supported"
-            )
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        self._pp_check_base(base)
         if layer_takes_config():
             super().__init__(base_layer, adapter_name, config=config, **kwargs)
         else:
             super().__init__(base_layer, adapter_name, **kwargs)
+
+    @staticmethod
+    def _pp_check_base(base: nn.Module) -> None:
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter):
+            raise ValueError(
+                f"loraprune: cannot adapt {type(base).__name__} with weight type {type(weight).__name__}: "
+                "supported bases are torch.nn.Linear with float weights and bitsandbytes Linear4bit / Linear8bitLt"
+            )
+
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a float tensor, for the importance: the parameter itself on a float base; on a
+        bitsandbytes base a transient de-quantized copy (dropped by the caller after use, never stored)."""
+        return self.get_base_layer().weight
 
     # ------------------------------------------------------------------------------------------------- masks
 
@@ -121,6 +141,8 @@ class LoRAPruneLinear(LoraLinear):
         rows = self.lora_prune_mask.get(adapter) if entry["rows"] else None
         elems = None
         if entry["elems"]:
+            if self.quantized:  # unpacked per use: a cached bool mask would outweigh the 4-bit weight twice
+                return rows, self.lora_prune_emask.get(adapter)
             packed = self.lora_prune_emask.packed(adapter)
             key = (packed.data_ptr(), packed.device)
             if entry.get("key") != key:
@@ -159,11 +181,15 @@ class LoRAPruneLinear(LoraLinear):
             result = result * rows
         return result
 
+    def _pp_masked_base(self, x: torch.Tensor, emask: torch.Tensor) -> torch.Tensor:
+        """x (M ⊙ W)ᵀ + b (the base layer's product with the element mask applied to its weight)."""
+        base = self.get_base_layer()
+        return F.linear(x.to(base.weight.dtype), base.weight * emask, base.bias)
+
     def _pp_elementwise(self, x, adapter, emask, rows) -> torch.Tensor:
         """y = x (M ⊙ W)ᵀ + b + dropout(x) (M ⊙ s·BA)ᵀ — exact for the masked merge."""
-        base = self.get_base_layer()
         A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        out = F.linear(x.to(base.weight.dtype), base.weight * emask, base.bias)
+        out = self._pp_masked_base(x, emask)
         delta = (B @ A).mul(emask).mul_(self.scaling[adapter])  # formed in the adapter dtype
         # the branch GEMM runs in the compute dtype (autocast's, else the input's): ΔW is rounded only relative to
         # itself and added to the base *output*, never to a half-precision weight
@@ -209,3 +235,24 @@ class LoRAPruneLinear(LoraLinear):
 
     def __repr__(self) -> str:
         return "loraprune." + super().__repr__().removeprefix("lora.")
+
+
+class LoRAPruneLinear(LoRAPruneLayer, LoraLinear):
+    """LoRA on a float ``nn.Linear`` with a LoRAPrune mask (``lora_prune_mask``: rows, ``lora_prune_emask``: elements)."""
+
+
+def _bnb_4bit() -> type:
+    from .bnb import LoRAPruneLinear4bit  # bitsandbytes is imported only here, when it is installed
+
+    return LoRAPruneLinear4bit
+
+
+def _bnb_8bit() -> type:
+    from .bnb import LoRAPruneLinear8bitLt
+
+    return LoRAPruneLinear8bitLt
+
+
+def layer_mapping_loraprune() -> dict:
+    """peft's custom-module dispatch (``_register_custom_module``): float and bitsandbytes bases."""
+    return layer_mapping(LoRAPruneLinear, _bnb_4bit, _bnb_8bit)

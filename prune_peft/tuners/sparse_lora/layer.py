@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from ...kernels.adapters import masked_lora_24
 from ...kernels.semi_structured import SemiStructuredLinear
 from ...sparsity.adapters import masked_lora, masked_lora_delta, masked_lora_merged
-from .._base import QuantizedUnloadMixin, SparseAdapterLayer, layer_mapping
+from .._base import SparseAdapterLayer, layer_mapping
 
 __all__ = ["SparseLoraLinear", "layer_mapping_sparse_lora"]
 
@@ -60,18 +58,18 @@ class SparseLoraLinear(SparseLoraLayerMixin, LoraLinear):
         return "sparse_lora." + super().__repr__().removeprefix("lora.")
 
 
-@functools.cache
-def _bnb_classes() -> tuple[type, type]:
-    from peft.tuners.lora import bnb as lora_bnb
+def _bnb_4bit() -> type:
+    from .bnb import SparseLoraLinear4bit  # bitsandbytes is imported only here, when it is installed
 
-    class SparseLoraLinear4bit(QuantizedUnloadMixin, SparseLoraLayerMixin, lora_bnb.Linear4bit):
-        """SparseLoRA on a bitsandbytes 4-bit (nf4/fp4) base, QLoRA style."""
+    return SparseLoraLinear4bit
 
-    class SparseLoraLinear8bitLt(QuantizedUnloadMixin, SparseLoraLayerMixin, lora_bnb.Linear8bitLt):
-        """SparseLoRA on a bitsandbytes LLM.int8 base."""
 
-    return SparseLoraLinear4bit, SparseLoraLinear8bitLt
+def _bnb_8bit() -> type:
+    from .bnb import SparseLoraLinear8bitLt
+
+    return SparseLoraLinear8bitLt
 
 
 def layer_mapping_sparse_lora() -> dict:
-    return layer_mapping(SparseLoraLinear, lambda: _bnb_classes()[0], lambda: _bnb_classes()[1])
+    """peft's custom-module dispatch (``_register_custom_module``): float and bitsandbytes bases."""
+    return layer_mapping(SparseLoraLinear, _bnb_4bit, _bnb_8bit)
