@@ -434,6 +434,18 @@ def export(
                 "prune_peft.load_compacted, no serving engine reads it)."
             )
     out = check_output_dir(out, overwrite=overwrite)  # before any work (a merge copies the whole model)
+    from ._dist import sharding_kind
+
+    if sharding_kind(model) is not None:  # FSDP2: gathered and merged one module at a time, rank 0 writes
+        from .tuners._fsdp import check_sharded_layout, export_merged_sharded
+
+        if format != "merged":
+            raise ValueError(f"format={format!r} is not supported on a sharded model; use format='merged'")
+        check_sharded_layout(model, owner="export")
+        return export_merged_sharded(
+            model, out, dtype=dtype, overwrite=overwrite, tokenizer=tokenizer,
+            card=lambda s: export_card(format, s, base=base, methods=methods, data=data, perplexity=perplexity),
+        )  # fmt: skip
     if format == "lora":
         bad = {name: cfg.peft_type.value for name, cfg in peft_config.items() if not is_plain_lora(cfg)}
         if bad:

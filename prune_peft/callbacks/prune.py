@@ -24,7 +24,9 @@ Events (transformers ≥ 4.42):
   (``ExportableState`` in ``trainer_state.json``; large element-wise importance in ``prune_peft_state.safetensors``
   inside the checkpoint folder, written atomically before ``trainer_state.json`` and recorded by checksum). Masks
   are adapter buffers and come back with the adapter weights.
-- Sharded SparseLoRA/SPP (FSDP/FSDP2, ZeRO-3) is refused in ``on_train_begin``.
+- SparseLoRA/SPP train on FSDP2-sharded models (``fully_shard`` after ``get_peft_model``; the save-time zero check
+  reads each rank's rows); FSDP1, DeepSpeed ZeRO-3 and unmanaged adapter parameters are refused in
+  ``on_train_begin``.
 
 Resume reads the side file from ``args.resume_from_checkpoint`` when that is a path, else from
 ``<output_dir>/checkpoint-<global_step>`` (where ``trainer.train(resume_from_checkpoint=...)`` checkpoints live);
@@ -125,19 +127,13 @@ class PruneCallback(MetricsCallback, ExportableState):
         self._restore(args, state)
 
     def _refuse_sharded(self, model: nn.Module) -> None:
-        """SparseLoRA/SPP masks are checked against whole base weights at every save: refuse sharded parameters."""
+        """SparseLoRA/SPP run on FSDP2 (``fully_shard``); FSDP1, ZeRO-3 and layouts FSDP2 cannot serve are refused
+        here, before the first step (:func:`prune_peft.tuners._fsdp.check_sharded_layout`)."""
         if not any(isinstance(d, SparseAdapterDriver) for d in self.drivers):
             return
-        from ..tuners.loraprune.pruner import check_not_sharded
+        from ..tuners._fsdp import check_sharded_layout
 
-        try:
-            check_not_sharded(model, owner="PruneCallback")
-        except ValueError:
-            raise ValueError(
-                "PruneCallback: SparseLoRA/SPP adapters with sharded parameters (FSDP/FSDP2 DTensor, DeepSpeed "
-                "ZeRO-3) are not supported yet: their masks are checked against the whole base weights at every "
-                "checkpoint; train with DDP or on one device"
-            ) from None
+        check_sharded_layout(model, owner="PruneCallback")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         for driver in self.drivers:

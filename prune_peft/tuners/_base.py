@@ -26,6 +26,7 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .._dist import all_reduce_sum, counts_once, gathered_call, is_sharded, local, local_rows, sharding_kind
 from ..sparsity.masks import describe_pattern, mask_mismatch
 from ._buffers import AdapterBuffers, PackedMasks
 from ._registry import current_injection, injecting, layer_takes_config
@@ -78,6 +79,41 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _mismatch(weight: torch.Tensor, mask: torch.Tensor, nnz: int | None) -> str | None:
+    """:func:`~prune_peft.sparsity.masks.mask_mismatch` for any base weight. A DTensor shard (FSDP2) is compared with
+    the matching rows of the mask and the two counts are summed over ranks: every rank gets the same verdict and no
+    rank gathers the weight. Every rank must call it (an all-reduce of two integers)."""
+    if not is_sharded(weight) or tuple(weight.shape) != tuple(mask.shape):
+        return mask_mismatch(weight, mask, nnz)  # the shape message needs no values (shapes are global)
+    first, end = local_rows(weight)
+    part = local(weight)
+    nonzero = part != 0
+    counts = torch.stack([(nonzero & ~mask[first:end].to(part.device)).sum(), nonzero.sum()]).to(torch.int64)
+    if not counts_once(weight):  # a replica of a shard another rank already counts (HSDP)
+        counts = torch.zeros_like(counts)
+    outside, now = (int(c) for c in all_reduce_sum(counts))
+    if outside:
+        return f"the base has {outside} non-zero weights where the adapter's mask is zero"
+    if nnz is not None and now != nnz:
+        return f"the base has {now} non-zero weights inside the mask, the adapter was made for {nnz}"
+    return None
+
+
+def refuse_sharded_base(model: nn.Module, method: str) -> None:
+    """ValueError when an adapter is created on (or loaded into) a model whose parameters are already sharded."""
+    kind = sharding_kind(model)
+    if kind is None:
+        return
+    raise ValueError(
+        f"{method}: the model's parameters are already sharded ({kind}); create or load the adapter on the unsharded "
+        "model and shard afterwards: get_peft_model(model, config) or PeftModel.from_pretrained(model, path), then "
+        "fully_shard(block) for every decoder block and fully_shard(model) (the order accelerate's FSDP2, "
+        "fsdp_version: 2, uses). Adapter factors added after sharding are not managed by FSDP (their gradients would "
+        "never be reduced across ranks), and the masks are taken from whole base weights"
+        + ("" if kind == "fsdp2" else "; FSDP1 and DeepSpeed ZeRO-3 are not supported at all, use FSDP2 or DDP")
+    )
 
 
 def check_base_layer(base_layer: nn.Module, method: str, name: str | None) -> None:
@@ -207,7 +243,7 @@ class SparseAdapterLayer:
         if nnz < 0:
             return None
         weight = dense_weight(self.get_base_layer()) if weight is None else weight
-        return mask_mismatch(weight, self.sparse_mask(adapter_name), nnz)
+        return _mismatch(weight, self.sparse_mask(adapter_name), nnz)
 
     # adapter -> [base digest, mask digest] recorded in the config it was injected from; see _pp_check_loaded
     _pp_pending: Mapping[str, list | None] = MappingProxyType({})
@@ -288,7 +324,7 @@ class SparseAdapterLayer:
         from ..sparsity.packing import unpack_mask
 
         mask = unpack_mask(packed.to(self.get_base_layer().weight.device), self.in_features)
-        return mask_mismatch(
+        return _mismatch(
             dense_weight(self.get_base_layer()), mask, None if nnz is None else int(torch.as_tensor(nnz).item())
         )
 
@@ -362,7 +398,45 @@ class SparseAdapterLayer:
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         names = adapter_names if adapter_names is not None else self.active_adapters
         self._pp_check_base([n for n in names if n in self.lora_A and n not in self.merged_adapters])
+        if is_sharded(self.get_base_layer().weight):  # FSDP2
+            return self._pp_merge_sharded(check_adapters_to_merge(self, adapter_names), safe_merge)
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge(self) -> None:
+        if self.merged and is_sharded(self.get_base_layer().weight):  # FSDP2
+            return self._pp_merge_sharded([], False, unmerge=True)
+        super().unmerge()
+
+    @torch.no_grad()
+    def _pp_merge_sharded(self, names: list[str], safe_merge: bool, unmerge: bool = False) -> None:
+        """(Un)merge on an FSDP2-sharded layer: the new weight is computed by the single-process code on this layer's
+        gathered full tensors (one layer at a time, :func:`prune_peft._dist.gathered_call`), so it equals the
+        single-process merge bit for bit; each rank then writes its own rows into its shard in place (FSDP2 gathers
+        from the shards' storage, a new tensor assigned to ``.data`` would be ignored)."""
+        if not names and not unmerge:
+            return
+        base = self.get_base_layer()
+        merged_before = list(self.merged_adapters)
+
+        def run() -> torch.Tensor:
+            weight = dense_weight(base)  # the gathered full weight during the call
+            if unmerge:
+                while self.merged_adapters:
+                    weight = self._pp_unmerged_weight(self.merged_adapters.pop(), weight)
+            for adapter in names:
+                weight = self._pp_merged_weight(adapter, weight)
+                self.merged_adapters.append(adapter)
+            return weight
+
+        try:
+            weight = gathered_call(self, run)
+            if safe_merge and not torch.isfinite(weight).all():  # the same verdict on every rank (full tensors)
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {names} seems to be broken")
+        except BaseException:
+            self.merged_adapters[:] = merged_before
+            raise
+        first, end = local_rows(base.weight)
+        local(base.weight).copy_(weight[first:end])
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW of an adapter in the base dtype (zero wherever the base weight is zero)."""
@@ -480,6 +554,7 @@ class SparseTunerMixin:
         config read from a local folder has its weights file read and checked (readable, complete, shapes, masks
         against the base and against the digests). Any failure removes the injected layers again and raises.
         """
+        refuse_sharded_base(model, self.method)  # before anything is injected
         before = {id(m) for m in model.modules()}
         flags = _trainable_flags(model)
         config = self.peft_config.get(adapter_name)
@@ -753,6 +828,8 @@ def set_sparse_masks(model: nn.Module, masks: dict[str, torch.Tensor], adapter_n
             raise ValueError(f"masks: layer {name!r} has no adapter {adapter_name!r}")
         if layer.merged:
             raise ValueError(f"masks: layer {name!r} has merged adapters; unmerge before changing masks")
+        if is_sharded(layer.get_base_layer().weight):
+            raise ValueError(f"masks: layer {name!r} is sharded (FSDP2); set masks before fully_shard")
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (layer.out_features, layer.in_features):
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(

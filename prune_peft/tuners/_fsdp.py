@@ -1,0 +1,351 @@
+"""SparseLoRA / SPP on FSDP2-sharded models (``torch.distributed.fsdp.fully_shard``): layout checks and the merged
+export, gathered one module at a time.
+
+FSDP2 keeps every parameter as a ``DTensor`` sharded on dim 0 outside forward/backward (inside, the unit's parameters
+are all-gathered plain tensors, so the masked forward and backward run the single-process code). Buffers — the
+adapters' bit-packed masks — stay whole on every rank. What works, and how:
+
+* the save-time zero check and the load-time mask check compare each rank's rows of the base with the same rows of
+  the mask and sum two counts over ranks (``_base._mismatch``);
+* ``merge`` / ``unmerge`` / ``merge_and_unload`` compute a layer's new weight on its gathered full tensors with the
+  single-process code and write each rank's rows back into its shard (the model stays sharded);
+* :func:`export_merged_sharded` (``prune_peft.hub.export`` on a sharded model) gathers one module at a time, merges it
+  as above, and rank 0 writes safetensors shards as they fill (never the whole model on one rank).
+
+Refused with a ``ValueError`` (:func:`check_sharded_layout`, run by ``PruneCallback.on_train_begin``): FSDP1
+(``FullyShardedDataParallel``, whose FlatParameter flattens base weights and adapter factors of a unit together),
+DeepSpeed ZeRO-3, trainable parameters FSDP2 does not manage (an adapter added after ``fully_shard``), and a
+``fully_shard`` applied to the wrapped ``nn.Linear`` itself (its weight would be sharded where the adapter reads it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .._dist import full, is_sharded, local_rows, sharding_kind, world_size
+
+__all__ = ["check_sharded_layout", "export_merged_sharded"]
+
+MAX_SHARD_BYTES = 5 * 2**30  # rank 0 holds at most one file's tensors (plus one gathered layer) at a time
+
+_SUPPORTED = (
+    "supported: FSDP2 (torch.distributed.fsdp.fully_shard on the decoder blocks and the model after get_peft_model, "
+    "or accelerate with fsdp_version: 2), DDP, or one device"
+)
+
+
+def _fsdp2_units() -> tuple[type, ...]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return ()
+    return (FSDPModule,)
+
+
+def check_sharded_layout(model: nn.Module, owner: str = "sparse adapter") -> None:
+    """ValueError, before any training work, for a sharded setup SparseLoRA/SPP cannot serve (see the module doc)."""
+    from ._base import sparse_layers
+
+    kind = sharding_kind(model)
+    if kind is None:
+        return
+    if kind == "fsdp1":
+        raise ValueError(
+            f"{owner}: SparseLoRA/SPP on FSDP1 (FullyShardedDataParallel) is not supported: its FlatParameter "
+            "flattens the base weights and adapter factors of each wrapped unit together, so the masks' rows and the "
+            f"factors do not exist as tensors outside forward; {_SUPPORTED}"
+        )
+    if kind == "zero3":
+        raise ValueError(
+            f"{owner}: SparseLoRA/SPP on DeepSpeed ZeRO-3 is not supported (partitioned parameters are empty outside "
+            f"forward, and DeepSpeed is not available to test it); {_SUPPORTED}, or ZeRO ≤ 2"
+        )
+    units = _fsdp2_units()
+    for name, layer in sparse_layers(model).items():
+        base = layer.get_base_layer()
+        if units and isinstance(base, units):
+            raise ValueError(
+                f"{owner}: fully_shard was applied to the wrapped linear of {name}; its weight would stay sharded "
+                "where the adapter reads it. Apply fully_shard to the decoder blocks (or to the adapter layers "
+                f"themselves) instead; {_SUPPORTED}"
+            )
+        try:
+            local_rows(base.weight)  # only dim-0 shards (FSDP2's layout)
+        except ValueError as exc:
+            raise ValueError(f"{owner}: {name}: base weight is {exc}; {_SUPPORTED}") from None
+    unmanaged = [n for n, p in model.named_parameters() if p.requires_grad and not is_sharded(p)]
+    if unmanaged:
+        raise ValueError(
+            f"{owner}: the model is sharded with FSDP2 but {len(unmanaged)} trainable parameter(s) are not "
+            f"(e.g. {unmanaged[0]}): FSDP2 never reduces their gradients, so ranks would diverge. Create the adapter "
+            "before fully_shard and shard every module holding one (fully_shard(block) for every decoder block, then "
+            f"fully_shard(model)); {_SUPPORTED}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- merged export
+
+
+def _refuse_foreign_layers(model: nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ._base import SparseAdapterLayer
+
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # older peft
+        AuxiliaryTrainingWrapper = ()
+    for name, module in model.named_modules():
+        foreign = isinstance(module, BaseTunerLayer) and not isinstance(module, SparseAdapterLayer)
+        if foreign or (AuxiliaryTrainingWrapper and isinstance(module, AuxiliaryTrainingWrapper)):
+            raise ValueError(
+                f"export: {name} is a {type(module).__name__}; a sharded (FSDP2) model is exported only with "
+                "SparseLoRA/SPP adapters (no plain LoRA layers, no modules_to_save); gather it on one device first"
+            )
+
+
+def _entries(base_model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+    """``(name, module, is_sparse_layer)`` in module order: each sparse adapter layer as one unit (its merged weight
+    and bias), every other module with its own parameters and persistent buffers; nothing inside a sparse layer."""
+    from ._base import SparseAdapterLayer
+
+    inside: str | None = None
+    for name, module in base_model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        if isinstance(module, SparseAdapterLayer):
+            inside = name + "."
+            yield name, module, True
+        elif module._parameters or module._buffers:
+            yield name, module, False
+
+
+def _plan(base_model: nn.Module, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every tensor of the merged checkpoint: ``(key, shape, saved dtype)``, from shapes only (nothing gathered)."""
+    out, seen = [], set()
+
+    def add(key: str, t: torch.Tensor) -> None:
+        if id(t) in seen:  # tied weights are saved once (transformers re-ties them on load)
+            return
+        seen.add(id(t))
+        out.append((key, tuple(t.shape), dtype if t.is_floating_point() else t.dtype))
+
+    for name, module, sparse in _entries(base_model):
+        prefix = f"{name}." if name else ""
+        if sparse:
+            base = module.get_base_layer()
+            add(prefix + "weight", base.weight)
+            if base.bias is not None:
+                add(prefix + "bias", base.bias)
+            continue
+        for key, p in module._parameters.items():
+            if p is not None:
+                add(prefix + key, p)
+        for key, b in module._buffers.items():
+            if b is not None and key not in module._non_persistent_buffers_set:
+                add(prefix + key, b)
+    return out
+
+
+@torch.no_grad()
+def _merged_layer(layer) -> torch.Tensor:
+    """The merged weight of one sparse layer as a full tensor on every rank (gathered, single-process code), checked
+    to keep every zero of the base; the layer itself is left as it was."""
+    from .._dist import gathered_call
+    from ._base import dense_weight
+
+    names = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
+    layer._pp_check_base(names)
+    before = list(layer.merged_adapters)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        weight = dense_weight(layer.get_base_layer())
+        zeros = weight == 0
+        for adapter in names:
+            weight = layer._pp_merged_weight(adapter, weight)
+            layer.merged_adapters.append(adapter)
+        return weight, zeros
+
+    try:
+        weight, zeros = gathered_call(layer, run)
+    finally:
+        layer.merged_adapters[:] = before
+    if bool((zeros & (weight != 0)).any()):  # never expected; the same verdict on every rank
+        raise RuntimeError(f"merge filled in zeros of {layer._pp_name}; nothing was written")
+    return weight
+
+
+def _write_shard(folder, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.path.join(folder, filename), metadata={"format": "pt"})
+
+
+def _summary(stats: dict[str, tuple[int, int, int]], other: dict[str, dict]) -> dict:
+    """``sparsity_report``'s layout (the keys ``export_card`` reads) from per-module counts gathered while writing."""
+    per_module = {
+        name: {"numel": n, "zeros": z, "sparsity": z / max(n, 1), "2:4_violations": v}
+        for name, (n, z, v) in stats.items()
+    }
+    by_type: dict[str, dict] = {}
+    for name, entry in per_module.items():
+        t = by_type.setdefault(name.rpartition(".")[2], {"modules": 0, "zeros": 0, "numel": 0})
+        t["modules"] += 1
+        t["zeros"] += entry["zeros"]
+        t["numel"] += entry["numel"]
+    for t in by_type.values():
+        t["sparsity"] = t["zeros"] / max(t["numel"], 1)
+    zeros = sum(e["zeros"] for e in per_module.values())
+    numel = sum(e["numel"] for e in per_module.values())
+    return {
+        "sparsity": zeros / max(numel, 1),
+        "zeros": zeros,
+        "numel": numel,
+        "modules": per_module,
+        "by_type": by_type,
+        "other": other,
+        "2:4_valid_modules": sum(1 for e in per_module.values() if e["2:4_violations"] == 0),
+    }
+
+
+def _class_name(module: nn.Module) -> str:
+    """The model's own class name (FSDP2 swaps in a subclass named ``FSDP<name>``)."""
+    units = _fsdp2_units()
+    return next(c.__name__ for c in type(module).__mro__ if not (units and issubclass(c, units)))
+
+
+@torch.no_grad()
+def export_merged_sharded(
+    model: nn.Module,
+    out,
+    *,
+    dtype: torch.dtype | None,
+    overwrite: bool,
+    tokenizer=None,
+    card: Callable[[dict], object] | None = None,
+) -> dict:
+    """``export(format="merged")`` of an FSDP2-sharded ``PeftModel``: every rank must call it.
+
+    Module by module (in order) the parameters are gathered (``DTensor.full_tensor``), sparse adapter layers merged
+    with the single-process code (same numbers bit for bit, zeros checked), and rank 0 appends the tensors to the
+    current safetensors file, written as soon as it reaches ``MAX_SHARD_BYTES`` (``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``), then ``config.json``, the generation
+    config, the tokenizer and the card (``card(summary)``). ``model`` is left unchanged and stays sharded. Returns the
+    same summary on every rank.
+    """
+    import contextlib
+
+    from .._hf import find_decoder_blocks
+    from .._io import atomic_dir
+    from ..sparsity.masks import nm_violations
+
+    _refuse_foreign_layers(model)
+    base_model = model.get_base_model()
+    target = dtype or next((p.dtype for p in base_model.parameters() if p.is_floating_point()), torch.float32)
+    plan = _plan(base_model, target)
+    sizes = [torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in plan]
+    shard_of, shard, used = {}, 0, 0  # files planned from shapes alone, so names carry the final count
+    for (key, _, _), size in zip(plan, sizes):
+        if used and used + size > MAX_SHARD_BYTES:
+            shard, used = shard + 1, 0
+        shard_of[key], used = shard, used + size
+    n_files = shard + 1
+    names = ["model.safetensors"] if n_files == 1 else [
+        f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)
+    ]  # fmt: skip
+    try:
+        prefix = find_decoder_blocks(base_model)[0] + "."
+    except ValueError:
+        prefix = None
+    rank0 = world_size() <= 1 or torch.distributed.get_rank() == 0
+    writing = atomic_dir(out, overwrite=overwrite) if rank0 else contextlib.nullcontext()
+    info: dict | None = None
+    with writing as tmp:
+        pending: dict[str, torch.Tensor] = {}
+        current, stats, other, seen = 0, {}, {}, {}
+
+        def emit(key: str, t: torch.Tensor, module_name: str, pruned: bool) -> None:
+            nonlocal current, pending
+            if key not in shard_of or key in pending:  # a tied duplicate (planned once)
+                return
+            if not rank0:
+                return
+            if shard_of[key] != current:
+                _write_shard(tmp, names[current], pending)
+                pending, current = {}, shard_of[key]
+            value = t.detach().to("cpu")
+            value = value.to(target) if value.is_floating_point() else value
+            pending[key] = value.contiguous()
+            if key.endswith(".weight") and value.dim() == 2:
+                zeros = int((value == 0).sum())
+                if pruned:
+                    stats[module_name] = (value.numel(), zeros, nm_violations(value, 2, 4))
+                else:
+                    other[module_name] = {"numel": value.numel(), "zeros": zeros, "tied": None}
+
+        for name, module, sparse in _entries(base_model):
+            head = f"{name}." if name else ""
+            in_blocks = prefix is None or name.startswith(prefix)
+            if sparse:
+                weight = _merged_layer(module)  # collective: every rank
+                base = module.get_base_layer()
+                emit(head + "weight", weight, name, in_blocks)
+                if base.bias is not None:
+                    emit(head + "bias", full(base.bias), name, in_blocks)
+                del weight
+                continue
+            linear = isinstance(module, nn.Linear)
+            for key, p in module._parameters.items():
+                if p is None:
+                    continue
+                if id(p) in seen:  # tied: the card marks it, the file keeps one copy
+                    if key == "weight" and rank0:
+                        other[name] = {"numel": 0, "zeros": 0, "tied": seen[id(p)]}
+                    continue
+                seen[id(p)] = name
+                emit(head + key, full(p), name, in_blocks and linear)
+            for key, b in module._buffers.items():
+                if b is not None and key not in module._non_persistent_buffers_set:
+                    emit(head + key, full(b), name, False)
+        if rank0:
+            _write_shard(tmp, names[current], pending)
+            pending = {}
+            if n_files > 1:
+                index = {
+                    "metadata": {"total_size": sum(sizes)},
+                    "weight_map": {key: names[i] for key, i in shard_of.items()},
+                }
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+            config = copy.deepcopy(base_model.config)
+            config.architectures = [_class_name(base_model)]
+            config.dtype = target
+            config.save_pretrained(tmp)
+            generation = getattr(base_model, "generation_config", None)
+            if generation is not None and getattr(base_model, "can_generate", lambda: False)():
+                generation.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            summary = _summary(stats, other)
+            if card is not None:
+                card(summary).save(tmp / "README.md")
+            info = {
+                "format": "merged",
+                "path": str(out),
+                "dtype": str(target).removeprefix("torch."),
+                "sparsity": summary["sparsity"],
+                "by_type": {k: v["sparsity"] for k, v in summary["by_type"].items()},
+                "modules": len(summary["modules"]),
+                "2:4_valid_modules": summary["2:4_valid_modules"],
+                "files": len(names),
+            }
+    if world_size() > 1:  # every rank returns once the folder is in place, with rank 0's summary
+        box = [info]
+        torch.distributed.broadcast_object_list(box, src=0)
+        info = box[0]
+    return info
