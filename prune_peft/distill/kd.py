@@ -20,6 +20,10 @@ needs (the decoder, not the top-level model: peft calls the wrapped model's ``fo
 on it)::
 
     trainer = SFTTrainer(model=student, ..., compute_loss_func=LogitDistillation(student, teacher, temperature=2.0))
+
+Sharded teacher (docs/distributed.md): a teacher sharded with FSDP2 (``fully_shard`` per block and at the root) works
+as is — its root forward gathers the shards, each rank scores its own rows, and every rank calls the teacher once per
+micro-batch (the all-gathers line up). DeepSpeed ZeRO-3 students or teachers are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._dist import refuse_zero3
 from .._hf import find_decoder_blocks
 
 __all__ = ["LogitDistillation", "TeacherTopK", "causal_ce", "kd_loss", "precompute_teacher_topk"]
@@ -230,6 +235,9 @@ class LogitDistillation:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
+        refuse_zero3(student, "LogitDistillation (student)")
+        if teacher is not None:
+            refuse_zero3(teacher, "LogitDistillation (teacher)")
         blocks_name, _ = find_decoder_blocks(student)
         decoder = student.get_submodule(blocks_name.rpartition(".")[0])
         self.teacher, self.topk = teacher, topk
