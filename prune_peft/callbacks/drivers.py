@@ -290,8 +290,10 @@ class MagnitudeDriver(PruneDriver):
         return [cls(**overrides)]
 
     def setup(self, model, args, state) -> None:
+        from .._dist import refuse_zero3
         from ..pruning.oneshot import target_linears
 
+        refuse_zero3(model, "PruneCallback(method='magnitude')")  # ZeRO-3 weights are empty outside forward
         self.schedule = PruneSchedule.from_settings(self.settings, _max_steps(state, "magnitude"), "magnitude")
         self.layers = target_linears(model, include=self.include, exclude=self.exclude)
         if self.nm is not None:
