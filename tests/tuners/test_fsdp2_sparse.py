@@ -1,0 +1,127 @@
+"""SparseLoRA and SPP on FSDP2 (torch's ``fully_shard``): 2 CPU ranks on gloo against the same loop in one process.
+
+One launch (``fsdp2_sparse_worker.py``) runs every distributed check for both adapter types; the tests below read
+what each rank recorded. The refusals that need no second process are tested directly.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import prune_peft
+from prune_peft import PruneCallback
+from prune_peft.tuners._fsdp import check_sharded_layout
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "callbacks"))
+from ddp_testlib import run_two_ranks
+
+WORKER = Path(__file__).with_name("fsdp2_sparse_worker.py")
+KINDS = ("sparse_lora", "spp")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2_sparse")
+    run_two_ranks(WORKER, out, timeout=600)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_matches_one_process_and_resume_is_exact(ranks, kind):
+    _, (r0, r1) = ranks
+    assert r0["world_size"] == r1["world_size"] == 2
+    a, b = r0[kind], r1[kind]
+    assert a["drivers"] == ["sparse-adapter:default"]  # PruneCallback.on_train_begin accepted the FSDP2 model
+    assert a["metrics"]["prune/sparse_adapter_sparsity"] == pytest.approx(0.5)
+    assert a["adapter_sharded"] and b["adapter_sharded"]  # factors are DTensors: FSDP2 manages them
+    assert a["rows"] == [0, 32] and b["rows"] == [32, 64]  # each rank holds half of the rows of q_proj
+    # 4 AdamW steps, each rank on half the batch vs one process on all of it: equal up to float rounding
+    assert a["adapter_vs_one_process"] < 1e-4 and b["adapter_vs_one_process"] == a["adapter_vs_one_process"]
+    # resumed from the sharded torch.distributed.checkpoint at step 2 = the uninterrupted run, bit for bit
+    assert a["resume_equal"] == 0.0 and b["resume_equal"] == 0.0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_checks_read_local_rows_and_agree_across_ranks(ranks, kind):
+    _, (r0, r1) = ranks
+    # a zero filled in on rank 1's shard only: the save-time check refuses on both ranks, naming the layer
+    for r in (r0, r1):
+        msg = r[kind]["corrupt_save"]
+        assert "model.layers.0.self_attn.q_proj no longer matches" in msg and "1 non-zero weights" in msg
+        # the load-time check on a sharded base refuses a mask that drops non-zeros (every rank, counts summed)
+        assert "do not match this base model's zeros" in r[kind]["bad_mask_load"]
+        assert "2048 non-zero weights where the adapter's mask is zero" in r[kind]["bad_mask_load"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_export_equal_the_single_process_merge(ranks, kind):
+    out, (r0, r1) = ranks
+    for r in (r0, r1):
+        res = r[kind]
+        # merge_adapter / unmerge_adapter / merge_and_unload on the sharded model vs one process with the same adapter
+        assert res["merge_adapter_vs_twin"] == 0.0 and res["unmerge_adapter_vs_twin"] == 0.0
+        assert res["merge_vs_twin"] == 0.0 and res["merge_keys_equal"] and res["merge_zeros_kept"]
+        assert res["merged_still_sharded"]  # the merge wrote each rank's rows back; nothing was gathered for good
+        assert res["merge_vs_one_process"] < 1e-4 and res["merged_logits_vs_one_process"] < 1e-4
+        assert res["export_info"]["format"] == "merged" and res["export_info"]["sparsity"] == pytest.approx(0.5)
+    assert r0[kind]["export_info"] == r1[kind]["export_info"]  # rank 0's summary on every rank
+    # rank 0 wrote one stock checkpoint, reloaded with plain transformers: the single-process merge, bit for bit
+    res = r0[kind]
+    assert res["export_files"] == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert res["export_vs_twin"] == 0.0 and res["export_keys_equal"] and res["export_zeros_kept"]
+    assert res["export_vs_one_process"] < 1e-4
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".export")]  # no temp folder left behind
+    if kind == "sparse_lora":
+        assert res["export_info"]["2:4_valid_modules"] == res["export_info"]["modules"] == 14
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapters_on_an_already_sharded_base_are_refused(ranks, kind):
+    _, (r0, r1) = ranks
+    for r in (r0, r1):
+        for what in ("get_peft_model", "from_pretrained"):
+            msg = r[kind][f"sharded_base_{what}"]
+            assert msg.startswith(f"{kind}: the model's parameters are already sharded (fsdp2)")
+            assert "then fully_shard(block)" in msg
+
+
+# ----------------------------------------------------------------------------------- refusals in one process
+
+
+def _sparse_model(pruned):
+    return get_peft_model(pruned("2:4"), prune_peft.SparseLoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize(
+    ("mark", "setup"),
+    [("ds_numel", "DeepSpeed ZeRO-3"), ("_is_flat_param", "FSDP1 (FullyShardedDataParallel)")],
+)
+def test_prune_callback_refuses_fsdp1_and_zero3_before_training(pruned, mark, setup):
+    model = _sparse_model(pruned)
+    setattr(next(model.parameters()), mark, 123 if mark == "ds_numel" else True)  # what these wrappers leave
+    cb = PruneCallback()
+    with pytest.raises(
+        ValueError, match=re.escape(f"PruneCallback: SparseLoRA/SPP on {setup} is not supported")
+    ) as err:
+        cb.on_train_begin(None, SimpleNamespace(max_steps=4, global_step=0), None, model=model)
+    assert "FSDP2 (torch.distributed.fsdp.fully_shard" in str(err.value) and "DDP" in str(err.value)
+
+
+def test_unsharded_model_passes_the_layout_check(pruned):
+    model = _sparse_model(pruned)
+    check_sharded_layout(model, owner="test")  # no sharding: nothing to refuse
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    cb = PruneCallback()
+    cb.on_train_begin(None, SimpleNamespace(max_steps=4, global_step=0), None, model=model)
+    assert [d.key for d in cb.drivers] == ["sparse-adapter:default"]
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
