@@ -1,0 +1,142 @@
+"""Worker for test_fsdp2.py: run under `torch.distributed.run --nproc_per_node 2` (gloo, CPU).
+
+Each rank trains a tiny LoRAPrune Llama sharded with torch's ``fully_shard`` (FSDP2; every decoder block, then the
+root, after ``get_peft_model``) in a plain loop — ``loss.backward(); update_and_allocate(step); opt.step()`` — on its
+half of every global batch, pruning at every step. It writes ``<out>/rank<r>.pt``: masks and importance after every
+step, the whole adapter weights at the end, the same after a resume from a full state dict taken mid-run, and the
+messages of the setups that must be refused. ``loop`` and ``snapshot`` are shared with the single-process reference.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "callbacks"))
+
+import torch
+from prune_testlib import collate, loraprune_model, token_rows
+
+from prune_peft import _dist
+
+STEPS, PER_RANK, WORLD, RESUME_AT = 6, 2, 2, 3
+CFG = dict(target_sparsity=0.5, prune_every=1, warmup=0.0)
+
+
+def batches(rank: int = 0, world: int = 1) -> list[dict]:
+    """Step t's global batch is rows [t·4, (t+1)·4) of one fixed set; rank r of ``world`` takes its share."""
+    rows = token_rows(STEPS * PER_RANK * WORLD, seed=3)
+    per = PER_RANK * WORLD // world
+    out = []
+    for t in range(STEPS):
+        step_rows = rows[t * PER_RANK * WORLD : (t + 1) * PER_RANK * WORLD]
+        out.append(collate(step_rows[rank * per : (rank + 1) * per]))
+    return out
+
+
+def optimizer(model):
+    return torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=1e-3)
+
+
+def snapshot(model) -> dict:
+    """Masks, the pruner's (full, replicated) state and the whole adapter weights, on CPU."""
+    masks = {f"{i}.{k}": v.clone() for i, m in model.base_model.get_masks().items() for k, v in m.items()}
+    state = model.base_model.pruner().state_dict()
+    adapter = {n: _dist.full(p.detach()).clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {"masks": masks, "importance": state["importance"], "last_step": state["last_step"],
+            "level": state["level"], "adapter": adapter}  # fmt: skip
+
+
+def loop(model, opt, data, steps: range) -> list[dict]:
+    """The plain loop of the issue; a snapshot after every step."""
+    records = []
+    model.train()
+    for step in steps:
+        model(**data[step]).loss.backward()
+        model.base_model.update_and_allocate(step)  # scores the gradients present now; prunes on the schedule
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        records.append(snapshot(model))
+    return records
+
+
+def shard(model) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.base_model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def sharded_model():
+    model = loraprune_model(**CFG)
+    shard(model)
+    model.base_model.prepare_pruning(total_steps=STEPS)
+    return model
+
+
+def refusals() -> dict[str, str]:
+    """Setups LoRAPrune cannot serve under FSDP2: each must raise ValueError before any work."""
+    from peft import get_peft_model
+    from torch.distributed.fsdp import fully_shard
+
+    from prune_peft import LoRAPruneConfig
+    from prune_peft.testing import tiny_causal_lm
+
+    out = {}
+    base = tiny_causal_lm(seed=0, num_hidden_layers=3)
+    for block in base.model.layers:
+        fully_shard(block)
+    fully_shard(base)
+    try:
+        get_peft_model(base, LoRAPruneConfig(r=4, target_sparsity=0.5, exclude_layers=[0]))
+        out["shard_then_peft"] = "no error"
+    except ValueError as exc:
+        out["shard_then_peft"] = str(exc)
+    for name, cfg in (("unstructured", dict(structure="unstructured")), ("grad", dict(importance="grad"))):
+        model = loraprune_model(**{**CFG, **cfg})
+        shard(model)
+        try:
+            model.base_model.prepare_pruning(total_steps=STEPS)
+            out[name] = "no error"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    assert world == WORLD
+    data = batches(rank, world)
+    result: dict = {"world_size": world}
+
+    model = sharded_model()
+    assert _dist.is_sharded(model.base_model.model.model.layers[1].self_attn.q_proj.base_layer.weight)
+    result["records"] = loop(model, optimizer(model), data, range(STEPS))
+
+    # resume: a fresh sharded model and optimizer restored from full state dicts taken after RESUME_AT steps
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    first = sharded_model()
+    opt = optimizer(first)
+    loop(first, opt, data, range(RESUME_AT))
+    options = StateDictOptions(full_state_dict=True)
+    model_sd, optim_sd = get_state_dict(first, opt, options=options)
+    result["own_state_at_resume"] = first.base_model.pruner().state_dict()  # equal on every rank (replicated)
+    pruner_state = [result["own_state_at_resume"]]
+    torch.distributed.broadcast_object_list(pruner_state, src=0)  # the state rank 0 would have written
+    del first, opt
+    second = sharded_model()
+    opt = optimizer(second)
+    set_state_dict(second, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    second.base_model.pruner().load_state_dict(pruner_state[0])
+    result["resumed"] = loop(second, opt, data, range(RESUME_AT, STEPS))
+
+    result["refusals"] = refusals()
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,99 @@
+"""LoRAPrune under FSDP2 (torch's fully_shard) on 2 CPU ranks equals the same plain loop in one process.
+
+The worker (fsdp2_worker.py) shards every decoder block and the root after get_peft_model, trains with
+``loss.backward(); update_and_allocate(step); opt.step()`` and prunes at every step. The base weights stay row shards
+throughout: each rank scores its rows, gathers only A and ∂L/∂A, and one all-reduce per step sums the score vectors.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "callbacks"))
+from ddp_testlib import run_two_ranks  # noqa: E402
+
+# loaded by path under its own name: tests/callbacks has another fsdp2_worker.py
+_spec = importlib.util.spec_from_file_location("loraprune_fsdp2_worker", HERE / "fsdp2_worker.py")
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+# gradients are averaged by FSDP2's reduce-scatter and column scores summed over ranks, so the importance and the
+# adapter weights equal the single-process values to float32 rounding of those reductions; the masks exactly
+IMPORTANCE_RTOL = 1e-5
+ADAPTER_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    run_two_ranks(HERE / "fsdp2_worker.py", out, timeout=240)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    model = worker.loraprune_model(**worker.CFG)
+    model.base_model.prepare_pruning(total_steps=worker.STEPS)
+    return worker.loop(model, worker.optimizer(model), worker.batches(), range(worker.STEPS))
+
+
+@pytest.mark.distributed
+def test_fsdp2_masks_and_importance_equal_the_single_process_run(ranks, single):
+    assert all(r["world_size"] == 2 for r in ranks)
+    pruned = []
+    for step, (a, b, ref) in enumerate(zip(ranks[0]["records"], ranks[1]["records"], single)):
+        assert a["masks"].keys() == ref["masks"].keys() == {"1.units", "1.channels", "2.units", "2.channels"}
+        for key, mask in ref["masks"].items():
+            assert torch.equal(a["masks"][key], mask) and torch.equal(b["masks"][key], mask), (step, key)
+        assert a["importance"].keys() == ref["importance"].keys() == {"u1", "c1", "u2", "c2"}
+        for key, value in ref["importance"].items():
+            assert torch.equal(a["importance"][key], b["importance"][key]), (step, key)  # replicated bitwise
+            torch.testing.assert_close(a["importance"][key], value, rtol=IMPORTANCE_RTOL, atol=0)
+        assert (a["last_step"], a["level"]) == (b["last_step"], b["level"]) == (ref["last_step"], ref["level"])
+        pruned.append(sum(int((~m).sum()) for m in ref["masks"].values()))
+    assert pruned[0] > 0 and pruned[-1] > pruned[0]  # pruning happened, and progressed, inside the compared run
+    for key, value in single[-1]["adapter"].items():
+        for r in ranks:
+            torch.testing.assert_close(r["records"][-1]["adapter"][key], value, rtol=0, atol=ADAPTER_ATOL)
+
+
+@pytest.mark.distributed
+def test_fsdp2_resume_from_full_state_dicts_equals_the_uninterrupted_run(ranks):
+    for r in ranks:
+        assert len(r["resumed"]) == worker.STEPS - worker.RESUME_AT
+        for got, want in zip(r["resumed"], r["records"][worker.RESUME_AT :]):
+            for part in ("masks", "importance", "adapter"):
+                assert got[part].keys() == want[part].keys()
+                assert all(torch.equal(got[part][k], want[part][k]) for k in want[part]), part
+    own = [r["own_state_at_resume"] for r in ranks]  # each rank's pruner state_dict: full and replicated
+    assert own[0]["importance"].keys() == own[1]["importance"].keys() and own[0]["importance"]
+    assert all(torch.equal(own[0]["importance"][k], own[1]["importance"][k]) for k in own[0]["importance"])
+    assert (own[0]["last_step"], own[0]["level"]) == (own[1]["last_step"], own[1]["level"])
+    assert own[0]["last_step"] == worker.RESUME_AT and own[0]["level"] > 0
+
+
+@pytest.mark.distributed
+def test_fsdp2_unservable_setups_are_refused_with_the_supported_one(ranks):
+    for r in ranks:
+        msgs = r["refusals"]
+        assert "already sharded by FSDP2" in msgs["shard_then_peft"] and "get_peft_model" in msgs["shard_then_peft"]
+        assert "element-wise masks" in msgs["unstructured"] and "supported:" in msgs["unstructured"]
+        assert "importance='grad'" in msgs["grad"] and "supported:" in msgs["grad"]
+
+
+def test_zero3_and_fsdp1_parameters_are_refused_before_any_work():
+    model = worker.loraprune_model(**worker.CFG)
+    param = next(p for n, p in model.named_parameters() if "q_proj.base_layer" in n)
+    param.ds_numel = param.numel()  # what DeepSpeed ZeRO-3 puts on its partitioned parameters
+    with pytest.raises(ValueError, match=r"ZeRO-3.*supported: DDP"):
+        model.base_model.prepare_pruning(total_steps=worker.STEPS)
+    del param.ds_numel
+    param._is_flat_param = True  # FSDP1's FlatParameter marker
+    with pytest.raises(ValueError, match=r"FSDP1.*supported: DDP"):
+        model.base_model.prepare_pruning(total_steps=worker.STEPS)
+    del param._is_flat_param
+    model.base_model.prepare_pruning(total_steps=worker.STEPS)  # unsharded: accepted
