@@ -266,7 +266,7 @@ class LoRAPruner:
         A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
         mode = self.settings["importance"]
         missing = (A.grad is None or B.grad is None) if mode == "lora" else mode == "grad" and W.grad is None
-        return None if missing else (dense_weight(W), A, B, s, mode)
+        return None if missing else (layer.dense_base_weight(), A, B, s, mode)  # bnb: transient de-quantized
 
     def _base_grad(self, layer) -> torch.Tensor:
         return layer.get_base_layer().weight.grad
