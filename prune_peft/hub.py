@@ -233,7 +233,11 @@ def stock_reload(path: str | os.PathLike, input_ids: torch.Tensor | None = None,
 
     Returns ``{"params": int, "logits": float32 tensor or None}`` (logits of ``input_ids`` when given).
     RuntimeError with the child's last lines when the stock loader fails, or when prune_peft got imported.
+    ValueError for a prune_peft adapter folder whose ``peft_type`` was edited (transformers would load it as plain LoRA).
     """
+    from .tuners._registry import refuse_retyped_adapter
+
+    refuse_retyped_adapter(path)
     with tempfile.TemporaryDirectory() as tmp:
         ids_path = logits_path = ""
         if input_ids is not None:

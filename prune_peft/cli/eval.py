@@ -72,6 +72,9 @@ def load_any(spec: str, base: str | None = None):
 
         import prune_peft  # noqa: F401  (registers the adapter types with peft)
 
+        from ..tuners._registry import refuse_retyped_adapter
+
+        refuse_retyped_adapter(spec)  # a prune_peft adapter whose peft_type was edited, before the base loads
         with open(adapter_cfg, encoding="utf-8") as f:
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:

@@ -29,7 +29,7 @@ from torch import nn
 from .._dist import all_reduce_sum, counts_once, gathered_call, is_sharded, local, local_rows, sharding_kind
 from ..sparsity.masks import describe_pattern, mask_mismatch
 from ._buffers import AdapterBuffers, PackedMasks
-from ._registry import current_injection, injecting, layer_takes_config
+from ._registry import current_injection, injecting, is_retype_guard, layer_takes_config, retype_guard
 
 __all__ = [
     "SparseAdapterLayer",
@@ -906,9 +906,9 @@ class SparseConfigMixin:
     adapter never lands on a base with other zeros and a tampered mask is refused. ``from_pretrained`` remembers a
     local source folder so the tuner can read and check the weights file before injecting.
 
-    Not covered (stock peft, no extension point): a config edited to ``"peft_type": "LORA"`` is built by peft as a
-    plain ``LoraConfig`` (peft warns that ``sparse_digests`` and the other fields are unknown and drops them) and
-    loads as plain LoRA; nothing of prune_peft runs on that path.
+    A config edited to ``"peft_type": "LORA"`` is refused by stock peft: :meth:`to_dict` writes the
+    :func:`~prune_peft.tuners._registry.retype_guard` marker into ``target_parameters``, a string ``LoraConfig``
+    rejects (``TypeError``) before anything is injected; :meth:`__post_init__` turns it back into ``None`` here.
     """
 
     sparse_digests: dict | None = field(
@@ -919,11 +919,18 @@ class SparseConfigMixin:
         },
     )
 
+    def __post_init__(self) -> None:
+        if is_retype_guard(getattr(self, "target_parameters", None)):  # written by to_dict: no parameter targets
+            self.target_parameters = None
+        super().__post_init__()
+
     def to_dict(self) -> dict:
         out = super().to_dict()
         digests = getattr(self, "_pp_digests", None)
         if digests:  # the injected adapter's own digests win over those the config was loaded with
             out["sparse_digests"] = digests
+        if "target_parameters" in out and out["target_parameters"] is None:  # stock LoraConfig refuses the file
+            out["target_parameters"] = retype_guard(self.peft_type)
         return out
 
     @classmethod

@@ -4,7 +4,8 @@ peft's ``register_peft_method`` only accepts names that are already members of i
 member is added at runtime first (the one hack; guarded so re-imports and reloads are no-ops). Everything else goes
 through peft's public registration path, which fills ``PEFT_TYPE_TO_CONFIG/TUNER/PREFIX_MAPPING``.
 
-Also here: the few version switches the adapter layers need (layer constructor signature, state-dict selection).
+Also here: the few version switches the adapter layers need (layer constructor signature, state-dict selection), and
+the refusal of adapter folders whose ``peft_type`` was edited to a stock type (:func:`retyped_adapter_problem`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from contextlib import contextmanager
 
 from peft.utils import PeftType
 
-__all__ = ["current_injection", "ensure_peft_type", "injecting", "register_adapter_type"]
+__all__ = [
+    "current_injection",
+    "ensure_peft_type",
+    "injecting",
+    "is_retype_guard",
+    "refuse_retyped_adapter",
+    "register_adapter_type",
+    "retype_guard",
+    "retyped_adapter_problem",
+]
 
 
 def ensure_peft_type(name: str) -> PeftType:
@@ -130,3 +140,117 @@ def _install_state_dict_shim() -> None:
     for module in (sl, peft, peft.utils, peft.peft_model):
         if getattr(module, "get_peft_model_state_dict", None) is original:
             module.get_peft_model_state_dict = get_peft_model_state_dict
+
+
+# ------------------------------------------------------------------------------------------ retyped adapter folders
+
+RETYPE_GUARD_PREFIX = "prune_peft:"
+
+# tensors only prune_peft's adapter layers save (per module: ``base_model.model.<module>.<name>``)
+_WEIGHT_MARKERS = {
+    "lora_sparse_mask": "SPARSE_LORA or SPP",
+    "lora_sparse_nnz": "SPARSE_LORA or SPP",
+    "lora_prune_mask": "LORAPRUNE",
+    "lora_prune_emask": "LORAPRUNE",
+}
+
+
+def retype_guard(peft_type) -> str:
+    """The ``target_parameters`` value our sparse adapter configs write into ``adapter_config.json``.
+
+    A hostile or careless edit of ``"peft_type"`` to ``"LORA"`` would make stock peft build a plain ``LoraConfig``
+    (dropping our fields with one warning) and load the factors as plain LoRA: a dense update, and a merge that fills
+    every zero of the pruned base. ``target_parameters`` is a field ``LoraConfig`` (and every config derived from it)
+    knows, and it refuses a string there (``TypeError`` in ``LoraConfig.__post_init__``, peft 0.17.1 - 0.21.2; peft's
+    config loader re-raises every ``TypeError`` that is not about unknown keys). Our configs turn the marker back into
+    ``None`` before peft's own checks run, so the field keeps its meaning (no parameter targets) for them.
+    """
+    name = getattr(peft_type, "value", peft_type)
+    return (
+        f'{RETYPE_GUARD_PREFIX} this is a {name} adapter. Keep "peft_type": "{name}" and import prune_peft before '
+        "loading; as plain LoRA its masks would be dropped and a merge would fill the zeros of the pruned base"
+    )
+
+
+def is_retype_guard(value) -> bool:
+    """Whether ``value`` is a :func:`retype_guard` marker."""
+    return isinstance(value, str) and value.startswith(RETYPE_GUARD_PREFIX)
+
+
+def _config_fields(cls) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def _weight_names(folder: str) -> set[str]:
+    """The last component of every tensor name in ``adapter_model.safetensors`` (header only; empty if unreadable)."""
+    import os
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return set()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return {k.rsplit(".", 1)[-1] for k in f.keys()}
+    except Exception:  # a broken file is the loader's to report (it names the file)
+        return set()
+
+
+def retyped_adapter_problem(folder) -> str | None:
+    """Why ``folder`` holds a prune_peft adapter whose ``adapter_config.json`` names another peft type (None if not).
+
+    Evidence, any of: the :func:`retype_guard` marker in ``target_parameters``; config fields only prune_peft's
+    adapter configs have (``sparse_digests``, ``structure``, ...); mask tensors only prune_peft's layers save.
+    """
+    import json
+    import os
+
+    from peft import LoraConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    path = os.path.join(os.fspath(folder), "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None  # no (readable) config: the loader's error names it
+    if not isinstance(cfg, dict):
+        return None
+    declared = cfg.get("peft_type")
+    ours = {t.value: c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if c.__module__.startswith("prune_peft.")}
+    if declared in ours:
+        return None
+    stock = next((c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if t.value == declared), LoraConfig)
+    evidence, origin = [], None
+    guard = cfg.get("target_parameters")
+    if is_retype_guard(guard):
+        origin = next((name for name in ours if f" a {name} adapter" in guard), None)
+        evidence.append("its target_parameters holds prune_peft's marker")
+    hits = {name: sorted((_config_fields(c) - _config_fields(stock)) & cfg.keys()) for name, c in ours.items()}
+    best = max(hits, key=lambda name: len(hits[name]), default=None)
+    if best is not None and hits[best]:
+        origin = origin or best
+        evidence.append(f"it has {best} config fields {', '.join(hits[best][:4])}")
+    tensors = sorted(_weight_names(os.fspath(folder)) & _WEIGHT_MARKERS.keys())
+    if tensors:
+        origin = origin or _WEIGHT_MARKERS[tensors[0]]
+        evidence.append(f"adapter_model.safetensors holds {', '.join(tensors)} tensors")
+    if not evidence:
+        return None
+    return (
+        f'adapter folder {os.fspath(folder)}: adapter_config.json says "peft_type": {declared!r}, but prune_peft wrote '
+        f"it as a {origin} adapter ({'; '.join(evidence)}). Loaded as {declared} its masks would be dropped (a dense "
+        "update; a merge fills every zero of the pruned base). "
+        + (f'Restore "peft_type": "{origin}"' if " " not in origin else f'Restore its "peft_type" ({origin})')
+        + " in adapter_config.json"
+    )
+
+
+def refuse_retyped_adapter(folder) -> None:
+    """ValueError (:func:`retyped_adapter_problem`) for a prune_peft adapter folder whose peft type was edited."""
+    problem = retyped_adapter_problem(folder)
+    if problem:
+        raise ValueError(problem)
