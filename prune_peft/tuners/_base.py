@@ -63,11 +63,18 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         state = weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes repacks the weight in place for its CPU (AVX512-BF16) kernel on the first no-grad eval
-            # forward; dequantize_4bit does not read that layout. Undo it on a copy of the state (the inverse
-            # rewrites the state it is given) and leave the module as it is.
+            # forward; dequantize_4bit does not read that layout. Undo the code layout on a copy of the state (the
+            # inverse rewrites the state it is given) and leave the module as it is. The repack stores absmax
+            # de-nested as bf16 [in/blocksize, out]; the inverse leaves it transposed (wrong blocks once
+            # in_features > blocksize) or re-quantizes it, so it is put back in block order here: the values the
+            # CPU kernel multiplies with.
             import copy
 
-            data, state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))
+            state = copy.deepcopy(state)
+            absmax = state.absmax.T.reshape(-1).float()
+            state.original_nested = False
+            data, state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, state)
+            state.absmax = absmax
             return bnbF.dequantize_4bit(data, state)
         return bnbF.dequantize_4bit(weight.data, state)
     scb = getattr(weight, "SCB", None)
