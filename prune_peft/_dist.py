@@ -20,6 +20,7 @@ __all__ = [
     "is_sharded",
     "local",
     "local_rows",
+    "refuse_sharded_bnb",
     "refuse_zero3",
     "rowwise",
     "sharding_kind",
@@ -208,4 +209,34 @@ def refuse_zero3(model: nn.Module, owner: str) -> None:
             "more have ds_numel/ds_id); ZeRO-3 is not supported (DeepSpeed is not tested with prune_peft). Train "
             "with DDP, ZeRO stage 1/2, or FSDP2 (torch fully_shard / accelerate fsdp_version: 2) where the method "
             "supports it; see docs/distributed.md"
+        )
+
+
+def _bnb_layer(module: nn.Module) -> str | None:
+    """``"Linear4bit"`` / ``"Linear8bitLt"`` when ``module`` is (or derives from) a bitsandbytes quantized linear."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear4bit", "Linear8bitLt"):
+            return cls.__name__
+    return None
+
+
+def refuse_sharded_bnb(model: nn.Module, owner: str) -> None:
+    """ValueError when ``model`` is FSDP2-sharded and has bitsandbytes 4-bit/8-bit layers (QLoRA-FSDP).
+
+    bitsandbytes keeps the quantization state on the weight *Parameter object* (``Params4bit.quant_state``,
+    ``Int8Params.CB``/``SCB``); FSDP2 replaces it with a plain parameter at every all-gather. With bitsandbytes 0.50
+    on CPU a 4-bit layer then re-attaches the state by re-assigning ``module.weight`` inside its forward
+    (``fix_4bit_weight_quant_state_from_module``) and the results go wrong silently (the loss of a fixed batch
+    changes after one forward/backward with no update), and an 8-bit layer fails (``'Parameter' object has no
+    attribute 'CB'``); measured by tests/callbacks/test_fsdp2_qtuning_sste.py."""
+    if sharding_kind(model) != "fsdp2":
+        return
+    found = next(((n, k) for n, m in model.named_modules() if (k := _bnb_layer(m))), None)
+    if found:
+        raise ValueError(
+            f"{owner}: bitsandbytes {found[1]} layers ({found[0]!r}) in an FSDP2-sharded model are not supported: "
+            "bitsandbytes keeps the quantization state on the weight Parameter object, which FSDP2 replaces at every "
+            "all-gather (with bitsandbytes 0.50 on CPU, 4-bit results go wrong silently and 8-bit layers fail). "
+            "Train a quantized base with DDP or on one device, or shard an unquantized (bf16/fp32) base; see "
+            "docs/distributed.md"
         )

@@ -46,6 +46,7 @@ from typing import Any
 from torch import nn
 from transformers.trainer_callback import ExportableState
 
+from .._dist import refuse_sharded_bnb
 from ..sparsity.schedules import SCHEDULE_KEYS, check_schedule_values
 from ._trainer import MetricsCallback
 from .drivers import DRIVERS, LoRAPruneDriver, MagnitudeDriver, PruneDriver, SparseAdapterDriver, register_driver
@@ -121,6 +122,7 @@ class PruneCallback(MetricsCallback, ExportableState):
             raise RuntimeError("PruneCallback needs the model in on_train_begin (transformers Trainer passes it)")
         self.drivers = self._discover(model)
         self._refuse_sharded(model)
+        refuse_sharded_bnb(model, "PruneCallback")  # QLoRA-FSDP: see prune_peft._dist.refuse_sharded_bnb
         self._args, self._state = args, state  # state() writes the side file into the checkpoint being saved
         for driver in self.drivers:
             driver.setup(model, args, state)

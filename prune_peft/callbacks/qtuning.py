@@ -24,7 +24,8 @@ A ``QTuningCallback`` in a Trainer without the mixin raises a ``ValueError`` at 
 Distributed (docs/distributed.md): every rank scores its own samples; the per-sample statistics of all ranks are
 all-gathered, so the quantile thresholds and the keep decisions are those of one process seeing the whole step's batch
 (DDP and FSDP2 alike). Under FSDP2 the two-pass scoring forward runs through the sharded root model (FSDP2 gathers the
-embedding and LM head only in the root's forward) under ``no_grad``. DeepSpeed ZeRO-3 is refused.
+embedding and LM head only in the root's forward) under ``no_grad``. DeepSpeed ZeRO-3 and bitsandbytes layers in an
+FSDP2 model are refused (:func:`prune_peft._dist.refuse_sharded_bnb` says why).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import Trainer
 
-from .._dist import refuse_zero3, sharding_kind
+from .._dist import refuse_sharded_bnb, refuse_zero3, sharding_kind
 from ..sparsity.qtuning import (
     IGNORE_INDEX,
     QUADRANT_NAMES,
@@ -379,6 +380,7 @@ class QTuningCallback(MetricsCallback):
     def _validate(self, trainer: Trainer) -> None:
         cfg, args = self.config, trainer.args
         refuse_zero3(trainer.model, "QTuningCallback")
+        refuse_sharded_bnb(trainer.model, "QTuningCallback")
         teacher = getattr(trainer.compute_loss_func, "teacher", None)
         if cfg.mode == "two_pass" and isinstance(teacher, torch.nn.Module) and sharding_kind(teacher) == "fsdp2":
             raise ValueError(
@@ -440,6 +442,7 @@ class QTuningCallback(MetricsCallback):
             raise ValueError(_NEEDS_MIXIN)
         if kwargs.get("model") is not None:  # the model as wrapped by accelerate (DeepSpeed init happens in train())
             refuse_zero3(kwargs["model"], "QTuningCallback")
+            refuse_sharded_bnb(kwargs["model"], "QTuningCallback")
         self._acc = {}
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -19,7 +19,8 @@ Sharded training (docs/distributed.md): with FSDP2 (``fully_shard``) call :func:
 FSDP2 registers each parameter with the module that holds it, so a layer swapped in afterwards would never see its
 unsharded weight (refused with a ValueError naming the fix). β is then computed from the whole weight, the forward
 runs on FSDP2's unsharded weight, and mask-flip statistics and :func:`finalize_sste` work on each rank's local rows
-(2:4 groups lie along the unsharded input dim). DeepSpeed ZeRO-3 is refused.
+(2:4 groups lie along the unsharded input dim). DeepSpeed ZeRO-3, and bitsandbytes layers in an FSDP2 model, are
+refused.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from transformers.trainer_callback import ExportableState
 
-from .._dist import refuse_zero3, sharding_kind
+from .._dist import refuse_sharded_bnb, refuse_zero3, sharding_kind
 from ..sparsity.sste import MaskFlipTracker, SSTELinear
 from ._trainer import MetricsCallback
 from .prune import PruneDriver, register_driver
@@ -186,6 +187,7 @@ class SSTECallback(MetricsCallback, ExportableState):
     def prepare(self, model: nn.Module) -> list[str]:
         """Replace the layers (if not done yet) and record the initial masks."""
         refuse_zero3(model, "SSTECallback")
+        refuse_sharded_bnb(model, "SSTECallback")
         self._model = model
         names = list(sste_layers(model)) or apply_sste(model, self.modules)
         if self.track_flips:
@@ -274,6 +276,7 @@ class SSTEDriver(PruneDriver):
         from ..pruning.oneshot import target_linears
 
         refuse_zero3(model, "PruneCallback(method='s-ste')")
+        refuse_sharded_bnb(model, "PruneCallback(method='s-ste')")
         names = set(target_linears(model, include=self.include, exclude=self.exclude))
         if any(type(m) is nn.Linear for n, m in model.named_modules() if n in names):
             apply_sste(model, lambda n: n in names)

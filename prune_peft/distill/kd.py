@@ -23,7 +23,8 @@ on it)::
 
 Sharded teacher (docs/distributed.md): a teacher sharded with FSDP2 (``fully_shard`` per block and at the root) works
 as is — its root forward gathers the shards, each rank scores its own rows, and every rank calls the teacher once per
-micro-batch (the all-gathers line up). DeepSpeed ZeRO-3 students or teachers are refused.
+micro-batch (the all-gathers line up). DeepSpeed ZeRO-3 students or teachers, and FSDP2-sharded models with
+bitsandbytes layers, are refused.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dist import refuse_zero3
+from .._dist import refuse_sharded_bnb, refuse_zero3
 from .._hf import find_decoder_blocks
 
 __all__ = ["LogitDistillation", "TeacherTopK", "causal_ce", "kd_loss", "precompute_teacher_topk"]
@@ -236,8 +237,10 @@ class LogitDistillation:
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
         refuse_zero3(student, "LogitDistillation (student)")
+        refuse_sharded_bnb(student, "LogitDistillation (student)")
         if teacher is not None:
             refuse_zero3(teacher, "LogitDistillation (teacher)")
+            refuse_sharded_bnb(teacher, "LogitDistillation (teacher)")
         blocks_name, _ = find_decoder_blocks(student)
         decoder = student.get_submodule(blocks_name.rpartition(".")[0])
         self.teacher, self.topk = teacher, topk
