@@ -25,6 +25,17 @@ class PruneOptions:
         default=None, metadata={"help": "Fraction of weights removed, in [0, 1); implied by --pattern N:M."}
     )
     pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' (N kept of every M)."})
+    sparsity_profile: Literal["uniform", "owl"] = field(
+        default="uniform",
+        metadata={
+            "help": "Layer sparsities: 'uniform', or 'owl' (outlier-weighed layerwise sparsity, Yin et al. 2023; "
+            "wanda/sparsegpt, unstructured; the mean sparsity stays --sparsity)."
+        },
+    )
+    owl_m: float = field(default=5.0, metadata={"help": "OWL's outlier threshold multiplier M (paper: 5)."})
+    owl_lambda: float = field(
+        default=0.08, metadata={"help": "OWL's λ: layer sparsities span a band of width 2λ (paper: 0.08)."}
+    )
     calibration: str = field(
         default="shakespeare", metadata={"help": "Calibration text: 'shakespeare', a .txt file, or a saved dataset."}
     )
@@ -75,7 +86,9 @@ def run(opts: PruneOptions) -> int:
     from ..pruning.oneshot import check_prune_args
 
     # bad input fails before the model loads
-    check_prune_args(opts.method, opts.sparsity, opts.pattern)
+    check_prune_args(
+        opts.method, opts.sparsity, opts.pattern, None, opts.sparsity_profile, opts.owl_m, opts.owl_lambda
+    )
     if opts.out is None:
         raise UsageError("--out is required (the folder the pruned model is saved to)")
     check_output_dir(opts.out, overwrite=opts.overwrite, name="--out")
@@ -118,6 +131,9 @@ def run(opts: PruneOptions) -> int:
         seqlen=opts.seqlen,
         include=opts.include,
         exclude=opts.exclude,
+        sparsity_profile=opts.sparsity_profile,
+        owl_m=opts.owl_m,
+        owl_lambda=opts.owl_lambda,
     )
     if opts.eval_windows:
         result["ppl_pruned"] = perplexity(model, tok, heldout, seqlen=opts.eval_seqlen, max_windows=opts.eval_windows)

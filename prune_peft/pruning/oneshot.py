@@ -34,10 +34,13 @@ from ..sparsity import (
     validate_sparsity,
     wanda_scores,
 )
+from ..sparsity.owl import OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_owl_args, layer_outlier_ratio, owl_layer_sparsities
 
-__all__ = ["METHODS", "PruneReport", "check_prune_args", "prune", "target_linears"]
+__all__ = ["METHODS", "SPARSITY_PROFILES", "PruneReport", "check_prune_args", "prune", "target_linears"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+SPARSITY_PROFILES = ("uniform", "owl")
+OWL_METHODS = ("wanda", "sparsegpt")
 SCOPES = {"magnitude": ("layer", "row", "global"), "wanda": ("row", "layer"), "sparsegpt": ("block",)}
 DEFAULT_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": "block"}
 
@@ -52,6 +55,9 @@ class PruneReport:
     calibration_samples: int = 0
     calibration_seqlen: int = 0
     modules: dict[str, dict] = field(default_factory=dict)
+    sparsity_profile: str = "uniform"
+    # OWL only: per decoder layer (block name) its outlier ratio and target sparsity, and the hyperparameters
+    owl: dict | None = None
 
     @property
     def sparsity(self) -> float:
@@ -217,11 +223,33 @@ def _module_stats(weight: torch.Tensor, pattern: NMPattern | None) -> dict:
     return d
 
 
-def check_prune_args(method: str, sparsity: float | None, pattern: str | None, scope: str | None = None):
-    """Validate the method/sparsity/pattern/scope combination; returns ``(sparsity, NMPattern | None, scope)``."""
+def check_prune_args(
+    method: str,
+    sparsity: float | None,
+    pattern: str | None,
+    scope: str | None = None,
+    sparsity_profile: str = "uniform",
+    owl_m: float = OWL_DEFAULT_M,
+    owl_lambda: float = OWL_DEFAULT_LAMBDA,
+):
+    """Validate the method/sparsity/pattern/scope/profile combination; returns ``(sparsity, NMPattern | None,
+    scope)``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if sparsity_profile not in SPARSITY_PROFILES:
+        raise ValueError(f"sparsity_profile must be one of {list(SPARSITY_PROFILES)}, got {sparsity_profile!r}")
     nm = parse_pattern(pattern)
+    if sparsity_profile == "owl":
+        if method not in OWL_METHODS:
+            raise ValueError(
+                f"sparsity_profile='owl' needs method in {list(OWL_METHODS)} (its outlier ratio uses calibration "
+                f"activations), got method={method!r}"
+            )
+        if nm is not None:
+            raise ValueError(
+                f"sparsity_profile='owl' varies the sparsity per layer, which an N:M pattern fixes: got "
+                f"pattern='{nm}'; use pattern='unstructured' (or None) with OWL, or sparsity_profile='uniform'"
+            )
     if nm is not None:
         if sparsity is not None and abs(validate_sparsity(sparsity) - nm.sparsity) > 1e-9:
             raise ValueError(
@@ -236,6 +264,8 @@ def check_prune_args(method: str, sparsity: float | None, pattern: str | None, s
     scope = scope or DEFAULT_SCOPE[method]
     if scope not in SCOPES[method]:
         raise ValueError(f"scope for method={method!r} must be one of {list(SCOPES[method])}, got {scope!r}")
+    if sparsity_profile == "owl":
+        check_owl_args(sparsity, owl_m, owl_lambda)
     return sparsity, nm, scope
 
 
@@ -259,6 +289,9 @@ def prune(
     seed: int = 0,
     text_column: str = "text",
     progress: bool = True,
+    sparsity_profile: str = "uniform",
+    owl_m: float = OWL_DEFAULT_M,
+    owl_lambda: float = OWL_DEFAULT_LAMBDA,
 ) -> PruneReport:
     """Prune ``model`` in place and return a :class:`PruneReport`.
 
@@ -281,13 +314,21 @@ def prune(
             blocks (embeddings and ``lm_head`` are never touched unless included, magnitude only).
         scope: comparison group for unstructured masks — magnitude: ``"layer"`` (default), ``"row"``,
             ``"global"``; Wanda: ``"row"`` (default) or ``"layer"``.
+        sparsity_profile: ``"uniform"`` (default: every layer at ``sparsity``) or ``"owl"`` (Wanda and SparseGPT,
+            unstructured only): OWL's outlier-weighed layerwise sparsity (Yin et al., 2023, arXiv 2310.05175). A
+            first pass over the *dense* model measures each decoder layer's outlier ratio (the fraction of its Wanda
+            scores above ``owl_m`` × their mean); layers with more outliers get lower sparsity, within a band of
+            width 2·``owl_lambda`` around ``sparsity``, and the parameter-weighted mean of the layer sparsities is
+            ``sparsity`` exactly (see :mod:`prune_peft.sparsity.owl`). Costs one extra forward pass per block.
+        owl_m, owl_lambda: OWL's M (default 5) and λ (default 0.08), the paper's values; λ must be below
+            min(sparsity, 1 − sparsity)/2.
 
     Example::
 
         report = prune(model, method="wanda", sparsity=0.5, pattern="2:4", calibration=texts, tokenizer=tok)
     """
     # ---- validate everything before a single weight changes ----
-    sparsity, nm, scope = check_prune_args(method, sparsity, pattern, scope)
+    sparsity, nm, scope = check_prune_args(method, sparsity, pattern, scope, sparsity_profile, owl_m, owl_lambda)
     for arg, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
@@ -320,13 +361,15 @@ def prune(
         _check_tokens(model, tokens, seqlen, isinstance(calibration, torch.Tensor))
 
     report = PruneReport(method, str(nm) if nm else "unstructured", sparsity, scope)
+    report.sparsity_profile = sparsity_profile
     start = time.perf_counter()
     if method == "magnitude":
         _prune_magnitude(targets, sparsity, nm, scope, report, progress)
     else:
         report.calibration_samples, report.calibration_seqlen = tokens.shape
+        owl = (owl_m, owl_lambda) if sparsity_profile == "owl" else None
         _prune_calibrated(
-            model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp, report, progress
+            model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp, report, progress, owl
         )
     report.seconds = time.perf_counter() - start
     return report
@@ -364,8 +407,73 @@ def _prune_magnitude(targets, sparsity, nm, scope, report, progress):
         report.modules[name] = _module_stats(mod.weight, nm)
 
 
+def _capture_inputs(model, blocks, tokens, batch_size, device):
+    """Inputs of block 0 for every calibration batch (embeddings only; the forward stops at block 0): the hidden
+    states in one list, the other call arguments (hidden states removed) in another."""
+    captured: list = []
+    with _capture_block_inputs(blocks[0], captured):
+        for i in range(0, tokens.shape[0], batch_size):
+            try:
+                model(input_ids=tokens[i : i + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    hidden = [_hidden(a, k) for a, k in captured]
+    return hidden, [_with_hidden(a, k, None) for a, k in captured]
+
+
+def _block_stats(block, layer_targets, hidden, captured, hessian: bool) -> dict[str, InputStats]:
+    """Run the block over every calibration batch with its target linears hooked; their input statistics."""
+    stats = {n: InputStats(m.in_features, hessian=hessian, device=m.weight.device) for n, m in layer_targets.items()}
+    handles = [
+        m.register_forward_hook(lambda _m, inp, _o, s=stats[n]: s.add(inp[0])) for n, m in layer_targets.items()
+    ]
+    try:
+        for h, (args, kwargs) in zip(hidden, captured):
+            _run_block(block, *_with_hidden(args, kwargs, h))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _advance(block, hidden, captured) -> None:
+    """The block's outputs become the next block's inputs, replaced in place so only one copy is alive."""
+    for i, (args, kwargs) in enumerate(captured):
+        hidden[i] = _run_block(block, *_with_hidden(args, kwargs, hidden[i]))
+    _release_freed_memory()
+
+
+def _owl_sparsities(model, blocks, blocks_name, targets, tokens, batch_size, device, sparsity, owl) -> dict:
+    """OWL's first pass over the dense model: each decoder layer's outlier ratio of its pooled Wanda scores, then
+    the per-layer sparsities (weighted by the layer's pruned parameters, so the model-wide fraction is exact)."""
+    owl_m, owl_lambda = owl
+    hidden, captured = _capture_inputs(model, blocks, tokens, batch_size, device)
+    ratios: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    for b, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{b}."
+        layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        if layer_targets:
+            stats = _block_stats(block, layer_targets, hidden, captured, hessian=False)
+            scores = [wanda_scores(m.weight, stats[n].sq_mean) for n, m in layer_targets.items()]
+            ratios[prefix[:-1]] = layer_outlier_ratio(scores, owl_m)
+            sizes[prefix[:-1]] = sum(m.weight.numel() for m in layer_targets.values())
+            del stats, scores
+        if b + 1 < len(blocks):
+            _advance(block, hidden, captured)
+    del hidden, captured
+    alloc = owl_layer_sparsities(list(ratios.values()), sparsity, owl_lambda, list(sizes.values()))
+    return {
+        "m": owl_m,
+        "lambda": owl_lambda,
+        "outlier_ratio": ratios,
+        "layer_sparsity": dict(zip(ratios, alloc)),
+        "layer_params": sizes,
+    }
+
+
 def _prune_calibrated(
-    model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp, report, progress
+    model, method, targets, tokens, sparsity, nm, scope, batch_size, blocksize, percdamp, report, progress, owl=None
 ):
     from tqdm.auto import tqdm
 
@@ -376,47 +484,30 @@ def _prune_calibrated(
     was_training = model.training
     model.eval()
     try:
-        # 1. inputs of block 0 for every calibration batch (embeddings only; the forward stops at block 0)
-        captured: list = []
-        with _capture_block_inputs(blocks[0], captured):
-            for i in range(0, tokens.shape[0], batch_size):
-                try:
-                    model(input_ids=tokens[i : i + batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-        # keep the hidden states in one list only: drop them from the captured call arguments
-        hidden = [_hidden(a, k) for a, k in captured]
-        captured = [_with_hidden(a, k, None) for a, k in captured]
+        layer_sparsity: dict[str, float] = {}
+        if owl is not None:
+            report.owl = _owl_sparsities(
+                model, blocks, blocks_name, targets, tokens, batch_size, device, sparsity, owl
+            )
+            layer_sparsity = report.owl["layer_sparsity"]
+        # 1. inputs of block 0 for every calibration batch
+        hidden, captured = _capture_inputs(model, blocks, tokens, batch_size, device)
         # 2. block by block
         for b, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress)):
             prefix = f"{blocks_name}.{b}."
             layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
             if layer_targets:
-                stats = {
-                    n: InputStats(m.in_features, hessian=method == "sparsegpt", device=m.weight.device)
-                    for n, m in layer_targets.items()
-                }
-                handles = [
-                    m.register_forward_hook(lambda _m, inp, _o, s=stats[n]: s.add(inp[0]))
-                    for n, m in layer_targets.items()
-                ]
-                try:
-                    for h, (args, kwargs) in zip(hidden, captured):
-                        _run_block(block, *_with_hidden(args, kwargs, h))
-                finally:
-                    for handle in handles:
-                        handle.remove()
+                stats = _block_stats(block, layer_targets, hidden, captured, hessian=method == "sparsegpt")
+                block_sparsity = layer_sparsity.get(prefix[:-1], sparsity)
                 for name, mod in layer_targets.items():
                     st = stats.pop(name)  # each Hessian is freed as soon as its layer is pruned
-                    new_w, _ = _prune_weight(method, mod.weight, st, sparsity, nm, scope, blocksize, percdamp)
+                    new_w, _ = _prune_weight(method, mod.weight, st, block_sparsity, nm, scope, blocksize, percdamp)
                     mod.weight.copy_(new_w)
                     del st, new_w
                     report.modules[name] = _module_stats(mod.weight, nm)
                     _release_freed_memory()
-            # the pruned block's outputs feed the next block; replaced in place so only one copy is alive
-            for i, (args, kwargs) in enumerate(captured):
-                hidden[i] = _run_block(block, *_with_hidden(args, kwargs, hidden[i]))
-            _release_freed_memory()
+            # the pruned block's outputs feed the next block
+            _advance(block, hidden, captured)
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)

@@ -32,14 +32,16 @@ def _wanda_oracle(weight, X, sparsity=None, nm=None):
     return weight * keep
 
 
-def _reference_layerwise(model, method, sparsity=None, pattern=None):
+def _reference_layerwise(model, method, sparsity=None, pattern=None, block_sparsity=None):
     """Oracle: prune block by block, collecting each block's inputs with a *full-model* forward (earlier blocks
     already pruned) — what the block-by-block driver must reproduce. Statistics, Wanda and SparseGPT are written here
     from their formulas (SparseGPT: the exact OBS solution of tests/sparsity/obs_oracle.py), not taken from
     prune_peft."""
     nm = tuple(int(v) for v in pattern.split(":")) if pattern else None
     _, blocks = find_decoder_blocks(model)
-    for block in blocks:
+    for b, block in enumerate(blocks):
+        if block_sparsity is not None:
+            sparsity = block_sparsity[b]
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         inputs = {n: [] for n in linears}
         hs = [
@@ -156,6 +158,16 @@ def test_calibration_from_texts_and_dataset(tiny_model, tokenizer):
         (dict(method="wanda", sparsity=0.5, exclude=["*.nothing"]), "matches none"),
         (dict(method="wanda", sparsity=0.5, scope="global"), "scope"),
         (dict(method="sparsegpt", sparsity=0.5, nsamples=0), "nsamples"),
+        (
+            dict(method="wanda", sparsity=0.5, sparsity_profile="owls"),
+            r"sparsity_profile.*\['uniform', 'owl'\].*'owls'",
+        ),
+        (dict(method="wanda", pattern="2:4", sparsity_profile="owl"), r"sparsity_profile='owl'.*pattern='2:4'"),
+        (dict(method="magnitude", sparsity=0.5, sparsity_profile="owl"), r"owl.*method='magnitude'"),
+        (dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.3), r"owl_lambda.*\[0, 0.25\).*0.3"),
+        (dict(method="sparsegpt", sparsity=0.7, sparsity_profile="owl", owl_lambda=0.2), r"owl_lambda.*0.15"),
+        (dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_m=0), "owl_m.*> 0, got 0"),
+        (dict(method="wanda", sparsity=0.5, sparsity_profile="owl", owl_m=-2.0), "owl_m"),
     ],
 )
 def test_bad_input_raises_before_touching_weights(tiny_model, kwargs, match):
@@ -224,3 +236,153 @@ def test_captured_block_inputs_keep_one_copy_of_equal_arguments(tiny_model):
         ((), {"x": a, "y": a, "hidden_states": a}), ((), {"x": a.clone(), "y": b, "hidden_states": a.clone()})
     )
     assert kw["x"] is a and kw["y"] is b and kw["hidden_states"] is not a
+
+
+# ---------------------------------------------------------------------------------------------------- OWL profile
+
+
+def _owl_oracle_sparsities(model, sparsity, m, lam):
+    """OWL (Yin et al., 2023, arXiv 2310.05175) from its formula on the *dense* model: per decoder layer the
+    fraction of its pooled Wanda scores |W_ij|·‖X_j‖₂ above m × their mean; min-max into [0, 2λ]; s_l = s − (n_l − n̄)
+    (all layers equal in size here, so the plain mean)."""
+    _, blocks = find_decoder_blocks(model)
+    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and ".layers." in n}
+    inputs = {n: [] for n in linears}
+    hs = [
+        mod.register_forward_hook(lambda _m, i, _o, xs=inputs[n]: xs.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+        for n, mod in linears.items()
+    ]
+    with torch.no_grad():
+        for i in range(0, CALIB.shape[0], 4):
+            model(input_ids=CALIB[i : i + 4], use_cache=False)
+    for h in hs:
+        h.remove()
+    ratios = []
+    for b in range(len(blocks)):
+        scores = [
+            (mod.weight.double().abs() * torch.cat(inputs[n]).double().pow(2).sum(0).sqrt()).flatten()
+            for n, mod in linears.items()
+            if f".layers.{b}." in n
+        ]
+        flat = torch.cat(scores)
+        ratios.append((flat > m * flat.mean()).double().mean().item())
+    lo, hi = min(ratios), max(ratios)
+    n = [(r - lo) / (hi - lo) * 2 * lam for r in ratios]
+    return [sparsity - (x - sum(n) / len(n)) for x in n], ratios
+
+
+@pytest.mark.parametrize("owl_m", [2.0, 5.0])
+def test_owl_wanda_matches_oracle_and_keeps_mean_sparsity(tiny_model, owl_m):
+    model = tiny_model("llama")
+    ref = copy.deepcopy(model)
+    want, ratios = _owl_oracle_sparsities(copy.deepcopy(model), 0.5, owl_m, 0.08)
+    report = prune(
+        model,
+        "wanda",
+        sparsity=0.5,
+        calibration=CALIB,
+        batch_size=4,
+        progress=False,
+        sparsity_profile="owl",
+        owl_m=owl_m,
+    )
+    got = report.owl["layer_sparsity"]
+    assert report.sparsity_profile == "owl" and report.owl["m"] == owl_m and report.owl["lambda"] == 0.08
+    torch.testing.assert_close(torch.tensor(list(report.owl["outlier_ratio"].values())), torch.tensor(ratios).float())
+    torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(want).float())
+    # the layer sparsities differ and their parameter-weighted mean is the target exactly
+    assert len({round(v, 9) for v in got.values()}) == len(got) > 1
+    sizes = report.owl["layer_params"]
+    assert sum(got[k] * sizes[k] for k in got) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-12)
+    # each layer's masks are Wanda's at that layer's sparsity (oracle), row by row
+    _reference_layerwise(ref, "wanda", block_sparsity=want)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), name
+    for name, mod in report.modules.items():
+        s_l = got[".".join(name.split(".")[:3])]  # model.layers.N
+        rows, cols = mod["shape"]
+        assert mod["zeros"] == rows * int(cols * s_l), name
+    # the realized fraction misses the target only by the per-row floor (< one weight per row)
+    rows_total = sum(mod["shape"][0] for mod in report.modules.values())
+    numel = sum(mod["numel"] for mod in report.modules.values())
+    assert 0 <= 0.5 - report.sparsity < rows_total / numel
+
+
+def test_owl_sparsegpt_matches_oracle_per_layer(tiny_model):
+    model = tiny_model("qwen2")
+    ref = copy.deepcopy(model)
+    want, _ = _owl_oracle_sparsities(copy.deepcopy(model), 0.6, 2.0, 0.1)
+    report = prune(
+        model,
+        "sparsegpt",
+        sparsity=0.6,
+        calibration=CALIB,
+        batch_size=4,
+        progress=False,
+        sparsity_profile="owl",
+        owl_m=2.0,
+        owl_lambda=0.1,
+    )
+    torch.testing.assert_close(torch.tensor(list(report.owl["layer_sparsity"].values())), torch.tensor(want).float())
+    _reference_layerwise(ref, "sparsegpt", block_sparsity=want)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        if p.ndim == 2 and ".layers." in name:
+            assert torch.equal(p == 0, q == 0), name
+    per_layer = {}
+    for name, mod in report.modules.items():
+        layer = ".".join(name.split(".")[:3])
+        z, n = per_layer.get(layer, (0, 0))
+        per_layer[layer] = (z + mod["zeros"], n + mod["numel"])
+    realized = [z / n for z, n in per_layer.values()]
+    assert max(realized) - min(realized) > 0.05  # non-uniform
+    assert report.sparsity == pytest.approx(0.6, abs=0.01)
+
+
+def test_owl_uniform_default_is_unchanged(tiny_model):
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ra = prune(a, "wanda", sparsity=0.5, calibration=CALIB, batch_size=4, progress=False)
+    prune(b, "wanda", sparsity=0.5, calibration=CALIB, batch_size=4, progress=False, sparsity_profile="uniform")
+    assert ra.owl is None and ra.sparsity_profile == "uniform"
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    # λ = 0 reduces OWL to uniform
+    c = tiny_model("llama")
+    rc = prune(
+        c,
+        "wanda",
+        sparsity=0.5,
+        calibration=CALIB,
+        batch_size=4,
+        progress=False,
+        sparsity_profile="owl",
+        owl_lambda=0.0,
+    )
+    assert set(rc.owl["layer_sparsity"].values()) == {0.5}
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_cli_sparsity_profile_owl(tiny_model, tokenizer, tmp_path, capsys):
+    """`prune-peft prune --sparsity-profile owl` reaches prune(); a bad profile/λ fails before the model loads."""
+    import json
+
+    from prune_peft.cli import main
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    common = ["prune", "--model", str(src), "--method", "wanda", "--eval-windows", "0", "--seqlen", "32"]
+    common += ["--nsamples", "4", "--sparsity", "0.5"]
+    rc = main(
+        [*common, "--sparsity-profile", "owl", "--owl-m", "2", "--owl-lambda", "0.1", "--out", str(tmp_path / "o")]
+    )
+    assert rc == 0
+    report = json.loads((tmp_path / "o" / "prune_report.json").read_text())["prune"]
+    assert report["sparsity_profile"] == "owl" and report["owl"]["m"] == 2 and report["owl"]["lambda"] == 0.1
+    assert len(set(report["owl"]["layer_sparsity"].values())) > 1
+    capsys.readouterr()
+    rc = main([*common, "--sparsity-profile", "owl", "--owl-lambda", "0.4", "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "owl_lambda" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    rc = main([*common, "--sparsity-profile", "layerwise", "--out", str(tmp_path / "bad2")])
+    assert rc == 2 and "sparsity" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
