@@ -20,6 +20,9 @@ Scenarios (a plain loop driving the same public methods the Trainer/callbacks dr
 - ``kd``: :class:`LogitDistillation` with an FSDP2-sharded teacher: each rank's KD loss on its rows.
 - ``refusals`` (2 ranks only): the ValueError messages of ``apply_sste`` after ``fully_shard`` and of a two-pass
   ``QTuningTrainer`` whose KD teacher is sharded.
+- ``qlora`` (2 ranks only, needs ``<out>/tiny``, a saved tiny model): why bitsandbytes bases are refused under FSDP2 —
+  a 4-bit base (``bnb_4bit_quant_storage=float32``, the compute dtype) with a LoRA adapter, sharded: the loss of one
+  fixed batch before and after a forward/backward with no update; an 8-bit base's error; and the refusals.
 """
 
 from __future__ import annotations
@@ -262,6 +265,67 @@ def run_refusals(out: str) -> tuple[dict, dict]:
     return {"messages": messages}, {}
 
 
+def _bnb_model(path: str, bits: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.float32,
+        )
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False))
+    mesh_model = model.base_model.model
+    if world()[1] > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world()[1],))
+        for block in mesh_model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def run_qlora(out: str) -> tuple[dict, dict]:
+    from prune_peft.callbacks import PruneCallback, SSTECallback
+    from prune_peft.distill.kd import LogitDistillation
+
+    path = os.path.join(out, "tiny")
+    model = _bnb_model(path, 4)
+    batch = batches(1, seed=17)[0]
+    losses = []
+    for _ in range(3):  # forward/backward of the same batch, no optimizer step: the loss must not move
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+    messages = {}
+    attempts = {
+        "qtuning": lambda: qtuning_trainer(model, "two_pass", out),
+        "sste": lambda: SSTECallback().prepare(model),
+        "prune_callback": lambda: PruneCallback(method="s-ste").on_train_begin(None, None, None, model=model),
+        "kd_teacher": lambda: LogitDistillation(tiny_causal_lm(seed=0, num_hidden_layers=2), model),
+    }
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+        except ValueError as exc:
+            messages[name] = str(exc)
+    try:
+        _bnb_model(path, 8)(**batch)
+        int8_error = None
+    except Exception as exc:
+        int8_error = f"{type(exc).__name__}: {exc}"
+    return {"losses_no_update": losses, "messages": messages, "int8_error": int8_error}, {}
+
+
 def run(out: str) -> tuple[dict, dict]:
     """Every scenario; returns (JSON-able results, tensors) for this rank."""
     torch.set_num_threads(1)
@@ -274,9 +338,10 @@ def run(out: str) -> tuple[dict, dict]:
         "qtuning_resume": run_qtuning_resume,
         "kd": run_kd,
         "refusals": run_refusals,
+        "qlora": run_qlora,
     }
     for name, fn in scenarios.items():
-        if world()[1] == 1 and (name.endswith("_resume") or name == "refusals"):
+        if world()[1] == 1 and (name.endswith("_resume") or name in ("refusals", "qlora")):
             continue  # resume is compared with the uninterrupted sharded run; refusals need sharded models
         res, ten = fn(out)
         results[name] = res
