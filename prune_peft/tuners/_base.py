@@ -583,6 +583,7 @@ class SparseTunerMixin:
             for name, layer in sparse_layers(model).items():
                 if adapter_name in layer.lora_sparse_mask and int(layer.lora_sparse_nnz.get(adapter_name)) >= 0:
                     layer._pp_expect_load(adapter_name, digests.get(name))
+            config._pp_digests = None  # saved again: the file's own digests (checked), not those of the injected masks
 
     def _pp_refresh_card(self, adapter_name: str) -> None:
         config = self.peft_config.get(adapter_name)
