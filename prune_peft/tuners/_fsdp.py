@@ -66,6 +66,8 @@ def check_sharded_layout(model: nn.Module, owner: str = "sparse adapter") -> Non
             f"{owner}: SparseLoRA/SPP on DeepSpeed ZeRO-3 is not supported (partitioned parameters are empty outside "
             f"forward, and DeepSpeed is not available to test it); {_SUPPORTED}, or ZeRO ≤ 2"
         )
+    from ..kernels.semi_structured import SemiStructuredLinear
+
     units = _fsdp2_units()
     for name, layer in sparse_layers(model).items():
         base = layer.get_base_layer()
@@ -74,6 +76,11 @@ def check_sharded_layout(model: nn.Module, owner: str = "sparse adapter") -> Non
                 f"{owner}: fully_shard was applied to the wrapped linear of {name}; its weight would stay sharded "
                 "where the adapter reads it. Apply fully_shard to the decoder blocks (or to the adapter layers "
                 f"themselves) instead; {_SUPPORTED}"
+            )
+        if isinstance(base, SemiStructuredLinear):
+            raise ValueError(
+                f"{owner}: {name} runs on 2:4 sparse kernels (use_semi_structured=True), which need the whole weight "
+                f"on one device; train sharded models with use_semi_structured=False; {_SUPPORTED}"
             )
         try:
             local_rows(base.weight)  # only dim-0 shards (FSDP2's layout)

@@ -182,6 +182,16 @@ def run(kind: str, out: str, rank: int) -> dict:
             if "lora_" in n:
                 p.copy_(trained[n])
 
+    # a shareable adapter from the sharded model: gather the adapter tensors only (small), rank 0 writes
+    adapter_sd = {k: full(v) for k, v in sh.state_dict().items() if "lora_" in k}
+    saved_dir = os.path.join(out, f"saved_{kind}")
+    if rank == 0:
+        sh.save_pretrained(saved_dir, state_dict=adapter_sd)
+    dist.barrier()
+    if rank == 0:
+        loaded = PeftModel.from_pretrained(base_model(kind), saved_dir)
+        res["saved_adapter_vs_sharded"] = max_diff(adapter_weights(loaded), trained)
+
     def bases(model) -> dict[str, torch.Tensor]:
         return {n: full(layer.get_base_layer().weight).clone() for n, layer in sparse_layers(model).items()}
 

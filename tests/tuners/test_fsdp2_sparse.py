@@ -79,6 +79,8 @@ def test_merge_and_export_equal_the_single_process_merge(ranks, kind):
     assert res["export_files"] == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     assert res["export_vs_twin"] == 0.0 and res["export_keys_equal"] and res["export_zeros_kept"]
     assert res["export_vs_one_process"] < 1e-4
+    # the adapter saved from the sharded model (adapter tensors gathered, rank 0 writes) reloads unsharded, exactly
+    assert res["saved_adapter_vs_sharded"] == 0.0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".export")]  # no temp folder left behind
     if kind == "sparse_lora":
         assert res["export_info"]["2:4_valid_modules"] == res["export_info"]["modules"] == 14
@@ -125,3 +127,46 @@ def test_unsharded_model_passes_the_layout_check(pruned):
     cb.on_train_begin(None, SimpleNamespace(max_steps=4, global_step=0), None, model=model)
     assert [d.key for d in cb.drivers] == ["sparse-adapter:default"]
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A 1-process gloo group: FSDP2 layouts can be built (and refused) without a launch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_layouts_the_adapters_cannot_serve_are_refused(pruned, one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    cb = PruneCallback()
+    begin = SimpleNamespace(max_steps=4, global_step=0)
+    # only block 0 sharded: block 1's adapter factors are plain tensors whose gradients FSDP2 never reduces
+    model = _sparse_model(pruned)
+    fully_shard(model.base_model.model.model.layers[0])
+    with pytest.raises(ValueError, match=r"trainable parameter\(s\) are not") as err:
+        cb.on_train_begin(None, begin, None, model=model)
+    assert "model.layers.1" in str(err.value)
+    # fully_shard on the wrapped nn.Linear: its weight stays sharded where the adapter reads it
+    model = _sparse_model(pruned)
+    layers = model.base_model.model.model.layers
+    fully_shard(layers[0].self_attn.q_proj.base_layer)
+    for block in layers:
+        fully_shard(block)
+    fully_shard(model)
+    with pytest.raises(
+        ValueError, match=r"fully_shard was applied to the wrapped linear of .*layers\.0\.self_attn\.q_proj"
+    ):
+        cb.on_train_begin(None, begin, None, model=model)
+    # the supported layout passes
+    model = _sparse_model(pruned)
+    for block in model.base_model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    cb.on_train_begin(None, begin, None, model=model)
+    assert [d.key for d in cb.drivers] == ["sparse-adapter:default"]
