@@ -56,11 +56,14 @@ def nf4_checkpoint(tmp_path_factory):
 
 
 def make_model(kind: str, dtype: torch.dtype, base: str, nf4_checkpoint=None):
-    if base == "nf4":
+    if base in ("nf4", "int8"):
         pytest.importorskip("bitsandbytes")
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=BF16)
+        if base == "int8":  # LLM.int8 in a bf16 model (the activations' dtype is the compute dtype)
+            q = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=BF16)
         model = AutoModelForCausalLM.from_pretrained(nf4_checkpoint, quantization_config=q, dtype=BF16)
     else:
         model = prune_linears(tiny_causal_lm(seed=7, num_hidden_layers=2), "2:4" if base == "2:4" else "unstr")
@@ -69,8 +72,12 @@ def make_model(kind: str, dtype: torch.dtype, base: str, nf4_checkpoint=None):
 
 
 def base_weight(layer) -> torch.Tensor:
-    """The base weight as stored (dequantized with bitsandbytes' own function for nf4), in fp32."""
+    """The base weight as stored (dequantized with bitsandbytes' own function for nf4; int8 from the LLM.int8
+    formula ``W_int8 · SCB / 127``), in fp32."""
     w = layer.get_base_layer().weight
+    if type(w).__name__ == "Int8Params":
+        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.get_base_layer().state.SCB
+        return w.data.float() * scb.float()[:, None] / 127.0
     if type(w).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbF
 
@@ -140,8 +147,16 @@ def oracle_factor_grads(kind, layer, x, W, bias, A, B, G):
 MATRIX = [
     (kind, dtype, base)
     for kind in KINDS
-    for dtype, base in [(FP32, "2:4"), (BF16, "2:4"), (FP16, "2:4"), (FP32, "unstr"), (BF16, "unstr"), (BF16, "nf4")]
-    if not (kind.startswith("loraprune") and base == "nf4")  # LoRAPrune refuses bitsandbytes bases (documented)
+    for dtype, base in [
+        (FP32, "2:4"),
+        (BF16, "2:4"),
+        (FP16, "2:4"),
+        (FP32, "unstr"),
+        (BF16, "unstr"),
+        (BF16, "nf4"),
+        (BF16, "int8"),
+    ]
+    if base != "int8" or kind.startswith("loraprune")  # LoRAPrune on LLM.int8 (the reference's 8-bit path)
 ]
 
 
@@ -152,7 +167,7 @@ def test_forward_and_factor_gradients_against_the_fp32_oracle(kind, dtype, base,
     g = torch.Generator().manual_seed(0)
     W = base_weight(layer)
     set_update(layer, kind, W, g)
-    act = layer.get_base_layer().compute_dtype if base == "nf4" else dtype
+    act = layer.get_base_layer().compute_dtype if base == "nf4" else dtype  # int8: the bf16 model's activations
     x = torch.randn(2, 8, layer.in_features, generator=g).to(act)
     xf = x.float()
     bias = layer.get_base_layer().bias

@@ -205,7 +205,7 @@ def _train(checkpoint, quant, structure, dtype, steps=20):
     first = None
     for step in range(steps):
         loss = pm(batch, labels=batch).loss
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         loss.backward()
         tuner.update_importance(step)
         opt.step()
