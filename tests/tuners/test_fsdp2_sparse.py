@@ -170,3 +170,44 @@ def test_fsdp2_layouts_the_adapters_cannot_serve_are_refused(pruned, one_rank):
     fully_shard(model)
     cb.on_train_begin(None, begin, None, model=model)
     assert [d.key for d in cb.drivers] == ["sparse-adapter:default"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sharded_export_writes_what_the_unsharded_export_writes(pruned, one_rank, tmp_path, monkeypatch, kind):
+    """Tied embeddings, several files: the module-by-module writer gives the keys and values of save_pretrained."""
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+
+    from prune_peft.hub import export
+    from prune_peft.tuners import _fsdp
+
+    cfg = {"sparse_lora": prune_peft.SparseLoraConfig, "spp": prune_peft.SPPConfig}[kind]
+    kw = {"init_lora_weights": False} if kind == "sparse_lora" else {"n_blocks": 4}
+    model = get_peft_model(pruned("2:4", tie_word_embeddings=True), cfg(target_modules=["q_proj", "down_proj"], **kw))
+    with torch.no_grad():  # SPP starts as the identity (w_col = 0): give it an update to merge
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    plain = export(model, tmp_path / "plain")
+    for block in model.base_model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    monkeypatch.setattr(_fsdp, "MAX_SHARD_BYTES", 100_000)
+    sharded = export(model, tmp_path / "sharded")
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = tensors(tmp_path / "plain"), tensors(tmp_path / "sharded")
+    assert sorted(a) == sorted(b) and "lm_head.weight" not in b  # tied: saved once, as save_pretrained does
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(b) and len(set(index["weight_map"].values())) > 1
+    assert sharded["sparsity"] == plain["sparsity"] and sharded["2:4_valid_modules"] == plain["2:4_valid_modules"]
+    card = (tmp_path / "sharded" / "README.md").read_text()
+    assert "tied to model.embed_tokens" in card and "sparsity of the pruned modules" in card
+    config = json.loads((tmp_path / "sharded" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
