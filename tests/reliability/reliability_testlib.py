@@ -26,3 +26,36 @@ def assert_unchanged(before, model):
     for k, v in sd.items():
         assert torch.equal(v, before[0][k]), f"{k} changed"
     assert (has_cfg, cfg) == before[2:], "peft_config changed"
+
+
+# ------------------------------------------------------------------ case accounting (tests/reliability/count_cases.py)
+
+# Tests that are not a bad input or a fault: a valid call still works after all the checks (controls), and what a
+# stock tool does that prune_peft cannot change (stock limits, documented in docs/reliability.md). Every other test
+# of the campaign is one bad-input case per parameter set, or one fault case in test_faults.py.
+CONTROLS = {
+    "test_prune_report_roundtrip_kept",
+    "test_perplexity_valid_call_still_works",
+    "test_transformers_load_adapter_same_base_loads",
+    "test_transformers_load_adapter_good_file_runs_and_matches_peft",
+    "test_peft_from_pretrained_disarms_on_load",
+    "test_saved_config_carries_digests",
+    "test_loaded_custom_mask_adapter_saves_and_loads_again",
+    "test_writer_puts_the_marker_and_reads_it_back",
+    "test_plain_lora_folder_is_not_flagged",
+    "test_atomic_file_live_writer_temp_kept",
+    "test_case_accounting_names_exist",
+}
+STOCK_LIMITS = {"test_stock_peft_loads_a_markerless_retyped_folder_as_dense_lora"}
+FAULT_MODULES = {"test_faults.py"}
+
+
+def case_kind(nodeid: str) -> str:
+    """``bad-input``, ``fault``, ``control`` or ``stock-limit`` for a pytest node id of this folder."""
+    path, _, name = nodeid.partition("::")
+    name = name.split("[", 1)[0]
+    if name in CONTROLS:
+        return "control"
+    if name in STOCK_LIMITS:
+        return "stock-limit"
+    return "fault" if path.rsplit("/", 1)[-1] in FAULT_MODULES else "bad-input"
