@@ -40,7 +40,7 @@ test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 -m "not slow and not distributed"
 
 # Every benchmark at the settings the README and docs publish, spelled out (a changed script default does not
-# silently change a published figure); about 2 h on 2 idle CPU cores: run it on an otherwise idle machine (each
+# silently change a published figure); about 1 h on 2 idle CPU cores: run it on an otherwise idle machine (each
 # results file records the load). Then the README/docs tables are regenerated from the results.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/oneshot.py --nsamples 64 --seqlen 512 --eval-windows 32 --threads 2

@@ -225,7 +225,7 @@ def profile(models: dict, phases: dict[str, list[dict]], times: dict[str, list[f
             rec[key + "_s"] = statistics.median(r[key] for r in rows)
             rec[key + "_vs_lora"] = statistics.median(r[key] / b[key] for r, b in zip(rows, lora) if b[key] > 0)
         per[name] = rec
-    floor = gemm_floor(models["lora"] if "sparse_lora" not in models else models["sparse_lora"], BATCH * SEQLEN)
+    floor = gemm_floor(models["sparse_lora"], BATCH * SEQLEN)
     lora_step = statistics.median(times["lora"][2:] or times["lora"])
     lora_cpu = statistics.median(sum(r[p + "_cpu"] for p in PHASES) for r in lora)
     summary = {
@@ -242,6 +242,11 @@ def profile(models: dict, phases: dict[str, list[dict]], times: dict[str, list[f
         )
         summary["exact_backward_minus_lora_s"] = extra
         summary["exact_backward_excess_over_extra_gemm"] = extra / floor["extra_gemm_s"]
+        if "sparse_lora_lors" in timed:  # the same forward and ∂L/∂x; the difference is M ⊙ Gᵀ X and its use
+            lors = timed["sparse_lora_lors"]
+            step = lambda r: sum(r[p] for p in PHASES)  # noqa: E731
+            summary["exact_minus_lors_s"] = statistics.median(step(r) - step(b) for r, b in zip(sl, lors))
+            summary["exact_minus_lors_over_extra_gemm"] = summary["exact_minus_lors_s"] / floor["extra_gemm_s"]
     names = [n for n in ("lora", "sparse_lora", "sparse_lora_lors") if n in models]
     return {
         "what": "medians over timed rounds; *_vs_lora: median of per-round ratios to LoRA's same phase; *_cpu: "
@@ -323,6 +328,10 @@ def main() -> None:
         args.configs = ["lora", "sparse_lora"]
     if args.profile and args.configs == list(CONFIGS):
         args.configs = ["lora", "sparse_lora", "sparse_lora_lors"]
+    if args.profile and "sparse_lora" not in args.configs:
+        raise ValueError(
+            f"--profile measures the exact mode's floor: --configs must include 'sparse_lora', got {args.configs}"
+        )
     if "lora" not in args.configs:
         raise ValueError(f"--configs must include 'lora' (the denominator of every ratio), got {args.configs}")
     torch.set_num_threads(args.threads)
@@ -391,8 +400,9 @@ def main() -> None:
             phases[name].append(phase_times(marks))
             losses[name].append(loss.item())
         print(f"step {step}: " + ", ".join(f"{n} {times[n][-1]:.1f}s" for n in models), flush=True)
-    result["profile"] = profile(models, phases, times, ids, args.profile_rounds)
-    print("profile: " + json.dumps(result["profile"]["summary"]), flush=True)
+    if "sparse_lora" in models:  # the exact mode's floor and the per-phase breakdown
+        result["profile"] = profile(models, phases, times, ids, args.profile_rounds)
+        print("profile: " + json.dumps(result["profile"]["summary"]), flush=True)
     if args.profile:  # the breakdown only: no perplexities, no memory processes
         result["seconds"] = time.perf_counter() - t_start
         name = "adapters_profile" if args.dtype == "fp32" else f"adapters_{args.dtype}_profile"

@@ -48,6 +48,7 @@ from .packing import keep_values
 __all__ = [
     "GRAD_MODES",
     "compute_dtype",
+    "kept_rows",
     "masked_lora",
     "masked_lora_delta",
     "masked_lora_factor_grads",
@@ -123,10 +124,25 @@ def _check_grad_mode(grad_mode: str) -> None:
 # ------------------------------------------------------------------------------------------------------- SparseLoRA
 
 
-def _masked_product(A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scaling: float) -> torch.Tensor:
+def _masked_product(A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None, scaling: float) -> torch.Tensor:
     # the scale goes on the d_out×r factor and the mask is one in-place multiply by 0/1 values (``keep``, in A's
-    # dtype): two passes over d_out×d_in, and a multiply is ~20× faster than masked_fill_ on CPU
-    return ((B * scaling) @ A).mul_(keep.to(A.dtype))
+    # dtype; None: the mask keeps everything): two passes over d_out×d_in, and a multiply is ~20× faster than
+    # masked_fill_ on CPU
+    delta = (B * scaling) @ A
+    return delta if keep is None else delta.mul_(keep.to(A.dtype))
+
+
+def _mask_values(
+    packed: torch.Tensor, width: int, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(keep, dense_rows)``: the mask as 0/1 values (None when it keeps everything) and the rows it keeps whole
+    (:func:`kept_rows`). The row check needs the count on the host, so it runs for CPU masks only (on an
+    accelerator it would be a device sync per layer and step): there ``dense_rows`` is None."""
+    if packed.device.type != "cpu":
+        return keep_values(packed, width, dtype), None
+    rows = kept_rows(packed, width)
+    keep = None if bool(rows.all()) else keep_values(packed, width, dtype)
+    return keep, rows
 
 
 def masked_lora_delta(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -144,8 +160,8 @@ def masked_lora_merged(weight: torch.Tensor, delta: torch.Tensor, sign: float = 
 def masked_lora_weight(
     A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, weight_fn: WeightFn | None, scaling: float
 ) -> torch.Tensor:
-    """``W + M ⊙ s·B A`` (SQFT, arXiv 2410.03750) in (at least) fp32 (``keep``: the mask as 0/1 values in A's dtype);
-    with ``weight_fn=None`` only the update ``M ⊙ s·B A`` in A's dtype. Never rounded to a half-precision base dtype:
+    """``W + M ⊙ s·B A`` (SQFT, arXiv 2410.03750) in (at least) fp32 (``keep``: the mask as 0/1 values in A's dtype,
+    None when it keeps everything); with ``weight_fn=None`` only the update ``M ⊙ s·B A`` in A's dtype. Never rounded to a half-precision base dtype:
     the caller decides how to multiply with it."""
     delta = _masked_product(A, B, keep, scaling)
     if weight_fn is None:
@@ -165,7 +181,7 @@ class _MaskedLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, A, B, packed, weight_fn, width, scaling, grad_mode):
         cd = compute_dtype(x)
-        keep = keep_values(packed, width, A.dtype)
+        keep, _ = _mask_values(packed, width, A.dtype)
         if weight_fn is None:
             mode = "branch"
             y = F.linear(x.to(cd), _masked_product(A, B, keep, scaling).to(cd))
@@ -194,24 +210,48 @@ class _MaskedLora(torch.autograd.Function):
         x, A, B, packed = ctx.saved_tensors
         s, cd, mode = ctx.scaling, ctx.cd, ctx.mode
         need_x, need_bias, need_A, need_B = ctx.needs_input_grad[:4]
-        keep = keep_values(packed, ctx.width, A.dtype)
+        keep, dense_rows = _mask_values(packed, ctx.width, A.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
+        spare = None  # a d_out×d_in temporary that is dead once grad_x is computed: reused for M ⊙ Gᵀ X
         if need_x:  # the update is recomputed, never stored
             if mode == "split":
                 grad_x = _grad_x(g2, [ctx.weight_fn(), _masked_product(A, B, keep, s)], x, cd)
             elif mode == "branch":
-                grad_x = _grad_x(g2, [_masked_product(A, B, keep, s)], x, cd)
+                spare = _masked_product(A, B, keep, s)
+                grad_x = _grad_x(g2, [spare], x, cd)
             else:  # fused / legacy: ∂L/∂x = G (W + ΔW)
-                w_eff = masked_lora_weight(A, B, keep, ctx.weight_fn, s)
-                grad_x = _grad_x(g2, [w_eff], x, cd)
+                spare = masked_lora_weight(A, B, keep, ctx.weight_fn, s)
+                grad_x = _grad_x(g2, [spare], x, cd)
         if need_A or need_B:
             gemm = A.dtype if mode == "legacy" else cd
-            grad_A, grad_B = masked_lora_factor_grads(g2, x2, A, B, keep, s, ctx.grad_mode, need_A, need_B, gemm)
+            grad_A, grad_B = masked_lora_factor_grads(
+                g2, x2, A, B, keep, s, ctx.grad_mode, need_A, need_B, gemm, dense_rows, out=spare
+            )
         if need_bias:
             grad_bias = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_bias, grad_A, grad_B, None, None, None, None, None
+
+
+def kept_rows(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Bool per output row i: ``∀j M_ij = 1`` for the bit-packed mask ``M`` with ``width`` columns. Those rows of the
+    SparsePEFT gradient ``M ⊙ Gᵀ X`` (SQFT, arXiv 2410.03750) are plain ``Gᵀ X``, so their factor gradients take
+    LoRA's low-rank form (:func:`masked_lora_factor_grads`). One pass over the packed bytes (1/32 of an fp32 weight).
+    """
+    full, tail = divmod(width, 8)
+    rows = packed[..., :full].eq(255).all(-1)
+    if tail:
+        bits = (1 << tail) - 1
+        rows &= packed[..., full].bitwise_and(bits).eq(bits)
+    return rows
+
+
+def _lora_factor_grads(g2, x2, A, B, s, need_A, need_B):
+    # ``∂L/∂B = s·Gᵀ (X Aᵀ)``, ``∂L/∂A = s·(G B)ᵀ X`` (A's dtype): O(r·(d_in + d_out)) per token
+    grad_B = (g2.t() @ (x2 @ A.t())).mul_(s) if need_B else None
+    grad_A = ((g2 @ B).t() @ x2).mul_(s) if need_A else None
+    return grad_A, grad_B
 
 
 def masked_lora_factor_grads(
@@ -225,27 +265,55 @@ def masked_lora_factor_grads(
     need_A: bool = True,
     need_B: bool = True,
     gemm_dtype: torch.dtype | None = None,
+    dense_rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(∂L/∂A, ∂L/∂B)`` of the SparsePEFT layer ``y = x (W + M ⊙ s·B A)ᵀ`` (SQFT, arXiv 2410.03750) from ``G``
     (tokens×d_out) and ``X`` (tokens×d_in), in A's dtype.
 
     ``"exact"``: ``D = M ⊙ Gᵀ X`` (∂L/∂ΔW restricted to the mask; the one dense GEMM runs in ``gemm_dtype``, default
-    A's dtype), ``∂L/∂B = s·D Aᵀ``, ``∂L/∂A = s·Bᵀ D``.
+    A's dtype), ``∂L/∂B = s·D Aᵀ``, ``∂L/∂A = s·Bᵀ D``. Rows the mask keeps whole (``dense_rows``, see
+    :func:`kept_rows`) take the low-rank form ``∂L/∂B_i = s·G_iᵀ (X Aᵀ)``, ``∂L/∂A += s·(G_i B_i)ᵀ X`` — the same
+    values without their share of the dense GEMM (a dense layer costs what LoRA's gradients cost). ``out``: an
+    optional d_out×d_in buffer of A's dtype for ``D`` (the caller's dead temporary; saves an allocation).
     ``"lors"`` (LoRS, Hu et al., arXiv 2501.08582, ``LorsFn``): mask and scale dropped, ``∂L/∂B = Gᵀ (X Aᵀ)``,
     ``∂L/∂A = (G B)ᵀ X`` — O(r·(d_in + d_out)) per token. ``"lors_scaled"``: the same times s (plain-LoRA
     gradients). ``keep``: the mask as 0/1 values in A's dtype.
     """
     _check_grad_mode(grad_mode)
     dt = A.dtype
-    if grad_mode == "exact":
-        gd = gemm_dtype or dt
-        d = (g2.to(gd).t() @ x2.to(gd)).to(dt).mul_(keep)
+    if grad_mode != "exact":
+        s = scaling if grad_mode == "lors_scaled" else 1.0
+        return _lora_factor_grads(g2.to(dt), x2.to(dt), A, B, s, need_A, need_B)
+    n_dense = 0 if dense_rows is None else int(dense_rows.sum())
+    if n_dense == g2.shape[-1]:  # the mask keeps everything: LoRA's gradients, exactly
+        return _lora_factor_grads(g2.to(dt), x2.to(dt), A, B, scaling, need_A, need_B)
+    gd = gemm_dtype or dt
+    if n_dense == 0:
+        d = _gemm_into(g2.to(gd).t(), x2.to(gd), dt, out).mul_(keep)
         return ((B.t() * scaling) @ d if need_A else None), ((d @ A.t()).mul_(scaling) if need_B else None)
+    # some rows whole: the dense GEMM over the other rows only
+    sparse = (~dense_rows).nonzero().squeeze(1)
+    dense = dense_rows.nonzero().squeeze(1)
+    d = (g2.index_select(1, sparse).to(gd).t() @ x2.to(gd)).to(dt).mul_(keep.index_select(0, sparse))
     g2a, x2a = g2.to(dt), x2.to(dt)
-    s = scaling if grad_mode == "lors_scaled" else 1.0
-    grad_B = (g2a.t() @ (x2a @ A.t())).mul_(s) if need_B else None
-    grad_A = ((g2a @ B).t() @ x2a).mul_(s) if need_A else None
+    g_dense = g2a.index_select(1, dense)
+    grad_A = grad_B = None
+    if need_B:
+        grad_B = torch.empty_like(B)
+        grad_B[sparse] = (d @ A.t()).mul_(scaling)
+        grad_B[dense] = (g_dense.t() @ (x2a @ A.t())).mul_(scaling)
+    if need_A:
+        grad_A = (B.index_select(0, sparse).t() @ d).add_((g_dense @ B.index_select(0, dense)).t() @ x2a)
+        grad_A.mul_(scaling)
     return grad_A, grad_B
+
+
+def _gemm_into(a: torch.Tensor, b: torch.Tensor, dt: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b`` in ``dt``; into ``out`` (no allocation) when the GEMM already runs in ``dt`` and ``out`` fits."""
+    if out is not None and a.dtype == dt and out.dtype == dt and out.shape == (a.shape[0], b.shape[1]):
+        return torch.mm(a, b, out=out)
+    return (a @ b).to(dt)
 
 
 def masked_lora(

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from prune_peft.sparsity.adapters import masked_lora, masked_lora_merged, spp, spp_branch, spp_delta, spp_merged
+from prune_peft.sparsity.adapters import (
+    kept_rows,
+    masked_lora,
+    masked_lora_merged,
+    spp,
+    spp_branch,
+    spp_delta,
+    spp_merged,
+)
 from prune_peft.sparsity.packing import pack_mask
 from prune_peft.tuners.spp.layer import spp_blocks
 
@@ -53,6 +61,41 @@ def test_masked_lora_equals_dense_oracle(tensors):
     torch.testing.assert_close(y, ref)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_kept_rows_reads_whole_rows_including_the_padded_last_byte():
+    mask = torch.ones(4, 10, dtype=torch.bool)  # 10 columns: one full byte and two bits of a padded one
+    mask[1, 9] = False  # cleared in the tail byte
+    mask[2, 3] = False  # cleared in the full byte
+    assert kept_rows(pack_mask(mask), 10).tolist() == [True, False, False, True]
+    assert kept_rows(pack_mask(torch.ones(3, 16, dtype=torch.bool)), 16).all()
+
+
+@pytest.mark.parametrize("rows", ["none", "some", "all"])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_rows_the_mask_keeps_whole_take_the_low_rank_gradient_with_the_same_values(tensors, rows, with_base):
+    """Whole rows skip the dense Gᵀ X share (and an all-ones mask skips it entirely): same values as the oracle."""
+    t = tensors
+    mask = t["mask"].clone()
+    if rows != "none":
+        mask[: D_OUT if rows == "all" else D_OUT // 3] = True
+    assert int(kept_rows(pack_mask(mask), D_IN).sum()) == {"none": 0, "some": D_OUT // 3, "all": D_OUT}[rows]
+    W = torch.randn(D_OUT, D_IN, dtype=F64, generator=torch.Generator().manual_seed(1)) * mask
+    leaves = (t["x"], t["A"], t["B"])
+
+    def fn(x, A, B):
+        if with_base:
+            return masked_lora(x, lambda: W, None, A, B, pack_mask(mask), D_IN, 0.7)
+        return masked_lora(x, None, None, A, B, pack_mask(mask), D_IN, 0.7)
+
+    y = fn(*leaves)
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    ref = torch.nn.functional.linear(t["x"], (W if with_base else 0) + 0.7 * (t["B"] @ t["A"]) * mask)
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+    torch.testing.assert_close(y, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    assert gradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("grad_mode, factor", [("lors", 1.0), ("lors_scaled", 0.7)])
