@@ -24,7 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/adapters.md", "docs/distill.md", "docs/kernels.md", "docs/loraprune.md", "docs/qtuning.md")
+DOCS = (
+    "README.md",
+    "docs/adapters.md",
+    "docs/distill.md",
+    "docs/kernels.md",
+    "docs/loraprune.md",
+    "docs/qtuning.md",
+    "docs/distributed.md",
+)
 MARKER = re.compile(r"<!-- report:(?P<name>[a-z0-9-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 
 Results = dict[str, dict | None]
@@ -544,6 +552,38 @@ def sparse24_gpu_section(res: Results) -> str:
     return head + "\n\n" + table(["measurement (bf16, dense ÷ sparse time)", "goal", "result"], rows)
 
 
+def distributed_section(res: Results) -> str:
+    """Peak RSS per rank of LoRAPrune and SparseLoRA at 1 process, 1 FSDP2 rank and 2 FSDP2 ranks."""
+    d = res.get("distributed")
+    if not d:
+        return missing("distributed", "python benchmarks/distributed.py")
+    s = d["settings"]
+    labels = {"single": "1 process, unsharded", "fsdp2x1": "1 rank, fully_shard", "fsdp2x2": "2 ranks, fully_shard"}
+    rows = []
+    for config, layouts in d["memory"].items():
+        single = layouts["single"][0]["peak_rss_mb"]
+        for layout, ranks in layouts.items():
+            peak = max(r["peak_rss_mb"] for r in ranks)
+            rows.append([
+                "LoRAPrune" if config == "loraprune" else "SparseLoRA", labels.get(layout, layout),
+                " / ".join(f"{r['peak_rss_mb']:.0f}" for r in ranks),
+                " / ".join(f"{r['model_rss_mb']:.0f}" for r in ranks),
+                " / ".join(f"{r['training_mb']:.0f}" for r in ranks),
+                "1×" if layout == "single" else x(peak / single),
+            ])  # fmt: skip
+    head = (
+        f"Run: {run_note(d)}. SmolLM2-135M fp32, global batch {s['batch']} × {s['seqlen']} tokens split over the "
+        f"ranks, {s['steps']} steps, {s['threads']} threads per layout. MiB per rank (rank 0 / rank 1); peak = the "
+        "resident high-water mark from the sharded, paged-in model to the end of training (the whole-checkpoint "
+        "load every rank does before `fully_shard` is not counted); it includes the Python/torch runtime "
+        f"(≈ {d['memory']['loraprune']['single'][0]['runtime_rss_mb']:.0f} MiB per process), which no sharding "
+        "reduces."
+    )
+    header = ["method", "layout", "peak RSS", "RSS with the model", "training (peak − model)",
+              "largest rank ÷ 1 process (peak)"]  # fmt: skip
+    return head + "\n\n" + table(header, rows)
+
+
 SECTIONS: dict[str, Callable[[Results], str]] = {
     "readme-benchmarks": readme_benchmarks,
     "adapters": adapters_section,
@@ -554,8 +594,9 @@ SECTIONS: dict[str, Callable[[Results], str]] = {
     "distill-quality": distill_quality,
     "qtuning": qtuning_section,
     "sparse24-gpu": sparse24_gpu_section,
+    "distributed": distributed_section,
 }
-BENCHMARKS = ("oneshot", "adapters", "adapters_bf16", "loraprune", "qtuning", "distill", "sparse24_gpu")
+BENCHMARKS = ("oneshot", "adapters", "adapters_bf16", "loraprune", "qtuning", "distill", "sparse24_gpu", "distributed")
 
 
 # ----------------------------------------------------------------------------------------------------------- driver
