@@ -1,7 +1,7 @@
 """Extract and run the fenced code blocks of README.md and docs/*.md (used by tests/test_docs_blocks.py).
 
 A block runs as a reader would run it: ``python`` blocks are executed in a fresh namespace, ``bash`` blocks run their
-``prune-peft ...`` commands through the CLI's ``main`` and their ``python examples/...`` commands as subprocesses,
+``prune-peft ...`` commands through the CLI's ``main`` and their ``python examples/...`` commands with ``runpy`` (in this process, ``sys.argv`` set),
 and all blocks of one document share one working directory, in document order (a later block may read what an
 earlier one wrote). ``text`` blocks (diagrams, output, synopses) are not code and are not run.
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,10 +206,15 @@ def _run_command(block: Block, argv: list[str], cwd: Path) -> None:
         assert rc == 0, f"{block.where}: `{shlex.join(argv)}` exited with {rc}"
     elif argv[0] == "python" and len(argv) > 1 and argv[1].startswith("examples/"):
         script = ROOT / argv[1]  # the docs say: run from the repository root
-        proc = subprocess.run(
-            [sys.executable, str(script), *argv[2:]], cwd=cwd, capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, f"{block.where}: `{shlex.join(argv)}` failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        # in this process, as `python script args` would run it (argv, __main__), without a second interpreter start
+        saved = sys.argv
+        sys.argv = [str(script), *argv[2:]]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exc:
+            assert exc.code in (0, None), f"{block.where}: `{shlex.join(argv)}` exited with {exc.code}"
+        finally:
+            sys.argv = saved
     else:
         raise AssertionError(
             f"{block.where}: `{shlex.join(argv)}`: only `prune-peft ...` and `python examples/...` commands are run; "

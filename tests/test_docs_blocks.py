@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from docs_blocks_lib import LANGS, ROOT, doc_files, extract, run_block, stray_markers
 
 DOCS = doc_files()
