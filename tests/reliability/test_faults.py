@@ -302,3 +302,131 @@ def test_atomic_file_live_writer_temp_kept(tmp_path):
     live.write_text("in progress")
     atomic_write_text(tmp_path / "out.txt", "x")
     assert live.read_text() == "in progress"
+
+
+CLI_DISTILL = """
+import sys
+from prune_peft.cli import main
+sys.exit(main(["distill", "--teacher", {model!r}, "--dataset", "arithmetic", "--n", "4", "--template", "math",
+               "--max-new-tokens", "2", "--batch-size", "2", "--out", {out!r}, "--cache-dir", {cache!r},
+               "--overwrite"]))
+"""
+
+
+def _distill_rows(path: Path) -> list:
+    from datasets import load_from_disk
+
+    return load_from_disk(str(path)).to_list()
+
+
+@pytest.fixture(scope="module")
+def distilled_ref(tiny_folder, tmp_path_factory):
+    """An uninterrupted run: what every killed-then-rerun distill must end with."""
+    d = tmp_path_factory.mktemp("distill-ref")
+    code = CLI_DISTILL.format(model=str(tiny_folder), out=str(d / "out"), cache=str(d / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return _distill_rows(d / "out")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_cli_distill_overwrite_killed(tmp_path, tiny_folder, distilled_ref, phase):
+    """SIGKILL in distill's first atomic write (a cache shard, or the --out swap when the shard has no old copy):
+    --out is the old or the complete new dataset, and the rerun resumes from the cache to the uninterrupted result."""
+    out, cache = tmp_path / "distilled", tmp_path / "cache"
+    out.mkdir()
+    (out / "distill_stats.json").write_text('{"old": true}')
+    old = tree(out)
+    code = CLI_DISTILL.format(model=str(tiny_folder), out=str(out), cache=str(cache))
+    run_killed(code, phase)
+
+    def is_new(o):
+        assert _distill_rows(o) == distilled_ref
+
+    state = check_old_or_new(out, old, is_new)
+    assert state == ("new" if phase == "dir-new-in" else "old")
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _distill_rows(out) == distilled_ref
+    shards = cache / "shards"
+    assert not [p.name for p in shards.iterdir() if p.name.startswith(".")], "temp shards of the killed run left"
+
+
+RESUME_SIDE_FILE = """
+import torch
+from prune_peft.callbacks.prune import PruneCallback
+
+
+class Driver:
+    key = "d"
+
+    def tensors(self):
+        return {{"imp": torch.arange(6.0)}}
+
+    def state_dict(self):
+        return {{}}
+
+
+class Args:
+    output_dir, resume_from_checkpoint, should_save = {out!r}, None, True
+
+
+class State:
+    global_step = 3
+
+
+cb = PruneCallback()
+cb.drivers = [Driver()]
+cb._args, cb._state = Args(), State()
+cb.state()
+"""
+
+
+def test_resume_side_file_write_killed(tmp_path):
+    """SIGKILL while the side file is written (before trainer_state.json would make the checkpoint resumable): no
+    partial side file; the temp file is cleaned by the next write; resuming that checkpoint is refused, naming it."""
+    import torch
+
+    from prune_peft.callbacks.prune import SIDE_FILE, PruneCallback
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    run_killed(RESUME_SIDE_FILE.format(out=str(tmp_path)), "file-written")
+    assert not (ckpt / SIDE_FILE).exists()
+    leftovers = [p.name for p in ckpt.iterdir()]
+    assert leftovers and all(n.startswith(f".{SIDE_FILE}.") for n in leftovers)  # the dead writer's temp only
+
+    class Driver:
+        key = "d"
+
+        def tensors(self):
+            return {"imp": torch.arange(6.0)}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, s):
+            pass
+
+        def load_tensors(self, t):
+            self.loaded = t
+
+    claimed = {"drivers": {"d": {}}, "side_file": True, "side_sha256": "0" * 64}
+    cb = PruneCallback()
+    cb.drivers = [Driver()]
+    with pytest.raises(FileNotFoundError, match=SIDE_FILE):
+        cb._restore(_Args(tmp_path), _State(3, {"attributes": {"saved": claimed}}))
+    assert not hasattr(cb.drivers[0], "loaded")
+    cb._args, cb._state = _Args(tmp_path), _State(3)
+    cb.state()  # the next save of that step: complete file, the dead temp gone
+    assert [p.name for p in ckpt.iterdir()] == [SIDE_FILE]
