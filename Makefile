@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/qtuning.py --n-train 64 --n-eval 32 --batch-size 8 --max-length 128 --pairs 3 \
 		--pair-steps 2 --threads 2
 	$(BIN)/python benchmarks/distill.py --tp-prompts 24 --tp-tokens 40 --repeats 3 --threads 1
+	$(BIN)/python benchmarks/quality.py --seeds 3 --threads 2
 	$(BIN)/python benchmarks/sparse24_gpu.py --batch 8 --seqlen 512 --sft-steps 10
 	$(BIN)/python benchmarks/report.py
 
@@ -63,6 +64,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/loraprune.py --quick --skip-quality
 	$(BIN)/python benchmarks/qtuning.py --quick
 	$(BIN)/python benchmarks/distill.py --quick
+	$(BIN)/python benchmarks/quality.py --quick
 	$(BIN)/python benchmarks/sparse24_gpu.py --quick
 
 report: $(STAMP)

@@ -32,6 +32,7 @@ DOCS = (
     "docs/loraprune.md",
     "docs/qtuning.md",
     "docs/distributed.md",
+    "docs/oneshot.md",
 )
 MARKER = re.compile(r"<!-- report:(?P<name>[a-z0-9-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 
@@ -584,7 +585,66 @@ def distributed_section(res: Results) -> str:
     return head + "\n\n" + table(header, rows)
 
 
+# ----------------------------------------------------------------------------------- quality evidence (issue #18)
+
+QUALITY_SECTIONS = {  # report section → the comparisons of benchmarks/quality.py it shows
+    "quality-oneshot": ("oneshot", "owl"),
+    "quality-loraprune": ("loraprune",),
+    "quality-recovery": ("recovery",),
+    "quality-qtuning": ("qtuning",),
+    "quality-distill": ("distill",),
+    "quality-sste": ("sste",),
+}
+
+
+def _ci(mean: float, lo: float, hi: float, digits: int = 2, signed: bool = False) -> str:
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def quality_comparison(q: dict, name: str) -> str:
+    """One comparison of quality.json: its claim, arms (ppl with 95 % interval) and paired verdicts."""
+    c = (q.get("comparisons") or {}).get(name)
+    if not c:
+        return f"*{name}*: not measured yet — run `make bench`."
+    s = c.get("settings", {})
+    head = (
+        f"**{name}** — {s.get('seeds')} seed(s) × {s.get('eval_windows')} held-out windows of "
+        f"{s.get('eval_seqlen')} tokens; mean and 95 % interval by bootstrap over seeds × windows. "
+        f"Paper's claim: {c['claim']}"
+    )
+    d = c.get("dense")
+    rows = [["dense (unpruned)", _ci(d["ppl"], d["ppl_lo"], d["ppl_hi"]), "–"]] if d else []
+    for arm, r in c["arms"].items():
+        rows.append([arm, _ci(r["ppl"], r["ppl_lo"], r["ppl_hi"]), f"{r['seeds']} × {r['windows']}"])
+    verdicts = [
+        [key, _ci(v["mean"], v["lo"], v["hi"], 4, signed=True), v["verdict"]] for key, v in c["comparisons"].items()
+    ]
+    return (
+        head
+        + "\n\n"
+        + table(["arm", "perplexity [95 % CI]", "seeds × windows"], rows)
+        + "\n\n"
+        + table(["comparison (method − baseline)", "Δ NLL per token [95 % CI]", "verdict"], verdicts)
+    )
+
+
+def quality_section(section: str) -> Callable[[Results], str]:
+    def render_section(res: Results) -> str:
+        q = res.get("quality")
+        names = QUALITY_SECTIONS[section]
+        if not q:
+            return "; ".join(f"*{n}*" for n in names) + ": not measured yet — run `make bench`."
+        parts = [f"Run: {run_note(q)}. {q.get('model', '')}."]
+        parts += [quality_comparison(q, n) for n in names]
+        return "\n\n".join(parts)
+
+    render_section.__name__ = section.replace("-", "_")
+    return render_section
+
+
 SECTIONS: dict[str, Callable[[Results], str]] = {
+    **{name: quality_section(name) for name in QUALITY_SECTIONS},
     "readme-benchmarks": readme_benchmarks,
     "adapters": adapters_section,
     "adapters-bf16": adapters_bf16_section,
@@ -596,7 +656,17 @@ SECTIONS: dict[str, Callable[[Results], str]] = {
     "sparse24-gpu": sparse24_gpu_section,
     "distributed": distributed_section,
 }
-BENCHMARKS = ("oneshot", "adapters", "adapters_bf16", "loraprune", "qtuning", "distill", "sparse24_gpu", "distributed")
+BENCHMARKS = (
+    "oneshot",
+    "adapters",
+    "adapters_bf16",
+    "loraprune",
+    "qtuning",
+    "distill",
+    "sparse24_gpu",
+    "distributed",
+    "quality",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------- driver

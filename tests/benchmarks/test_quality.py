@@ -1,0 +1,68 @@
+"""benchmarks/quality.py's pure helpers and its report sections (no benchmark run)."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import quality
+import report
+
+
+def test_window_nll_matches_library_perplexity(tiny_model):
+    from prune_peft import perplexity
+
+    model = tiny_model("llama")
+    tokens = torch.randint(3, 250, (5 * 16 + 3,), generator=torch.Generator().manual_seed(0))
+    nll = quality.window_nll(model, tokens, seqlen=16, windows=5)
+    assert len(nll) == 5
+    ref = perplexity(model, tokens=tokens[: 5 * 16], seqlen=16, max_windows=5)
+    assert math.exp(sum(nll) / 5) == pytest.approx(ref, rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than"):
+        quality.window_nll(model, tokens[:20], seqlen=16, windows=5)
+
+
+def test_summarize_and_compare():
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.3, size=(3, 8))
+    s = quality.summarize(base.tolist())
+    assert s["ppl"] == pytest.approx(math.exp(base.mean())) and s["ppl_lo"] < s["ppl"] < s["ppl_hi"]
+    c = quality.compare((base - 0.1).tolist(), base.tolist(), "lower")
+    assert c["mean"] == pytest.approx(-0.1) and c["verdict"] == "reproduces the paper's direction"
+    c = quality.compare((base + 0.1).tolist(), base.tolist(), "lower")
+    assert c["verdict"] == "contradicts"
+
+
+def test_estimate_is_positive_and_scales_with_seeds():
+    one = quality.estimate_seconds({**quality.FULL, "seeds": 1}, quality.PER_TOKEN_S)
+    three = quality.estimate_seconds(quality.FULL, quality.PER_TOKEN_S)
+    assert set(one) == set(quality.COMPARISONS)
+    for k in one:
+        assert three[k] == pytest.approx(3 * one[k]) and one[k] > 0
+    assert quality.QUICK["seeds"] == 1 and quality.FULL["seeds"] >= 3
+
+
+def test_report_sections_render_results_and_missing():
+    arm = {"ppl": 20.0, "ppl_lo": 19.0, "ppl_hi": 21.0, "seeds": 3, "windows": 8}
+    q = {
+        "model": "m",
+        "comparisons": {
+            "owl": {
+                "claim": "OWL beats uniform",
+                "settings": {"seeds": 3, "eval_windows": 8, "eval_seqlen": 512},
+                "dense": arm,
+                "arms": {"wanda 70% owl": arm},
+                "comparisons": {
+                    "wanda 70%: owl vs uniform": {"mean": -0.05, "lo": -0.08, "hi": -0.02, "verdict": "reproduces"}
+                },
+            }
+        },
+    }
+    text = report.SECTIONS["quality-oneshot"]({"quality": q})
+    assert "OWL beats uniform" in text and "20.00 [19.00, 21.00]" in text and "-0.0500 [-0.0800, -0.0200]" in text
+    assert "*oneshot*: not measured yet — run `make bench`" in text  # the other comparison of the section
+    assert "not measured yet — run `make bench`" in report.SECTIONS["quality-qtuning"]({"quality": None})
