@@ -12,6 +12,10 @@ Comparisons (``--only NAME`` runs one; default: all implemented ones):
 
 - ``oneshot`` (issue item 6): Wanda and SparseGPT at 50 % unstructured and 2:4 with calibration grids of
   nsamples × seqlen; the seed is the calibration draw. Verdict: the most calibration data vs the library default.
+- ``sste`` (item 5): a tiny llama (hidden 64, 4 layers, byte vocabulary; a tiny model makes the point and trains
+  in minutes) trained from scratch on Shakespeare bytes, dense vs S-STE (``apply_sste``) vs hard STE with SR-STE's
+  masked decay (the paper's baseline; forward W ⊙ top-2-of-4(|W|), straight-through backward, grad += 2e-4·(1−M)⊙W),
+  same data order and steps per seed. Held-out NLL gap to dense and the mask flip rate per step.
 - ``owl`` (item 7): OWL layerwise sparsity (``sparsity_profile="owl"``, M = 5, λ = 0.08) vs uniform, Wanda and
   SparseGPT at 50 % and 70 % unstructured, paired on the same calibration draw.
 
@@ -34,7 +38,9 @@ import math
 import os
 import time
 from collections.abc import Callable
+from functools import cached_property
 
+import torch
 from _bench import results_path, start_stamp, write_results
 from _stats import bootstrap_ci, paired_diff_ci, verdict
 
@@ -50,6 +56,9 @@ FULL = {
     "eval_seqlen": 512,
     "oneshot_grid": [[32, 512], [128, 512], [32, 2048]],
     "owl_calibration": [32, 512],
+    "sste_steps": 300,
+    "sste_batch": 8,
+    "sste_seqlen": 128,
 }
 QUICK = {
     "seeds": 1,
@@ -57,6 +66,9 @@ QUICK = {
     "eval_seqlen": 256,
     "oneshot_grid": [[4, 128], [8, 128]],
     "owl_calibration": [4, 128],
+    "sste_steps": 20,
+    "sste_batch": 4,
+    "sste_seqlen": 64,
 }
 
 CLAIMS = {
@@ -70,6 +82,11 @@ CLAIMS = {
         'and 6.80 perplexity at a high sparsity level of 70%, respectively" (Yin et al. 2023, arXiv 2310.05175, '
         "abstract; LLaMA-7B, WikiText)"
     ),
+    "sste": (
+        "S-STE (continuous soft-threshold 2:4 projection + frozen per-tensor scale) avoids hard thresholding's mask "
+        "oscillation and trains closer to the dense model than earlier 2:4 recipes such as SR-STE (paraphrase of Hu, "
+        "Zhu, Chen, NeurIPS 2024, arXiv 2409.09099, abstract)"
+    ),
 }
 
 
@@ -79,8 +96,6 @@ CLAIMS = {
 def window_nll(model, tokens, seqlen: int, windows: int) -> list[float]:
     """Mean token NLL of each of ``windows`` disjoint windows of ``seqlen`` tokens (what the bootstrap resamples);
     exp(mean over windows) is the perplexity of ``prune_peft.perplexity`` on the same windows."""
-    import torch
-
     ids = tokens.reshape(-1)[: windows * seqlen]
     if ids.numel() < windows * seqlen:
         raise ValueError(f"held-out text has {ids.numel()} tokens, fewer than {windows} windows × {seqlen}")
@@ -121,7 +136,9 @@ def estimate_seconds(settings: dict, per_token_s: dict[str, float]) -> dict[str,
     grid = sum(n * L for n, L in settings["oneshot_grid"])
     owl_tokens = settings["owl_calibration"][0] * settings["owl_calibration"][1]
     both = per_token_s["wanda"] + per_token_s["sparsegpt"]
+    steps = settings["sste_steps"] * settings["sste_batch"] * settings["sste_seqlen"]
     return {
+        "sste": s * 3 * steps * 4e-5,  # 3 arms of a tiny model
         "oneshot": s * 2 * grid * both,  # 2 patterns
         "owl": s * 2 * 2 * owl_tokens * both * 1.3,  # 2 sparsities × 2 profiles; OWL adds a dense pass
     }
@@ -135,23 +152,40 @@ PER_TOKEN_S = {"wanda": 2.0e-3, "sparsegpt": 3.0e-3}
 
 
 class Context:
-    """The dense model, tokenizer, calibration texts and held-out tokens, loaded once and shared by comparisons."""
+    """The dense model, tokenizer, calibration texts and held-out tokens, loaded on first use and shared by the
+    comparisons (the tiny-model comparison never loads SmolLM2)."""
 
     def __init__(self, settings: dict) -> None:
-        import torch
+        self.settings = settings
+        self._dense: list[float] | None = None
 
+    @cached_property
+    def _loaded(self):
         from prune_peft.data import shakespeare_texts
         from prune_peft.evaluation import tokenize_stream
         from prune_peft.models import load_model_and_tokenizer
 
-        self.settings = settings
-        self.model, self.tok = load_model_and_tokenizer(MODEL)
-        self.model.eval()
-        self.train_texts = shakespeare_texts("train")
-        need = settings["eval_windows"] * settings["eval_seqlen"] + 1
-        self.heldout = tokenize_stream(shakespeare_texts("heldout"), self.tok, max_tokens=need)
-        torch.manual_seed(0)
-        self._dense: list[float] | None = None
+        model, tok = load_model_and_tokenizer(MODEL)
+        model.eval()
+        need = self.settings["eval_windows"] * self.settings["eval_seqlen"] + 1
+        heldout = tokenize_stream(shakespeare_texts("heldout"), tok, max_tokens=need)
+        return model, tok, shakespeare_texts("train"), heldout
+
+    @property
+    def model(self):
+        return self._loaded[0]
+
+    @property
+    def tok(self):
+        return self._loaded[1]
+
+    @property
+    def train_texts(self):
+        return self._loaded[2]
+
+    @property
+    def heldout(self):
+        return self._loaded[3]
 
     def nll(self, model) -> list[float]:
         return window_nll(model, self.heldout, self.settings["eval_seqlen"], self.settings["eval_windows"])
@@ -268,19 +302,124 @@ def cmp_owl(ctx: Context) -> dict:
     }
 
 
-COMPARISONS: dict[str, Callable[[Context], dict]] = {"oneshot": cmp_oneshot, "owl": cmp_owl}
+class _HardTop24(torch.autograd.Function):
+    """Hard 2:4 (top-2 of every 4 by magnitude) forward, straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        from prune_peft.sparsity.sste import topk24_mask
+
+        return w * topk24_mask(w).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class HardSTE(torch.nn.Module):
+    """The baseline of S-STE's paper (hard thresholding + STE; SR-STE, Zhou et al. 2021, arXiv 2102.04010, adds the
+    masked decay in the training loop), as a ``torch.nn.utils.parametrize`` parametrization of ``weight``."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _HardTop24.apply(w)
+
+
+SR_STE_DECAY = 2e-4  # SR-STE's λ_W
+
+
+def _byte_stream(split: str, n_tokens: int):
+    from prune_peft.data import shakespeare_texts
+    from prune_peft.evaluation import tokenize_stream
+    from prune_peft.testing import byte_tokenizer
+
+    return tokenize_stream(shakespeare_texts(split), byte_tokenizer(), max_tokens=n_tokens)
+
+
+def _train_tiny(arm: str, seed: int, st: dict, train, heldout) -> tuple[list[float], list[float]]:
+    """Train one arm of the S-STE comparison; its held-out window NLLs and per-step mask flip fractions."""
+    from torch.nn.utils import parametrize
+
+    from prune_peft.callbacks.sste import apply_sste
+    from prune_peft.sparsity.sste import MaskFlipTracker, topk24_mask
+    from prune_peft.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", seed=seed).train()
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and "lm_head" not in n}
+    weights = {n: m.weight for n, m in linears.items()}
+    if arm == "sste":
+        apply_sste(model, lambda n: n in linears)
+    elif arm == "hard":
+        for m in linears.values():
+            parametrize.register_parametrization(m, "weight", HardSTE())
+        weights = {n: m.parametrizations.weight.original for n, m in linears.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)  # same data order for every arm of a seed
+    B, L = st["sste_batch"], st["sste_seqlen"]
+    tracker, flips = MaskFlipTracker(), []
+    tracker.update(weights)
+    for _ in range(st["sste_steps"]):
+        starts = torch.randint(0, train.numel() - L - 1, (B,), generator=g)
+        x = torch.stack([train[i : i + L] for i in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        if arm == "hard":
+            with torch.no_grad():
+                for w in weights.values():
+                    w.grad.add_(w * (~topk24_mask(w)).to(w.dtype), alpha=SR_STE_DECAY)
+        opt.step()
+        if arm != "dense":
+            flips.append(tracker.update(weights)["flip_fraction"])
+    return window_nll(model, heldout, L, st["eval_windows"]), flips
+
+
+def cmp_sste(ctx: Context) -> dict:
+    """Item 5: S-STE vs hard STE (SR-STE-style) vs dense on a tiny 2:4 training task."""
+    st = ctx.settings
+    train = _byte_stream("train", 400_000)
+    heldout = _byte_stream("heldout", st["eval_windows"] * st["sste_seqlen"] + 1)
+    rows: dict[str, list] = {"dense": [], "sste": [], "hard": []}
+    flip: dict[str, list] = {"sste": [], "hard": []}
+    for seed in range(st["seeds"]):
+        for arm in rows:
+            nll, flips = _train_tiny(arm, seed, st, train, heldout)
+            rows[arm].append(nll)
+            if arm in flip:
+                flip[arm].append(flips)
+            print(f"sste {arm} seed {seed}: held-out NLL {sum(nll) / len(nll):.4f}", flush=True)
+    arms = {arm: summarize(r) for arm, r in rows.items()}
+    for arm, f in flip.items():
+        arms[arm]["mean_flip_fraction_per_step"] = bootstrap_ci(f)
+    verdicts = {
+        "S-STE vs hard STE (held-out NLL)": compare(rows["sste"], rows["hard"], "lower"),
+        "S-STE vs dense (gap)": paired_diff_ci(rows["sste"], rows["dense"]),
+        "hard STE vs dense (gap)": paired_diff_ci(rows["hard"], rows["dense"]),
+        "S-STE vs hard STE (mask flip fraction per step)": compare(flip["sste"], flip["hard"], "lower"),
+    }
+    for k in ("S-STE vs dense (gap)", "hard STE vs dense (gap)"):
+        verdicts[k]["verdict"] = "gap to dense (no paper direction; lower is closer)"
+    return {
+        "claim": CLAIMS["sste"],
+        "metric": "held-out byte NLL per window (lower is better); flip fraction = share of 2:4 positions whose "
+        "kept/pruned status changed in one optimizer step (the flip rows are seeds × steps)",
+        "task": f"tiny llama from scratch, {st['sste_steps']} AdamW steps (lr 3e-3) of {st['sste_batch']} × "
+        f"{st['sste_seqlen']} bytes of Shakespeare; hard STE decay λ_W = {SR_STE_DECAY}",
+        "arms": arms,
+        "comparisons": verdicts,
+        "seed_meaning": "model initialisation and data order (shared by the arms of a seed)",
+    }
+
+
+COMPARISONS: dict[str, Callable[[Context], dict]] = {"oneshot": cmp_oneshot, "owl": cmp_owl, "sste": cmp_sste}
 NOT_IMPLEMENTED = {
     "loraprune": "item 1 (LoRAPrune vs full-gradient importance vs magnitude + LoRA)",
     "recovery": "item 2 (SparseLoRA / SPP / LoRA-remask recovery of a 2:4 base)",
     "qtuning": "item 3 (Q-Tuning vs random vs full data, direction and ablations)",
     "distill": "item 4 (self-data distillation vs original responses)",
-    "sste": "item 5 (S-STE vs hard STE)",
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=sorted(COMPARISONS), action="append", help="run only this comparison")
     ap.add_argument("--quick", action="store_true", help="one seed, tiny calibration, few windows; results/quick/")

@@ -66,3 +66,23 @@ def test_report_sections_render_results_and_missing():
     assert "OWL beats uniform" in text and "20.00 [19.00, 21.00]" in text and "-0.0500 [-0.0800, -0.0200]" in text
     assert "*oneshot*: not measured yet — run `make bench`" in text  # the other comparison of the section
     assert "not measured yet — run `make bench`" in report.SECTIONS["quality-qtuning"]({"quality": None})
+
+
+def test_hard_ste_baseline_is_top2of4_forward_and_identity_backward():
+    w = torch.tensor([[0.1, -0.5, 0.3, 0.05, 1.0, -2.0, 0.2, 0.0]], requires_grad=True)
+    out = quality.HardSTE()(w)
+    assert torch.equal(out.detach(), torch.tensor([[0.0, -0.5, 0.3, 0.0, 1.0, -2.0, 0.0, 0.0]]))
+    g = torch.arange(8.0).reshape(1, 8)
+    out.backward(g)
+    assert torch.equal(w.grad, g)  # straight-through: pruned weights get their gradient too
+
+
+def test_sste_arm_trains_and_tracks_flips():
+    """One tiny S-STE arm for 3 steps: finite window NLLs, one flip fraction per step in [0, 1]."""
+    st = {**quality.QUICK, "sste_steps": 3, "sste_batch": 2, "sste_seqlen": 16, "eval_windows": 2}
+    train = torch.randint(4, 260, (2000,), generator=torch.Generator().manual_seed(0))
+    held = torch.randint(4, 260, (40,), generator=torch.Generator().manual_seed(1))
+    for arm in ("sste", "hard"):
+        nll, flips = quality._train_tiny(arm, 0, st, train, held)
+        assert len(nll) == 2 and all(math.isfinite(v) for v in nll)
+        assert len(flips) == 3 and all(0 <= f <= 1 for f in flips)
