@@ -16,6 +16,10 @@ Comparisons (``--only NAME`` runs one; default: all implemented ones):
   in minutes) trained from scratch on Shakespeare bytes, dense vs S-STE (``apply_sste``) vs hard STE with SR-STE's
   masked decay (the paper's baseline; forward W ⊙ top-2-of-4(|W|), straight-through backward, grad += 2e-4·(1−M)⊙W),
   same data order and steps per seed. Held-out NLL gap to dense and the mask flip rate per step.
+- ``qtuning`` (item 3): LoRA SFT of SmolLM2-135M on generated arithmetic word problems (QTuningSFTTrainer), one
+  epoch: full data; Q-Tuning 25 % × 50 % keeping the high-score tokens (this library's default) and the low ones
+  (the opposite direction); sample-only (25 % × 100 %) and token-only (100 % × 50 %) ablations; random 25 % of the
+  samples at the same steps. Metric: held-out response-token NLL per problem (the "windows" are held-out problems).
 - ``owl`` (item 7): OWL layerwise sparsity (``sparsity_profile="owl"``, M = 5, λ = 0.08) vs uniform, Wanda and
   SparseGPT at 50 % and 70 % unstructured, paired on the same calibration draw.
 
@@ -59,6 +63,10 @@ FULL = {
     "sste_steps": 300,
     "sste_batch": 8,
     "sste_seqlen": 128,
+    "qtuning_train": 64,
+    "qtuning_eval": 32,
+    "qtuning_batch": 8,
+    "qtuning_max_length": 128,
 }
 QUICK = {
     "seeds": 1,
@@ -69,6 +77,10 @@ QUICK = {
     "sste_steps": 20,
     "sste_batch": 4,
     "sste_seqlen": 64,
+    "qtuning_train": 16,
+    "qtuning_eval": 8,
+    "qtuning_batch": 8,
+    "qtuning_max_length": 96,
 }
 
 CLAIMS = {
@@ -81,6 +93,11 @@ CLAIMS = {
         '"OWL exhibits a remarkable performance gain, surpassing the state-of-the-art Wanda and SparseGPT by 61.22 '
         'and 6.80 perplexity at a high sparsity level of 70%, respectively" (Yin et al. 2023, arXiv 2310.05175, '
         "abstract; LLaMA-7B, WikiText)"
+    ),
+    "qtuning": (
+        "Q-Tuning's joint sample + token pruning beats other data-pruning choices at the same budget and can beat "
+        "full-data SFT (project page / arXiv 2509.23873: SmolLM2-1.7B +38 % average over full-data SFT with 12.5 % of "
+        "the data; 25 % × 50 % on LLaMA2-7B ≈ full data)"
     ),
     "sste": (
         "S-STE (continuous soft-threshold 2:4 projection + frozen per-tensor scale) avoids hard thresholding's mask "
@@ -137,7 +154,9 @@ def estimate_seconds(settings: dict, per_token_s: dict[str, float]) -> dict[str,
     owl_tokens = settings["owl_calibration"][0] * settings["owl_calibration"][1]
     both = per_token_s["wanda"] + per_token_s["sparsegpt"]
     steps = settings["sste_steps"] * settings["sste_batch"] * settings["sste_seqlen"]
+    qt = settings["qtuning_train"] * settings["qtuning_max_length"]
     return {
+        "qtuning": s * 6 * qt * 0.02,  # 6 arms of LoRA SFT on SmolLM2-135M (forward + backward + scoring)
         "sste": s * 3 * steps * 4e-5,  # 3 arms of a tiny model
         "oneshot": s * 2 * grid * both,  # 2 patterns
         "owl": s * 2 * 2 * owl_tokens * both * 1.3,  # 2 sparsities × 2 profiles; OWL adds a dense pass
@@ -410,11 +429,129 @@ def cmp_sste(ctx: Context) -> dict:
     }
 
 
-COMPARISONS: dict[str, Callable[[Context], dict]] = {"oneshot": cmp_oneshot, "owl": cmp_owl, "sste": cmp_sste}
+def response_nll(model, tok, data, max_length: int) -> list[float]:
+    """Mean NLL of the completion tokens of each (prompt, completion) row, prompt tokens masked as trl's
+    completion-only loss does (prompt tokenized alone; completion = the rest of prompt + completion)."""
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for row in data:
+                ids = tok(row["prompt"] + row["completion"])["input_ids"][:max_length]
+                n_prompt = len(tok(row["prompt"])["input_ids"])
+                x = torch.tensor([ids])
+                logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+                nll = -logp.gather(-1, x[0, 1:, None])[:, 0]
+                out.append(nll[max(n_prompt - 1, 0) :].mean().item())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _sft_arm(ctx: Context, train, heldout, seed: int, batch: int, qt=None) -> list[float]:
+    import tempfile
+
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from prune_peft import QTuningCallback, QTuningSFTTrainer
+
+    st = ctx.settings
+    with tempfile.TemporaryDirectory(prefix="quality-qtuning-") as out:
+        trainer = QTuningSFTTrainer(
+            copy.deepcopy(ctx.model),
+            args=SFTConfig(
+                output_dir=out,
+                num_train_epochs=1,
+                per_device_train_batch_size=batch,
+                learning_rate=2e-4,
+                lr_scheduler_type="constant",
+                max_length=st["qtuning_max_length"],
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                bf16=False,
+                disable_tqdm=True,
+                seed=seed,
+                dataloader_num_workers=0,
+            ),
+            train_dataset=train,
+            processing_class=ctx.tok,
+            peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+            callbacks=[QTuningCallback(qt)] if qt is not None else [],
+        )
+        torch.manual_seed(seed)
+        trainer.train()
+        return response_nll(trainer.model, ctx.tok, heldout, st["qtuning_max_length"])
+
+
+def cmp_qtuning(ctx: Context) -> dict:
+    """Item 3: Q-Tuning vs random selection at the same steps vs full data; token direction; ablations."""
+    from prune_peft import QTuningConfig
+    from prune_peft.sft_data import arithmetic_problems
+
+    st = ctx.settings
+    B = st["qtuning_batch"]
+    heldout = arithmetic_problems(st["qtuning_eval"], seed=10_000).remove_columns("answer")
+
+    def q(sample: float, token: float, keep: str = "high"):
+        return QTuningConfig(sample_ratio=sample, token_ratio=token, token_keep=keep, plot=False)
+
+    rows: dict[str, list] = {}
+    for seed in range(st["seeds"]):
+        train = arithmetic_problems(st["qtuning_train"], seed=seed).remove_columns("answer")
+        arms = {
+            "full data": (train, B, None),
+            "Q-Tuning 25%×50% keep high": (train, B, q(0.25, 0.5)),
+            "Q-Tuning 25%×50% keep low": (train, B, q(0.25, 0.5, "low")),
+            "sample-only 25%×100%": (train, B, q(0.25, 1.0)),
+            "token-only 100%×50%": (train, B, q(1.0, 0.5)),
+            # Q-Tuning's training shape (same steps, a quarter of the samples per step) with a random choice
+            "random 25% same steps": (
+                train.shuffle(seed=seed + 1).select(range(max(1, len(train) // 4))),
+                max(1, B // 4),
+                None,
+            ),
+        }
+        for name, (data, batch, qt) in arms.items():
+            nll = _sft_arm(ctx, data, heldout, seed, batch, qt)
+            rows.setdefault(name, []).append(nll)
+            print(f"qtuning {name} seed {seed}: held-out response NLL {sum(nll) / len(nll):.4f}", flush=True)
+    base = response_nll(ctx.model, ctx.tok, heldout, st["qtuning_max_length"])
+    qt_main = rows["Q-Tuning 25%×50% keep high"]
+    verdicts = {
+        "Q-Tuning (keep high) vs random 25% same steps": compare(qt_main, rows["random 25% same steps"], "lower"),
+        "Q-Tuning (keep high) vs full data": compare(qt_main, rows["full data"], "lower"),
+        "Q-Tuning keep low vs random 25% same steps": compare(
+            rows["Q-Tuning 25%×50% keep low"], rows["random 25% same steps"], "lower"
+        ),
+        "sample-only vs random 25% same steps": compare(
+            rows["sample-only 25%×100%"], rows["random 25% same steps"], "lower"
+        ),
+        "token-only vs full data": compare(rows["token-only 100%×50%"], rows["full data"], "lower"),
+    }
+    return {
+        "claim": CLAIMS["qtuning"],
+        "metric": "held-out response-token NLL per problem (lower is better)",
+        "task": f"LoRA r=8 SFT, 1 epoch of {st['qtuning_train']} arithmetic problems, batch {B}, lr 2e-4 constant",
+        "dense": summarize([base]),
+        "arms": {name: summarize(r) for name, r in rows.items()},
+        "comparisons": verdicts,
+        "seed_meaning": "training problems, LoRA init and data order (shared by the arms of a seed); held-out "
+        "problems fixed",
+    }
+
+
+COMPARISONS: dict[str, Callable[[Context], dict]] = {
+    "oneshot": cmp_oneshot,
+    "owl": cmp_owl,
+    "sste": cmp_sste,
+    "qtuning": cmp_qtuning,
+}
 NOT_IMPLEMENTED = {
     "loraprune": "item 1 (LoRAPrune vs full-gradient importance vs magnitude + LoRA)",
     "recovery": "item 2 (SparseLoRA / SPP / LoRA-remask recovery of a 2:4 base)",
-    "qtuning": "item 3 (Q-Tuning vs random vs full data, direction and ablations)",
     "distill": "item 4 (self-data distillation vs original responses)",
 }
 

@@ -86,3 +86,16 @@ def test_sste_arm_trains_and_tracks_flips():
         nll, flips = quality._train_tiny(arm, 0, st, train, held)
         assert len(nll) == 2 and all(math.isfinite(v) for v in nll)
         assert len(flips) == 3 and all(0 <= f <= 1 for f in flips)
+
+
+def test_response_nll_matches_transformers_masked_loss(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    rows = [{"prompt": "Q: two plus two?\n", "completion": "A: four #### 4"}, {"prompt": "Hi ", "completion": "there"}]
+    got = quality.response_nll(model, tokenizer, rows, max_length=64)
+    for row, value in zip(rows, got):
+        ids = torch.tensor([tokenizer(row["prompt"] + row["completion"])["input_ids"]])
+        labels = ids.clone()
+        labels[0, : len(tokenizer(row["prompt"])["input_ids"])] = -100
+        with torch.no_grad():
+            ref = model(input_ids=ids, labels=labels).loss.item()
+        assert value == pytest.approx(ref, rel=1e-5)
