@@ -193,12 +193,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     memory: dict = {}
     for config in CONFIGS:
-        memory[config] = {}
-        for layout in LAYOUTS:
-            ranks = measure(config, layout, args)
-            memory[config][layout] = ranks
-            peaks = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in ranks)
+        measured = {}
+        for layout in sorted(LAYOUTS, key=lambda k: -LAYOUTS[k][0]):  # the 2-rank launch first: it fails soonest
+            measured[layout] = measure(config, layout, args)
+            peaks = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in measured[layout])
             print(f"[{config:11s} {layout:8s}] peak RSS per rank {peaks} MB", flush=True)
+        memory[config] = {layout: measured[layout] for layout in LAYOUTS}
     ratios = {}
     for config, layouts in memory.items():
         single = layouts["single"][0]["peak_rss_mb"]
