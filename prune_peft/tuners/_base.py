@@ -256,10 +256,14 @@ class SparseAdapterLayer:
     _pp_pending: Mapping[str, list | None] = MappingProxyType({})
 
     def _pp_adapter_floats(self, adapter: str) -> dict[str, torch.Tensor]:
+        """This adapter's float tensors (``lora_*.<adapter>...``; never the base layer's)."""
         return {
             k: v
             for k, v in self.state_dict(keep_vars=True).items()
-            if adapter in k.split(".") and v.is_floating_point() and v.device.type != "meta"
+            if k.split(".")[0].startswith("lora_")
+            and k.split(".")[1:2] == [adapter]
+            and v.is_floating_point()
+            and v.device.type != "meta"
         }
 
     def _pp_expect_load(self, adapter: str, digests: list | None) -> None:
