@@ -74,7 +74,8 @@ def channel_scores(
 
     The score is :func:`lora_importance` when LoRA gradients are given, :func:`grad_importance` when the base gradient
     ``grad_W`` is given, else the magnitude ``|W + s·B A|``. The whole layer is one fused pass of a handful of ops
-    (``Ĝ = [G_B, B]·[A − G_A; G_A]``, ``W + s·BA``, product, abs, sum) when it has at most 4 Mi elements; larger
+    (``Ĝ = [G_B, B]·[A − G_A; G_A]``, ``W + s·BA``, their product, its 1-norm along the summed dim) when it has at
+    most 4 Mi elements; larger
     layers go ``chunk`` rows at a time (default: 4 Mi elements' worth), which bounds the float32 temporaries at
     2 × 16 MiB whatever the model size.
 
@@ -93,21 +94,32 @@ def channel_scores(
     if chunk is None:
         chunk = d_out if d_out * d_in <= _FUSED_ELEMENTS else max(1, _FUSED_ELEMENTS // d_in)
 
+    W = weight.detach()
+    gW = grad_W.detach() if grad_W is not None else None
+
     def block(r0: int, r1: int) -> torch.Tensor:
-        merged = torch.addmm(weight[r0:r1].detach().float(), B32[r0:r1], A32, alpha=scaling)
+        """Signed Ĝ ⊙ (W + s·BA) of rows [r0, r1) (the |·| is taken inside the 1-norm reduction: one pass less)."""
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if (r0, r1) == (0, d_out) else t[r0:r1]  # whole layer: no slicing ops
+
+        merged = torch.addmm(rows(W).float(), rows(B32), A32, alpha=scaling)
         if lora:
-            return torch.mm(lhs[r0:r1], rhs).mul_(merged).abs_()
-        if grad_W is not None:
-            return merged.mul_(grad_W[r0:r1].detach().float()).abs_()
-        return merged.abs_()
+            return torch.mm(rows(lhs), rhs).mul_(merged)
+        if gW is not None:
+            return merged.mul_(rows(gW).float())
+        return merged
+
+    def l1(t: torch.Tensor, dim: int) -> torch.Tensor:  # Σ |t| along dim, abs fused into the reduction
+        return torch.linalg.vector_norm(t, ord=1, dim=dim)
 
     if chunk >= d_out:
-        return block(0, d_out).sum(1 if axis == "out" else 0)
+        return l1(block(0, d_out), 1 if axis == "out" else 0)
     if axis == "out":
-        return torch.cat([block(r0, min(d_out, r0 + chunk)).sum(1) for r0 in range(0, d_out, chunk)])
+        return torch.cat([l1(block(r0, min(d_out, r0 + chunk)), 1) for r0 in range(0, d_out, chunk)])
     cols = torch.zeros(d_in, dtype=torch.float32, device=weight.device)
     for r0 in range(0, d_out, chunk):
-        cols += block(r0, min(d_out, r0 + chunk)).sum(0)
+        cols += l1(block(r0, min(d_out, r0 + chunk)), 0)
     return cols
 
 
