@@ -52,6 +52,7 @@ bench: $(STAMP)
 		--pair-steps 2 --threads 2
 	$(BIN)/python benchmarks/distill.py --tp-prompts 24 --tp-tokens 40 --repeats 3 --threads 1
 	$(BIN)/python benchmarks/quality.py --seeds 3 --threads 2
+	$(BIN)/python benchmarks/distributed.py --batch 4 --seqlen 256 --steps 3 --threads 2
 	$(BIN)/python benchmarks/sparse24_gpu.py --batch 8 --seqlen 512 --sft-steps 10
 	$(BIN)/python benchmarks/report.py
 
@@ -65,6 +66,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/qtuning.py --quick
 	$(BIN)/python benchmarks/distill.py --quick
 	$(BIN)/python benchmarks/quality.py --quick
+	$(BIN)/python benchmarks/distributed.py --quick
 	$(BIN)/python benchmarks/sparse24_gpu.py --quick
 
 report: $(STAMP)

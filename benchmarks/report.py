@@ -457,6 +457,11 @@ def adapter_profile(a: dict) -> str:
         f"{sm.get('exact_backward_minus_lora_s', float('nan')):.2f} s longer than LoRA's "
         f"({x(sm.get('exact_backward_excess_over_extra_gemm'))} the extra GEMM)."
     )
+    if sm.get("exact_minus_lors_s") is not None:
+        head += (
+            f' Exact minus `grad_mode="lors"` (the same forward and input gradient): '
+            f"{sm['exact_minus_lors_s']:.2f} s per step, {x(sm['exact_minus_lors_over_extra_gemm'])} the extra GEMM."
+        )
     if profiler:
         head += f" Backward CPU time under torch.profiler ÷ LoRA's: {profiler}."
     header = ["adapter", "forward (÷ LoRA)", "backward (÷ LoRA)", "optimizer (÷ LoRA)", "backward CPU (÷ LoRA)"]

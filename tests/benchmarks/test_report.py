@@ -274,6 +274,8 @@ def test_adapter_profile_renders_the_floor_and_phases():
             "exact_step_vs_lora": 1.18,
             "exact_backward_minus_lora_s": 0.95,
             "exact_backward_excess_over_extra_gemm": 1.06,
+            "exact_minus_lors_s": 0.88,
+            "exact_minus_lors_over_extra_gemm": 0.98,
         },
         "backward_profiler": {"backward_cpu_vs_lora": {"lora": 1.0, "sparse_lora": 1.3}},
     }
@@ -282,6 +284,7 @@ def test_adapter_profile_renders_the_floor_and_phases():
     assert "measured 1.18× in the same rounds" in text and "(1.06× the extra GEMM)" in text
     assert "| SparseLoRA (default, exact gradients) | 1.00 s (1.00×) | 1.40 s (1.40×) |" in text
     assert "÷ LoRA's: SparseLoRA (default, exact gradients) 1.30×" in text
+    assert 'Exact minus `grad_mode="lors"` (the same forward and input gradient): 0.88 s per step, 0.98× the' in text
 
 
 def test_distill_goal_needs_identical_outputs():
