@@ -23,8 +23,11 @@ Comparisons (``--only NAME`` runs one; default: all implemented ones):
 - ``owl`` (item 7): OWL layerwise sparsity (``sparsity_profile="owl"``, M = 5, λ = 0.08) vs uniform, Wanda and
   SparseGPT at 50 % and 70 % unstructured, paired on the same calibration draw.
 
-Budget (2 CPU cores): the default settings were chosen for about an hour — see ``FULL`` and the estimate printed at
-the start. ``--quick`` runs one seed of each with tiny calibration and few windows (a smoke run, minutes) into
+Budget (2 CPU cores): the default settings were chosen for about an hour (estimate ≈ 58 min: oneshot 29, owl 15,
+qtuning 12, sste 2; printed at the start, see ``estimate_seconds``). That budget forces small calibration: the
+oneshot grid is 8 × 512 and 32 × 512 (the library's default 128 × 512 and seqlen 2048 cost 4× / 4× per sample; add
+them with ``--oneshot-grid 8x512,32x512,8x2048`` (+22 min) when time allows), OWL calibrates on 8 × 512, and every
+pruned model is evaluated on 8 held-out windows of 512 tokens. ``--quick`` runs one seed of each with tiny calibration and few windows (a smoke run, minutes) into
 results/quick/.
 
     python benchmarks/quality.py [--only oneshot|owl] [--quick]
@@ -56,10 +59,10 @@ MODEL = "smollm2-135m"
 # full settings (≈ 1 hour on 2 cores, see estimate()) and the quick smoke settings
 FULL = {
     "seeds": 3,
-    "eval_windows": 16,
+    "eval_windows": 8,
     "eval_seqlen": 512,
-    "oneshot_grid": [[32, 512], [128, 512], [32, 2048]],
-    "owl_calibration": [32, 512],
+    "oneshot_grid": [[8, 512], [32, 512]],
+    "owl_calibration": [8, 512],
     "sste_steps": 300,
     "sste_batch": 8,
     "sste_seqlen": 128,
@@ -147,24 +150,28 @@ def compare(method_arm: list[list[float]], baseline_arm: list[list[float]], expe
 
 
 def estimate_seconds(settings: dict, per_token_s: dict[str, float]) -> dict[str, float]:
-    """Rough wall time of each comparison from seconds per calibration token of one prune (measured on this
-    machine, unloaded: wanda ≈ 3 block passes, sparsegpt adds the Hessian) — the budget printed before a run."""
+    """Rough wall time of each comparison on 2 cores: prune cost from seconds per calibration token (Wanda: two
+    block passes; SparseGPT adds the Hessian), plus one held-out evaluation (≈ half a Wanda pass per token) per
+    pruned model — the budget printed before a run."""
     s = settings["seeds"]
+    eval_s = settings["eval_windows"] * settings["eval_seqlen"] * per_token_s["wanda"] / 2
     grid = sum(n * L for n, L in settings["oneshot_grid"])
     owl_tokens = settings["owl_calibration"][0] * settings["owl_calibration"][1]
     both = per_token_s["wanda"] + per_token_s["sparsegpt"]
     steps = settings["sste_steps"] * settings["sste_batch"] * settings["sste_seqlen"]
     qt = settings["qtuning_train"] * settings["qtuning_max_length"]
     return {
-        "qtuning": s * 6 * qt * 0.02,  # 6 arms of LoRA SFT on SmolLM2-135M (forward + backward + scoring)
+        "qtuning": s * 6 * qt * 5e-3,  # 6 arms of LoRA SFT on SmolLM2-135M (forward + backward + scoring)
         "sste": s * 3 * steps * 4e-5,  # 3 arms of a tiny model
-        "oneshot": s * 2 * grid * both,  # 2 patterns
-        "owl": s * 2 * 2 * owl_tokens * both * 1.3,  # 2 sparsities × 2 profiles; OWL adds a dense pass
+        "oneshot": s * 2 * (grid * both + 2 * len(settings["oneshot_grid"]) * eval_s),  # 2 patterns
+        # 2 sparsities × 2 profiles; OWL adds a dense statistics pass (≈ 1.3× a uniform prune)
+        "owl": s * 2 * (owl_tokens * both * 2.3 + 4 * eval_s),
     }
 
 
-# per calibration token, one prune of SmolLM2-135M on 2 idle cores (from the quick run; scaled, not a timing result)
-PER_TOKEN_S = {"wanda": 2.0e-3, "sparsegpt": 3.0e-3}
+# seconds per calibration token of one prune of SmolLM2-135M on 2 cores, from benchmarks/results/oneshot.json
+# (64 × 512 tokens: Wanda 140 s, SparseGPT 261 s) — only for the budget printed before a run, not a timing result
+PER_TOKEN_S = {"wanda": 4.3e-3, "sparsegpt": 8.0e-3}
 
 
 # ------------------------------------------------------------------------------------------------ the context
@@ -561,6 +568,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", choices=sorted(COMPARISONS), action="append", help="run only this comparison")
     ap.add_argument("--quick", action="store_true", help="one seed, tiny calibration, few windows; results/quick/")
     ap.add_argument("--seeds", type=int, default=None, help="override the number of seeds (≥ 3 for a published run)")
+    ap.add_argument(
+        "--oneshot-grid",
+        default=None,
+        help="calibration grid of the oneshot comparison, e.g. 32x512,128x512,128x2048 (default: "
+        + ",".join(f"{n}x{L}" for n, L in FULL["oneshot_grid"])
+        + "; each 8 × 2048 adds ≈ 22 min for 3 seeds, 128 × 2048 ≈ 5.4 h, on 2 cores)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=None, help="results file (default: results/quality.json)")
     args = ap.parse_args(argv)
@@ -569,10 +583,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.seeds < 1:
             raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
         settings["seeds"] = args.seeds
+    if args.oneshot_grid:
+        try:
+            settings["oneshot_grid"] = [[int(v) for v in g.split("x")] for g in args.oneshot_grid.split(",")]
+        except ValueError:
+            raise SystemExit(f"--oneshot-grid must look like 32x512,128x512, got {args.oneshot_grid!r}") from None
     names = args.only or list(COMPARISONS)
     torch.set_num_threads(args.threads)
     est = estimate_seconds(settings, PER_TOKEN_S)
-    print("estimated minutes on 2 idle cores:", {k: round(v / 60, 1) for k, v in est.items() if k in names})
+    print(
+        "estimated minutes on 2 idle cores:", {k: round(v / 60, 1) for k, v in est.items() if k in names}, flush=True
+    )
     stamp = start_stamp(args.threads, args.quick)
     path = results_path("quality", args.quick, args.out)
     previous = json.loads(path.read_text()).get("comparisons", {}) if path.exists() else {}
