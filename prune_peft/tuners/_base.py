@@ -29,6 +29,7 @@ from torch import nn
 from .._dist import all_reduce_sum, counts_once, gathered_call, is_sharded, local, local_rows, sharding_kind
 from ..sparsity.masks import describe_pattern, mask_mismatch
 from ._buffers import AdapterBuffers, PackedMasks
+from ._fsdp import reshard_all
 from ._registry import current_injection, injecting, is_retype_guard, layer_takes_config, retype_guard
 
 __all__ = [
@@ -711,6 +712,7 @@ class SparseTunerMixin:
     # -------------------------------------------------------------------------------------------------- merging
 
     def _pp_check_all(self, adapter_names: list[str] | None) -> None:
+        reshard_all(self.model)  # FSDP2: merge into the shards, never into a gathered copy (see reshard_all)
         for layer in sparse_layers(self.model).values():
             names = adapter_names if adapter_names is not None else layer.active_adapters
             layer._pp_check_base([n for n in names if n in layer.lora_A and n not in layer.merged_adapters])

@@ -30,7 +30,7 @@ from torch import nn
 
 from .._dist import full, is_sharded, local_rows, sharding_kind, world_size
 
-__all__ = ["check_sharded_layout", "export_merged_sharded"]
+__all__ = ["check_sharded_layout", "export_merged_sharded", "reshard_all"]
 
 MAX_SHARD_BYTES = 5 * 2**30  # rank 0 holds at most one file's tensors (plus one gathered layer) at a time
 
@@ -46,6 +46,17 @@ def _fsdp2_units() -> tuple[type, ...]:
     except ImportError:
         return ()
     return (FSDPModule,)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """``reshard()`` every FSDP2 unit in ``model`` (local, no communication; a no-op on sharded units). The root unit
+    keeps its parameters gathered after a forward without backward; a merge written into that gathered copy would be
+    dropped at the next reshard, so merges and exports start from the shards."""
+    units = _fsdp2_units()
+    if units:
+        for module in model.modules():
+            if isinstance(module, units):
+                module.reshard()
 
 
 def check_sharded_layout(model: nn.Module, owner: str = "sparse adapter") -> None:
@@ -68,6 +79,7 @@ def check_sharded_layout(model: nn.Module, owner: str = "sparse adapter") -> Non
         )
     from ..kernels.semi_structured import SemiStructuredLinear
 
+    reshard_all(model)  # a root gathered by a forward without backward would show plain parameters
     units = _fsdp2_units()
     for name, layer in sparse_layers(model).items():
         base = layer.get_base_layer()
@@ -253,6 +265,7 @@ def export_merged_sharded(
     from ..sparsity.masks import nm_violations
 
     _refuse_foreign_layers(model)
+    reshard_all(model)
     base_model = model.get_base_model()
     target = dtype or next((p.dtype for p in base_model.parameters() if p.is_floating_point()), torch.float32)
     plan = _plan(base_model, target)

@@ -211,3 +211,35 @@ def test_sharded_export_writes_what_the_unsharded_export_writes(pruned, one_rank
     assert "tied to model.embed_tokens" in card and "sparsity of the pruned modules" in card
     config = json.loads((tmp_path / "sharded" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+
+
+def test_merge_after_an_evaluation_forward_on_a_single_unit(pruned, one_rank, tmp_path):
+    """The FSDP2 root keeps its parameters gathered after a forward without backward: export reshards by itself,
+    merge_and_unload after ``model.reshard()`` (the documented recipe) merges into the shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    from prune_peft.hub import export
+
+    def make():
+        torch.manual_seed(0)
+        cfg = prune_peft.SparseLoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        return get_peft_model(pruned("2:4"), cfg)
+
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    want = {k: v.clone() for k, v in make().merge_and_unload().state_dict().items()}
+    model = fully_shard(make())  # one unit: the root holds every parameter
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight).__name__ == "Parameter"
+    export(model, tmp_path / "out")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(saved[k], want[k]) for k in want)
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.reshard()
+    merged = model.merge_and_unload()
+    got = {k: v.full_tensor() for k, v in merged.state_dict().items()}
+    assert all(torch.equal(got[k], want[k]) for k in want)
