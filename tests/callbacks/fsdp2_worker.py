@@ -23,6 +23,9 @@ Scenarios (a plain loop driving the same public methods the Trainer/callbacks dr
 - ``qlora`` (2 ranks only, needs ``<out>/tiny``, a saved tiny model): why bitsandbytes bases are refused under FSDP2 —
   a 4-bit base (``bnb_4bit_quant_storage=float32``, the compute dtype) with a LoRA adapter, sharded: the loss of one
   fixed batch before and after a forward/backward with no update; an 8-bit base's error; and the refusals.
+- ``trainer_cpu`` (2 ranks only): why the Trainer path is not tested on CPU — ``TrainingArguments(fsdp=True,
+  fsdp_config={"fsdp_version": 2})`` on gloo trains a DDP-wrapped, unsharded model, and a model sharded by hand
+  before the Trainer fails in DDP's parameter broadcast.
 """
 
 from __future__ import annotations
@@ -326,6 +329,43 @@ def run_qlora(out: str) -> tuple[dict, dict]:
     return {"losses_no_update": losses, "messages": messages, "int8_error": int8_error}, {}
 
 
+def run_trainer_cpu(out: str) -> tuple[dict, dict]:
+    from transformers import Trainer, TrainingArguments
+
+    def rows(batch):
+        return {
+            "input_ids": torch.stack([r["input_ids"] for r in batch]),
+            "labels": torch.stack([r["labels"] for r in batch]),
+        }
+
+    data = [{"input_ids": r, "labels": r.clone()} for r in batches(1)[0]["input_ids"]]
+    common = dict(per_device_train_batch_size=2, max_steps=1, use_cpu=True, ddp_backend="gloo", report_to=[],
+                  save_strategy="no", disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=os.path.join(out, "trainer_fsdp"),
+        fsdp=True,
+        fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+        **common,
+    )
+    trainer = Trainer(model=tiny_causal_lm(seed=0, num_hidden_layers=2), args=args, train_dataset=data,
+                      data_collator=rows)  # fmt: skip
+    trainer.train()
+    result = {
+        "distributed_type": trainer.accelerator.distributed_type.name,
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "parameter_types": sorted({type(p.data).__name__ for p in trainer.model.parameters()}),
+    }
+    args = TrainingArguments(output_dir=os.path.join(out, "trainer_presharded"), **common)
+    trainer = Trainer(model=shard(tiny_causal_lm(seed=0, num_hidden_layers=2)), args=args, train_dataset=data,
+                      data_collator=rows)  # fmt: skip
+    try:
+        trainer.train()
+        result["presharded_error"] = None
+    except RuntimeError as exc:
+        result["presharded_error"] = str(exc)
+    return result, {}
+
+
 def run(out: str) -> tuple[dict, dict]:
     """Every scenario; returns (JSON-able results, tensors) for this rank."""
     torch.set_num_threads(1)
@@ -339,9 +379,10 @@ def run(out: str) -> tuple[dict, dict]:
         "kd": run_kd,
         "refusals": run_refusals,
         "qlora": run_qlora,
+        "trainer_cpu": run_trainer_cpu,  # last: its second Trainer fails on purpose
     }
     for name, fn in scenarios.items():
-        if world()[1] == 1 and (name.endswith("_resume") or name in ("refusals", "qlora")):
+        if world()[1] == 1 and (name.endswith("_resume") or name in ("refusals", "qlora", "trainer_cpu")):
             continue  # resume is compared with the uninterrupted sharded run; refusals need sharded models
         res, ten = fn(out)
         results[name] = res

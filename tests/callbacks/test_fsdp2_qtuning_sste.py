@@ -149,3 +149,15 @@ def test_qlora_fsdp2_is_refused_for_the_measured_reason(runs):
         assert set(q["messages"]) == {"qtuning", "sste", "prune_callback", "kd_teacher"}
         for msg in q["messages"].values():
             assert "bitsandbytes Linear4bit" in msg and "FSDP2" in msg and "DDP" in msg
+
+
+def test_trainer_cannot_run_fsdp2_on_cpu(runs):
+    """Why the Trainer path is driven by hand here (docs/distributed.md): accelerate keeps a gloo launch on DDP."""
+    (r0, r1), _, _, _ = runs
+    for r in (r0, r1):
+        t = r["trainer_cpu"]
+        # fsdp_config={"fsdp_version": 2} on CPU: MULTI_CPU, a DDP wrapper, whole (unsharded) parameters
+        assert t["distributed_type"] == "MULTI_CPU" and t["wrapped"] == "DistributedDataParallel"
+        assert t["parameter_types"] == ["Tensor"]
+        # a model sharded by hand first: DDP's initial broadcast meets DTensors
+        assert "mixed torch.Tensor and DTensor" in t["presharded_error"]
