@@ -16,6 +16,7 @@ __all__ = [
     "all_reduce_sum",
     "counts_once",
     "full",
+    "full_many",
     "gathered_call",
     "is_sharded",
     "local",
@@ -240,3 +241,44 @@ def refuse_sharded_bnb(model: nn.Module, owner: str) -> None:
             "Train a quantized base with DDP or on one device, or shard an unquantized (bf16/fp32) base; see "
             "docs/distributed.md"
         )
+
+
+def full_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`full` of many dim-0-sharded DTensors on a 1-D mesh with one all-gather (small tensors only).
+
+    Every rank's local rows of every tensor are packed into one flat buffer; shard sizes follow DTensor's ``Shard(0)``
+    split (``torch.chunk``: ⌈n/world⌉ rows per rank, the last ranks shorter or empty), so each rank can unpack every
+    other rank's pieces. Values are copied bit for bit; plain tensors are returned as they are.
+    """
+    sharded = [i for i, t in enumerate(tensors) if is_sharded(t)]
+    if not sharded:
+        return list(tensors)
+    if len({tensors[i].dtype for i in sharded}) > 1:  # one buffer holds one dtype: never round a value
+        return [full(t) for t in tensors]
+    ws = world_size()
+    ref = tensors[sharded[0]]
+    locals_ = [tensors[i].to_local() for i in sharded]
+    # rows of each tensor on each rank, as DTensor's Shard(0) splits them
+    sizes = [[len(c) for c in torch.arange(tensors[i].shape[0]).chunk(ws)] for i in sharded]
+    sizes = [s + [0] * (ws - len(s)) for s in sizes]
+    widths = [int(torch.Size(tensors[i].shape[1:]).numel()) for i in sharded]
+    totals = [sum(s[r] * w for s, w in zip(sizes, widths)) for r in range(ws)]
+    longest = max(totals)
+    dev = _group_device()
+    dtype = ref.to_local().dtype
+    buf = torch.zeros(longest, dtype=dtype, device=dev)
+    if locals_:
+        flat = torch.cat([t.reshape(-1) for t in locals_]).to(dev)
+        buf[: flat.numel()] = flat
+    chunks = [torch.empty_like(buf) for _ in range(ws)]
+    torch.distributed.all_gather(chunks, buf)
+    out = list(tensors)
+    offsets = [0] * ws
+    for j, i in enumerate(sharded):
+        pieces = []
+        for r in range(ws):
+            n = sizes[j][r] * widths[j]
+            pieces.append(chunks[r][offsets[r] : offsets[r] + n])
+            offsets[r] += n
+        out[i] = torch.cat(pieces).reshape(tensors[i].shape).to(ref.to_local().device)
+    return out

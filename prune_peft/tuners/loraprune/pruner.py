@@ -282,15 +282,16 @@ class LoRAPruner:
             return grad_importance(W, self._base_grad(layer), A, B, s)
         return torch.addmm(W.detach().float(), B.detach().float(), A.detach().float(), alpha=s).abs_()
 
-    def _channel_scores(self, layer, axis: str) -> torch.Tensor | None:
+    def _channel_scores(self, layer, axis: str, factors=None, gathered=None) -> torch.Tensor | None:
         """Row (``"out"``) or column (``"in"``) sums of one layer's importance; None when its gradients are missing.
 
         Under FSDP2 (DTensor parameters sharded on rows) this rank scores only its rows of the base weight: the small
-        ``A`` and ``∂L/∂A`` are gathered whole, ``B``'s rows are the base's rows. ``"out"`` returns the whole d_out
-        vector with zeros outside the local rows and ``"in"`` this rank's partial column sums, so one sum over ranks
-        (:meth:`_structured_scores`) gives the single-process vector.
+        ``A`` and ``∂L/∂A`` are gathered whole (``gathered``: already gathered, in one collective for every layer),
+        ``B``'s rows are the base's rows. ``"out"`` returns the whole d_out vector with zeros outside the local rows
+        and ``"in"`` this rank's partial column sums, so one sum over ranks (:meth:`_structured_scores`) gives the
+        single-process vector.
         """
-        if (factors := self._factors(layer)) is None:
+        if factors is None and (factors := self._factors(layer)) is None:
             return None
         W, A, B, s, mode = factors
         if not _dist.is_sharded(W):
@@ -300,12 +301,13 @@ class LoRAPruner:
                 return channel_scores(W, A, B, s, grad_W=self._base_grad(layer), axis=axis)
             return channel_scores(W, A, B, s, axis=axis)
         rows = self._local_rows(layer, W, B)
-        Wl, Bl, Af = _dist.local(W), _dist.local(B.detach()), _dist.full(A.detach())
-        if mode == "lora":
-            grads = {"grad_A": _dist.full(A.grad), "grad_B": _dist.local(B.grad)}
-        else:  # "magnitude" ("grad" is refused under FSDP2 by check_sharding)
-            grads = {}
-        score = channel_scores(Wl, Af, Bl, s, axis=axis, **grads)
+        if gathered is None:
+            gathered = (_dist.full(A.detach()), _dist.full(A.grad) if mode == "lora" else None)
+        Af, gAf = gathered
+        Bl = _dist.local(B.detach())
+        # "magnitude" needs no gradients ("grad" is refused under FSDP2 by check_sharding)
+        grads = {"grad_A": gAf, "grad_B": _dist.local(B.grad)} if mode == "lora" else {}
+        score = channel_scores(_dist.local(W), Af, Bl, s, axis=axis, **grads)
         if axis == "in":
             return score
         whole = torch.zeros(W.shape[0], dtype=score.dtype, device=score.device)
@@ -333,7 +335,7 @@ class LoRAPruner:
         """This step's block scores ``{"u<i>": units, "c<i>": channels}``: every module's row/column sums, one sum
         over ranks when sharded (a single all-reduce of the concatenated vectors), then the per-module L2
         normalisation and the per-block sum, as in the reference."""
-        parts: list[tuple[str, object, torch.Tensor]] = []  # (key, block, score vector)
+        jobs = []  # (key, block, layer, axis, factors) of every layer with its gradients present
         for b in self.blocks:
             for key, roles, wanted in (
                 ("u", self._UNIT_ROLES, b.prunes_heads),
@@ -343,9 +345,20 @@ class LoRAPruner:
                     continue
                 for role, axis in roles:
                     layer = b.layers.get(role)
-                    score = self._channel_scores(layer, axis) if layer is not None else None
-                    if score is not None:
-                        parts.append((f"{key}{b.index}", b, score))
+                    factors = self._factors(layer) if layer is not None else None
+                    if factors is not None:
+                        jobs.append((f"{key}{b.index}", b, layer, axis, factors))
+        gathered = [None] * len(jobs)
+        if jobs and self._sharded():  # every A (and ∂L/∂A) of the step in one all-gather
+            lora = self.settings["importance"] == "lora"
+            small = [f[1].detach() for *_, f in jobs] + ([f[1].grad for *_, f in jobs] if lora else [])
+            whole = _dist.full_many(small)
+            n = len(jobs)
+            gathered = [(whole[i], whole[n + i] if lora else None) for i in range(n)]
+        parts = [
+            (key, b, self._channel_scores(layer, axis, factors, g))
+            for (key, b, layer, axis, factors), g in zip(jobs, gathered)
+        ]
         if parts and self._sharded():
             flat = _dist.all_reduce_sum(torch.cat([v for _, _, v in parts]))
             parts = [(k, b, v) for (k, b, _), v in zip(parts, flat.split([v.numel() for _, _, v in parts]))]
