@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         results[name] = {**COMPARISONS[name](ctx), "settings": settings, "minutes": (time.perf_counter() - t0) / 60}
         for key, c in results[name]["comparisons"].items():
-            print(f"{name} | {key}: Δ NLL {c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] → {c['verdict']}")
+            print(f"{name} | {key}: Δ {c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] → {c['verdict']}")
     payload = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF → fp32)",
         "data": "calibration: Shakespeare train split; evaluation: held-out Shakespeare windows",
