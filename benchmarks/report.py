@@ -616,7 +616,7 @@ def quality_comparison(q: dict, name: str) -> str:
     head = (
         f"**{name}** — {s.get('seeds')} seed(s) × {s.get('eval_windows')} held-out windows of "
         f"{s.get('eval_seqlen')} tokens; mean and 95 % interval by bootstrap over seeds × windows. "
-        f"Paper's claim: {c['claim']}"
+        f"Metric: {c.get('metric', '')}. Paper's claim: {c['claim']}"
     )
     d = c.get("dense")
     rows = [["dense (unpruned)", _ci(d["ppl"], d["ppl_lo"], d["ppl_hi"]), "–"]] if d else []
@@ -630,7 +630,7 @@ def quality_comparison(q: dict, name: str) -> str:
         + "\n\n"
         + table(["arm", "perplexity [95 % CI]", "seeds × windows"], rows)
         + "\n\n"
-        + table(["comparison (method − baseline)", "Δ NLL per token [95 % CI]", "verdict"], verdicts)
+        + table(["comparison (method − baseline)", "Δ of the metric [95 % CI]", "verdict"], verdicts)
     )
 
 
