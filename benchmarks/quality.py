@@ -433,6 +433,7 @@ def cmp_sste(ctx: Context) -> dict:
         "arms": arms,
         "comparisons": verdicts,
         "seed_meaning": "model initialisation and data order (shared by the arms of a seed)",
+        "windows_are": f"{st['eval_windows']} held-out windows of {st['sste_seqlen']} bytes",
     }
 
 
@@ -545,6 +546,7 @@ def cmp_qtuning(ctx: Context) -> dict:
         "dense": summarize([base]),
         "arms": {name: summarize(r) for name, r in rows.items()},
         "comparisons": verdicts,
+        "windows_are": f"{st['qtuning_eval']} held-out problems",
         "seed_meaning": "training problems, LoRA init and data order (shared by the arms of a seed); held-out "
         "problems fixed",
     }

@@ -613,9 +613,10 @@ def quality_comparison(q: dict, name: str) -> str:
     if not c:
         return f"*{name}*: not measured yet — run `make bench`."
     s = c.get("settings", {})
+    windows = c.get("windows_are") or f"{s.get('eval_windows')} held-out windows of {s.get('eval_seqlen')} tokens"
     head = (
-        f"**{name}** — {s.get('seeds')} seed(s) × {s.get('eval_windows')} held-out windows of "
-        f"{s.get('eval_seqlen')} tokens; mean and 95 % interval by bootstrap over seeds × windows. "
+        f"**{name}** — {s.get('seeds')} seed(s) × {windows}; mean and 95 % interval by bootstrap over seeds × "
+        "windows. "
         f"Metric: {c.get('metric', '')}. Paper's claim: {c['claim']}"
     )
     d = c.get("dense")
