@@ -257,7 +257,6 @@ PHASES = ("forward", "backward", "importance", "optimizer", "mask_update", "zero
 
 def _phase_loop(model, optimizer, batches, pruning: bool) -> dict[str, list[tuple[float, float]]]:
     """The plain loop, one phase at a time: (wall s, CPU s) of each phase per step (LoRA: no importance/mask)."""
-    import torch
 
     times: dict[str, list[tuple[float, float]]] = {p: [] for p in PHASES}
 
@@ -269,13 +268,13 @@ def _phase_loop(model, optimizer, batches, pruning: bool) -> dict[str, list[tupl
 
     model.train()
     for step, batch in enumerate(batches):
-        loss = timed("forward", lambda: model(**batch).loss)
+        loss = timed("forward", lambda b=batch: model(**b).loss)
         timed("backward", loss.backward)
         if pruning:
-            timed("importance", lambda: model.base_model.update_importance(step))
+            timed("importance", lambda s=step: model.base_model.update_importance(s))
         timed("optimizer", optimizer.step)
         if pruning:
-            timed("mask_update", lambda: model.base_model.update_and_allocate(step))
+            timed("mask_update", lambda s=step: model.base_model.update_and_allocate(s))
         timed("zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
     return times
 
@@ -313,26 +312,37 @@ def run_profile(args) -> dict:
     steps = args.steps_per_run
     data = _windows(tok, args.seqlen, args.batch * steps)
     batches = [_collate(data[i : i + args.batch]) for i in range(0, args.batch * steps, args.batch)]
-    out: dict = {"phases": {}, "settings": {"batch": args.batch, "seqlen": args.seqlen, "steps": steps}}
-    models = {}
+    out: dict = {"phases": {}, "settings": {"batch": args.batch, "seqlen": args.seqlen, "steps": steps,
+                                            "threads": args.threads, "order": "lora, loraprune, loraprune, lora"}}  # fmt: skip
+    models, times = {}, {}
     for config in ("lora", "loraprune"):
         model, _ = _peft_model(config, base)
+        opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=2e-4)
+        models[config] = (model, opt)
+        times[config] = {p: [] for p in PHASES}
+    for config in ("lora", "loraprune", "loraprune", "lora"):  # ABBA: drift in machine load hits both alike
+        model, opt = models[config]
         if config == "loraprune":
             model.base_model.prepare_pruning(total_steps=steps)
-        opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=2e-4)
-        times = _phase_loop(model, opt, batches, pruning=config == "loraprune")
+        run = _phase_loop(model, opt, batches, pruning=config == "loraprune")
+        for p, v in run.items():
+            times[config][p] += v[1:]  # each run's first step: warm-up
+    for config, phases in times.items():
         out["phases"][config] = {
-            p: {"wall_s": statistics.median(t[0] for t in v[1:]), "cpu_s": statistics.median(t[1] for t in v[1:])}
-            for p, v in times.items()
+            p: {"wall_s": statistics.median(t[0] for t in v), "cpu_s": statistics.median(t[1] for t in v)}
+            for p, v in phases.items()
             if v
         }
-        models[config] = model
+    models = {k: v[0] for k, v in models.items()}
     lp = out["phases"]["loraprune"]
     step_cpu = sum(v["cpu_s"] for v in lp.values())
     out["cpu_share"] = {p: v["cpu_s"] / step_cpu for p, v in lp.items()}
     fb = lp["forward"]["cpu_s"] + lp["backward"]["cpu_s"]
     out["importance_vs_forward_backward_cpu"] = lp["importance"]["cpu_s"] / fb
     out["mask_update_vs_forward_backward_cpu"] = lp["mask_update"]["cpu_s"] / fb
+    lo = out["phases"]["lora"]
+    out["loraprune_vs_lora_cpu"] = {p: lp[p]["cpu_s"] / lo[p]["cpu_s"] for p in lo if lo[p]["cpu_s"] > 0}
+    out["loraprune_vs_lora_step_cpu"] = step_cpu / sum(v["cpu_s"] for v in lo.values())
 
     # op counts: one forward+backward and one importance pass of the LoRAPrune model (gradients present)
     model = models["loraprune"]
@@ -450,8 +460,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run into results/quick/")
     ap.add_argument("--skip-quality", action="store_true", help="no quality section in the results file")
     ap.add_argument("--skip-cost", action="store_true", help="no cost section in the results file")
-    ap.add_argument("--profile", action="store_true",
-                    help="per-phase breakdown (forward, backward, importance, mask update, callback) into 'breakdown'")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-phase breakdown (forward, backward, importance, mask update, callback) into 'breakdown'",
+    )
     ap.add_argument("--out", default=None, help="results file (default: results/loraprune.json)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

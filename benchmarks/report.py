@@ -336,6 +336,41 @@ def loraprune_quality(res: Results) -> str:
     return head + "\n\n" + table(header, rows)
 
 
+def loraprune_breakdown(res: Results) -> str:
+    """Per-phase CPU time of one LoRAPrune step vs plain LoRA (``breakdown`` key of loraprune.json, ``--profile``)."""
+    lp = res.get("loraprune")
+    if not lp:
+        return missing("loraprune", "python benchmarks/loraprune.py --profile")
+    if "breakdown" not in lp:
+        return (
+            "**not yet measured** — `benchmarks/results/loraprune.json` has no `breakdown` key; "
+            "`python benchmarks/loraprune.py --profile` adds it."
+        )
+    b = lp["breakdown"]
+    lo, pr = b["phases"]["lora"], b["phases"]["loraprune"]
+    rows = []
+    for phase, r in pr.items():
+        base = lo.get(phase)
+        rows.append([phase.replace("_", " "), f"{base['cpu_s']:.3f} s" if base else "–", f"{r['cpu_s']:.3f} s",
+                     f"{b['cpu_share'][phase]:.1%}"])  # fmt: skip
+    prof = b["profiler"]
+    cb = b.get("callback_cpu_s_per_step", {})
+    s = b["settings"]
+    head = (
+        f"Run: {run_note(lp)}. Plain loop, batch {s['batch']} × {s['seqlen']}, {s['steps'] - 1} timed steps per run, "
+        f"runs in the order {s['order']}; median CPU time per step and phase. LoRAPrune step ÷ LoRA step (CPU): "
+        f"**{x(b['loraprune_vs_lora_step_cpu'], 3)}**; importance ÷ (forward + backward): "
+        f"{b['importance_vs_forward_backward_cpu']:.1%}; mask update ÷ (forward + backward): "
+        f"{b['mask_update_vs_forward_backward_cpu']:.1%}. torch.profiler: the importance pass runs "
+        f"{prof['importance']['ops']} ops ({prof['importance']['self_cpu_ms']:.0f} ms self CPU) against "
+        f"{prof['forward_backward']['ops']} ops ({prof['forward_backward']['self_cpu_ms']:.0f} ms) for one forward + "
+        f"backward. PruneCallback inside a Trainer run: "
+        + ", ".join(f"{ev} {v * 1e3:.1f} ms" for ev, v in cb.items() if v >= 5e-5)
+        + " per step."
+    )
+    return head + "\n\n" + table(["phase", "LoRA CPU", "LoRAPrune CPU", "share of the LoRAPrune step"], rows)
+
+
 def distill_throughput(res: Results) -> str:
     d = res.get("distill")
     if not d:
@@ -656,6 +691,7 @@ SECTIONS: dict[str, Callable[[Results], str]] = {
     "adapters-bf16": adapters_bf16_section,
     "loraprune-cost": loraprune_cost,
     "loraprune-quality": loraprune_quality,
+    "loraprune-breakdown": loraprune_breakdown,
     "distill-throughput": distill_throughput,
     "distill-quality": distill_quality,
     "qtuning": qtuning_section,

@@ -103,6 +103,19 @@ def refusals() -> dict[str, str]:
     return out
 
 
+def gather_check() -> bool:
+    """_dist.full_many (one all-gather) equals DTensor.full_tensor on uneven shards, an empty shard included."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    g = torch.Generator().manual_seed(0)
+    whole = [torch.randn(5, 3, generator=g), torch.randn(1, 4, generator=g), torch.randn(2, 2, generator=g)]
+    shards = [distribute_tensor(t, mesh, [Shard(0)]) for t in whole]
+    got = _dist.full_many(shards)
+    return all(torch.equal(a, b) and torch.equal(a, s.full_tensor()) for a, b, s in zip(got, whole, shards))
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
@@ -134,6 +147,7 @@ def main(out: str) -> None:
     result["resumed"] = loop(second, opt, data, range(RESUME_AT, STEPS))
 
     result["refusals"] = refusals()
+    result["full_many_equals_full_tensor"] = gather_check()
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 

@@ -79,6 +79,7 @@ def test_fsdp2_resume_from_full_state_dicts_equals_the_uninterrupted_run(ranks):
 @pytest.mark.distributed
 def test_fsdp2_unservable_setups_are_refused_with_the_supported_one(ranks):
     for r in ranks:
+        assert r["full_many_equals_full_tensor"] is True  # the one-collective gather of A and dL/dA, uneven shards
         msgs = r["refusals"]
         assert "already sharded by FSDP2" in msgs["shard_then_peft"] and "get_peft_model" in msgs["shard_then_peft"]
         assert "element-wise masks" in msgs["unstructured"] and "supported:" in msgs["unstructured"]
@@ -97,3 +98,30 @@ def test_zero3_and_fsdp1_parameters_are_refused_before_any_work():
         model.base_model.prepare_pruning(total_steps=worker.STEPS)
     del param._is_flat_param
     model.base_model.prepare_pruning(total_steps=worker.STEPS)  # unsharded: accepted
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate applies FSDP only on GPU backends")
+def test_trainer_with_accelerate_fsdp2_equals_the_unsharded_trainer_on_gpu(tmp_path):
+    """Trainer + accelerate FSDP2 (one rank, CUDA) + PruneCallback: the same masks as the same Trainer unsharded.
+
+    On CPU accelerate ignores the FSDP plugin (AcceleratorState picks DistributedType.FSDP only for GPU-type
+    backends; MULTI_CPU trains with DDP), so this path needs a GPU; the plain-loop tests above cover CPU."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = HERE / "fsdp2_trainer_worker.py"
+    for mode in ("fsdp", "plain"):
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                    "--master_port=29581"] if mode == "fsdp" else []  # fmt: skip
+        proc = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path), mode], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded = torch.load(tmp_path / "trainer_fsdp.pt", weights_only=False)
+    plain = torch.load(tmp_path / "trainer_plain.pt", weights_only=False)
+    assert sharded["sharded"] is True and plain["sharded"] is False
+    assert sharded["masks"].keys() == plain["masks"].keys() and sharded["masks"]
+    assert all(torch.equal(sharded["masks"][k], plain["masks"][k]) for k in plain["masks"])
+    for key, value in plain["state"]["importance"].items():
+        torch.testing.assert_close(sharded["state"]["importance"][key], value, rtol=1e-4, atol=0)
