@@ -106,8 +106,7 @@ class LoRAPruneQuantizedLayer(LoRAPruneLayer):
         base = self.get_base_layer()
         autocast = torch.is_autocast_enabled(x.device.type)
         cd = compute_dtype(x) if autocast else self._pp_compute_dtype(x)
-        store = self.lora_prune_emask
-        del emask  # unpacked inside the autograd function, per use
+        store = self.lora_prune_emask  # ``emask`` is the packed buffer: unpacked inside the autograd function
         out = _MaskedQuantizedLinear.apply(
             x,
             self.lora_dropout[adapter](x),

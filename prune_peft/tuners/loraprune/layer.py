@@ -124,7 +124,8 @@ class LoRAPruneLayer:
         self._pp_forget()
 
     def _pp_state(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(row mask or None, element mask or None), None where the mask keeps everything.
+        """(row mask or None, element mask or None), None where the mask keeps everything (quantized layers: the
+        element mask as its bit-packed buffer).
 
         Whether a mask prunes anything is cached until the mask changes (no device sync per forward); the tensors are
         read from the buffers each time, so they follow ``model.to(device)``. The unpacked element mask is cached
@@ -141,8 +142,8 @@ class LoRAPruneLayer:
         rows = self.lora_prune_mask.get(adapter) if entry["rows"] else None
         elems = None
         if entry["elems"]:
-            if self.quantized:  # unpacked per use: a cached bool mask would outweigh the 4-bit weight twice
-                return rows, self.lora_prune_emask.get(adapter)
+            if self.quantized:  # the packed buffer: the quantized product unpacks it per use (a cached bool mask
+                return rows, self.lora_prune_emask.packed(adapter)  # would outweigh the 4-bit weight twice)
             packed = self.lora_prune_emask.packed(adapter)
             key = (packed.data_ptr(), packed.device)
             if entry.get("key") != key:
