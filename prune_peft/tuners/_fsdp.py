@@ -12,6 +12,13 @@ adapters' bit-packed masks — stay whole on every rank. What works, and how:
 * :func:`export_merged_sharded` (``prune_peft.hub.export`` on a sharded model) gathers one module at a time, merges it
   as above, and rank 0 writes safetensors shards as they fill (never the whole model on one rank).
 
+Order: ``get_peft_model`` (or ``PeftModel.from_pretrained``) on the unsharded model, then ``fully_shard`` per decoder
+block and on the model; adapters created on an already sharded model are refused (``_base.refuse_sharded_base``).
+After ``merge_and_unload`` run forwards through the FSDP2 root (the sharded ``PeftModel``), whose hooks gather the
+embeddings and head. The root keeps its parameters gathered after a forward without backward: merges reshard the
+tuner's units first (:func:`reshard_all`), but a root above the tuner (the ``PeftModel``) needs ``model.reshard()``
+before ``merge_and_unload`` in that case; ``export`` and ``check_sharded_layout`` reshard it themselves.
+
 Refused with a ``ValueError`` (:func:`check_sharded_layout`, run by ``PruneCallback.on_train_begin``): FSDP1
 (``FullyShardedDataParallel``, whose FlatParameter flattens base weights and adapter factors of a unit together),
 DeepSpeed ZeRO-3, trainable parameters FSDP2 does not manage (an adapter added after ``fully_shard``), and a
