@@ -1,11 +1,12 @@
 """Peak memory per rank of LoRAPrune and SparseLoRA on SmolLM2-135M sharded with FSDP2 (``fully_shard``), CPU, gloo.
 
-Three layouts per method, each in fresh processes (``_bench.MEMORY_ENV``: freed memory leaves the process):
+Layouts per method, each in fresh processes (``_bench.MEMORY_ENV``: freed memory leaves the process):
 
 - ``single``   one process, no sharding (the reference);
-- ``fsdp2x1``  one rank under ``torchrun``, ``fully_shard`` on a mesh of 1 (FSDP2's own overhead);
 - ``fsdp2x2``  two ranks under ``torchrun``, ``fully_shard`` per decoder block and at the root, each rank on its half
-               of the global batch.
+               of the global batch;
+- ``fsdp2x1``  (``--with-one-rank``) one rank under ``torchrun``, ``fully_shard`` on a mesh of 1 (FSDP2's own
+               overhead).
 
 Every process loads the fp32 model, adds the adapter (``get_peft_model``: LoRAPrune r=8, 50 % structured target with
 pruning every step; SparseLoRA r=8 on every linear of a 50 %-magnitude-pruned base), shards it, pages the weights in,
@@ -173,8 +174,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4, help="global batch (split over the ranks)")
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads per layout (divided over its ranks)")
+    ap.add_argument("--with-one-rank", action="store_true", help="also the fsdp2x1 layout (FSDP2 on a mesh of 1)")
     ap.add_argument("--quick", action="store_true", help="a smoke run into results/quick/")
     ap.add_argument("--out", default=None, help="results file (default: results/distributed.json)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -189,20 +191,21 @@ def main(argv=None) -> int:
         args.batch, args.seqlen, args.steps = 2, 64, 2
     if args.batch % 2:
         raise ValueError(f"--batch must be even (split over 2 ranks), got {args.batch}")
+    layouts = [k for k in LAYOUTS if k != "fsdp2x1" or args.with_one_rank]
     stamp = start_stamp(args.threads, args.quick)
     start = time.perf_counter()
     memory: dict = {}
     for config in CONFIGS:
         measured = {}
-        for layout in sorted(LAYOUTS, key=lambda k: -LAYOUTS[k][0]):  # the 2-rank launch first: it fails soonest
+        for layout in sorted(layouts, key=lambda k: -LAYOUTS[k][0]):  # the 2-rank launch first: it fails soonest
             measured[layout] = measure(config, layout, args)
             peaks = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in measured[layout])
             print(f"[{config:11s} {layout:8s}] peak RSS per rank {peaks} MB", flush=True)
-        memory[config] = {layout: measured[layout] for layout in LAYOUTS}
+        memory[config] = {layout: measured[layout] for layout in layouts}
     ratios = {}
     for config, layouts in memory.items():
         single = layouts["single"][0]["peak_rss_mb"]
-        for layout in ("fsdp2x1", "fsdp2x2"):
+        for layout in layouts[1:]:
             ratios[f"{config}_{layout}_vs_single_peak_rss"] = max(r["peak_rss_mb"] for r in layouts[layout]) / single
     report = {
         "model": "smollm2-135m",
