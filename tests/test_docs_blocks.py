@@ -67,3 +67,22 @@ def test_blocks_run_as_written(doc, tiny_llama_dir, tmp_path):
             run_block(block, tmp_path, tiny_llama_dir)
         except BaseException as exc:  # SystemExit from a CLI/argparse included
             raise AssertionError(f"{block.where} ({block.lang}) failed: {type(exc).__name__}: {exc}") from exc
+
+
+def test_marker_grammar_rejects_what_it_cannot_apply(tmp_path):
+    from docs_blocks_lib import Block, Marker, parse_marker, substituted
+
+    m = parse_marker(" model=tiny-llama; replace `max_steps=100` with `max_steps=2`; skip (needs a CUDA GPU) ")
+    assert (m.model, m.replacements, m.skip) == ("tiny-llama", [("max_steps=100", "max_steps=2")], "needs a CUDA GPU")
+    for bad in ("skip ()", "skip", "model=gpt2", "replace `a` by `b`", "run fast"):
+        with pytest.raises(ValueError):
+            parse_marker(bad)
+    doc = tmp_path / "x.md"
+    doc.write_text("<!-- docs-test: model=tiny-llama -->\n\ntext\n\n```python\nx = 1\n```\n")
+    assert stray_markers(doc) == [1]  # prose between marker and block: the marker applies to nothing
+    block = Block(doc, 5, "python", 'load("smollm2-135m", max_steps=100)\n', Marker(model="tiny-llama"))
+    assert substituted(block, "/m") == 'load("/m", max_steps=100)\n'
+    with pytest.raises(AssertionError, match="does not contain"):
+        substituted(Block(doc, 5, "python", "x = 1\n", Marker(replacements=[("y", "z")])), None)
+    with pytest.raises(AssertionError, match="names none"):
+        substituted(Block(doc, 5, "python", "x = 1\n", Marker(model="tiny-llama")), "/m")
