@@ -40,7 +40,7 @@ LANGS = (*RUN_LANGS, "text", "yaml", "json")
 MODELS = ("tiny-llama",)
 
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<lang>[^\s`]*)\s*$")
-_MARKER = re.compile(r"<!--\s*docs-test:(?P<body>.*?)-->", re.S)
+_MARKER = re.compile(r"^[ \t]*<!--\s*docs-test:(?P<body>.*?)-->", re.S | re.M)  # a comment opening its own line
 _ITEM = re.compile(
     r"\s*(?:(?P<skip>skip\s*\((?P<reason>[^)]*)\))"
     r"|model=(?P<model>[\w.-]+)"
