@@ -89,3 +89,22 @@ def test_mask_comes_from_the_dequantized_weight(checkpoint):
     pm = get_peft_model(load(checkpoint, "nf4"), CONFIGS["sparse_lora"]())
     for layer in sparse_layers(pm).values():
         assert torch.equal(layer.sparse_mask(), dense_weight(layer.get_base_layer()) != 0)
+
+
+def test_spp_bnb_classes_are_module_level_dispatched_and_imported_lazily(checkpoint):
+    import subprocess
+    import sys
+
+    from prune_peft.tuners.spp import bnb as spp_bnb
+
+    for cls in (spp_bnb.SPPLinear4bit, spp_bnb.SPPLinear8bitLt):
+        assert cls.__qualname__ == cls.__name__ and cls.__module__ == spp_bnb.__name__
+    for quant, cls in (("nf4", spp_bnb.SPPLinear4bit), ("int8", spp_bnb.SPPLinear8bitLt)):
+        layers = sparse_layers(get_peft_model(load(checkpoint, quant), CONFIGS["spp"]()))
+        assert layers and all(type(layer) is cls for layer in layers.values())
+        assert all(repr(layer).startswith("spp.") for layer in layers.values())
+    # `import prune_peft` (which registers SPP) must not import the bitsandbytes layer modules
+    mods = ("prune_peft.tuners.spp.bnb", "prune_peft.tuners.sparse_lora.bnb", "prune_peft.tuners.loraprune.bnb")
+    code = f"import sys, prune_peft; bad = [m for m in {mods!r} if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -10,7 +9,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from ...sparsity.adapters import spp, spp_branch, spp_delta, spp_merged, spp_scale
-from .._base import QuantizedUnloadMixin, SparseAdapterLayer, layer_mapping
+from .._base import SparseAdapterLayer, layer_mapping
 
 __all__ = ["SPPLinear", "layer_mapping_spp", "spp_blocks"]
 
@@ -115,18 +114,18 @@ class SPPLinear(SPPLayerMixin, LoraLinear):
         return "spp." + super().__repr__().removeprefix("lora.")
 
 
-@functools.cache
-def _bnb_classes() -> tuple[type, type]:
-    from peft.tuners.lora import bnb as lora_bnb
+def _bnb_4bit() -> type:
+    from .bnb import SPPLinear4bit  # bitsandbytes is imported only here, when it is installed
 
-    class SPPLinear4bit(QuantizedUnloadMixin, SPPLayerMixin, lora_bnb.Linear4bit):
-        """SPP on a bitsandbytes 4-bit (nf4/fp4) base."""
+    return SPPLinear4bit
 
-    class SPPLinear8bitLt(QuantizedUnloadMixin, SPPLayerMixin, lora_bnb.Linear8bitLt):
-        """SPP on a bitsandbytes LLM.int8 base."""
 
-    return SPPLinear4bit, SPPLinear8bitLt
+def _bnb_8bit() -> type:
+    from .bnb import SPPLinear8bitLt
+
+    return SPPLinear8bitLt
 
 
 def layer_mapping_spp() -> dict:
-    return layer_mapping(SPPLinear, lambda: _bnb_classes()[0], lambda: _bnb_classes()[1])
+    """peft's custom-module dispatch (``_register_custom_module``): float and bitsandbytes bases."""
+    return layer_mapping(SPPLinear, _bnb_4bit, _bnb_8bit)
