@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._dist import is_sharded, local, rowwise, sum_over_shards
+from .._dist import is_sharded, local, local_rows, rowwise, sum_over_shards
 from .masks import top2of4_mask
 from .packing import pack_mask
 
@@ -82,6 +82,8 @@ def sste_scale(w: torch.Tensor) -> torch.Tensor:
     On a dim-0-sharded DTensor both sums are taken over the local rows in float64 and summed over the shards, so
     every rank gets the β of the whole weight (a plain tensor; equal to the one-process β up to the order of the
     float64 additions)."""
+    if is_sharded(w):
+        local_rows(w)  # ValueError unless row shards: a column shard could split a group of 4
     with torch.no_grad():
         wd = local(w.detach()).double()
         s, _ = soft_threshold24(wd)
@@ -184,6 +186,8 @@ class MaskFlipTracker:
         the shards (one all-reduce per call), so every rank reports the whole model's counts."""
         counts: dict[str, int] = {}
         for name, w in weights.items():
+            if is_sharded(w):
+                local_rows(w)  # ValueError unless row shards
             packed = pack_mask(topk24_mask(local(w.detach())))
             prev = self._prev.get(name)
             if prev is not None and prev.shape == packed.shape:

@@ -161,3 +161,40 @@ def test_trainer_cannot_run_fsdp2_on_cpu(runs):
         assert t["parameter_types"] == ["Tensor"]
         # a model sharded by hand first: DDP's initial broadcast meets DTensors
         assert "mixed torch.Tensor and DTensor" in t["presharded_error"]
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A 1-process gloo group: DTensor layouts can be built without a launch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sste_on_dtensors_needs_row_shards(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from prune_peft.sparsity.sste import MaskFlipTracker, soft_threshold24
+
+    mesh = init_device_mesh("cpu", (1,))
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    rows = distribute_tensor(w, mesh, [Shard(0)])
+    # row shards: the same β, mask, projection and flip counts as the plain tensor
+    assert float(fsdp2_worker.sste_scale(rows)) == float(fsdp2_worker.sste_scale(w))
+    assert torch.equal(fsdp2_worker.topk24_mask(rows).full_tensor(), fsdp2_worker.topk24_mask(w))
+    assert torch.equal(soft_threshold24(rows)[0].full_tensor(), soft_threshold24(w)[0])
+    plain, sharded = MaskFlipTracker(), MaskFlipTracker()
+    plain.update({"w": w}), sharded.update({"w": rows})
+    w2 = w.clone()
+    w2[:, :4] = w2[:, :4].flip(1) * torch.tensor([1.0, 3.0, 0.1, 2.0])
+    assert sharded.update({"w": distribute_tensor(w2, mesh, [Shard(0)])}) == plain.update({"w": w2})
+    # column shards could split a group of 4 between ranks: refused, naming the supported layout
+    cols = distribute_tensor(w, mesh, [Shard(1)])
+    for fn in (fsdp2_worker.sste_scale, fsdp2_worker.topk24_mask, lambda t: MaskFlipTracker().update({"w": t})):
+        with pytest.raises(ValueError, match=r"only dim-0 shards, FSDP2's layout"):
+            fn(cols)
