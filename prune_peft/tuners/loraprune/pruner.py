@@ -465,6 +465,7 @@ class LoRAPruner:
 
     def _update_structured(self, p: float) -> None:
         current = self.tuner.get_masks(self.adapter)
+        cpu = _to_cpu(self.importance)  # the decisions run on CPU (the masks' home): one transfer, not one per block
         new: list[tuple[int, str, torch.Tensor]] = []
         for b in self.blocks:
             for kind, key, n_groups in (
@@ -474,7 +475,7 @@ class LoRAPruner:
                 if kind not in current.get(b.index, {}):
                     continue
                 mask = current[b.index][kind]
-                scores = self.importance.get(key)
+                scores = cpu.get(key)
                 if scores is None:
                     scores = torch.zeros(n_groups)
                 new.append((b.index, kind, prune_lowest(scores, mask, self._n_cut(p, kind, n_groups))))
@@ -590,6 +591,16 @@ class LoRAPruner:
         self.level = float(state.get("level", 0.0))
         if "importance" in state:
             self.importance = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in state["importance"].items()}
+
+
+def _to_cpu(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every vector on CPU through one concatenated copy (one device sync instead of one per vector)."""
+    if not vectors or all(v.device.type == "cpu" for v in vectors.values()):
+        return dict(vectors)
+    device = next(iter(vectors.values())).device
+    flat = torch.cat([v.reshape(-1).to(device) for v in vectors.values()]).cpu()
+    parts = flat.split([v.numel() for v in vectors.values()])
+    return {k: part.reshape(v.shape) for (k, v), part in zip(vectors.items(), parts)}
 
 
 def _moving_averages(
