@@ -242,6 +242,8 @@ def profile(models: dict, phases: dict[str, list[dict]], times: dict[str, list[f
         )
         summary["exact_backward_minus_lora_s"] = extra
         summary["exact_backward_excess_over_extra_gemm"] = extra / floor["extra_gemm_s"]
+        extra_cpu = statistics.median(r["backward_cpu"] - b["backward_cpu"] for r, b in zip(sl, lora))
+        summary["exact_backward_excess_over_extra_gemm_cpu"] = extra_cpu / floor["extra_gemm_cpu_s"]
         if "sparse_lora_lors" in timed:  # the same forward and ∂L/∂x; the difference is M ⊙ Gᵀ X and its use
             lors = timed["sparse_lora_lors"]
             step = lambda r: sum(r[p] for p in PHASES)  # noqa: E731

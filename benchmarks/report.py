@@ -490,7 +490,8 @@ def adapter_profile(a: dict) -> str:
         f"**{x(sm['exact_floor_ratio'])}** LoRA's step ({x(sm['exact_floor_ratio_cpu'])} in CPU time); the exact "
         f"mode measured {x(sm.get('exact_step_vs_lora'))} in the same rounds, its backward "
         f"{sm.get('exact_backward_minus_lora_s', float('nan')):.2f} s longer than LoRA's "
-        f"({x(sm.get('exact_backward_excess_over_extra_gemm'))} the extra GEMM)."
+        f"({x(sm.get('exact_backward_excess_over_extra_gemm'))} the extra GEMM; in CPU time "
+        f"{x(sm.get('exact_backward_excess_over_extra_gemm_cpu'))})."
     )
     if sm.get("exact_minus_lors_s") is not None:
         head += (
