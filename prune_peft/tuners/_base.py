@@ -30,7 +30,7 @@ from .._dist import all_reduce_sum, counts_once, gathered_call, is_sharded, loca
 from ..sparsity.masks import describe_pattern, mask_mismatch
 from ._buffers import AdapterBuffers, PackedMasks
 from ._fsdp import reshard_all
-from ._registry import current_injection, injecting, is_retype_guard, layer_takes_config, retype_guard
+from ._registry import current_injection, injecting, layer_takes_config, strip_retype_guard, with_retype_guard
 
 __all__ = [
     "SparseAdapterLayer",
@@ -934,8 +934,7 @@ class SparseConfigMixin:
     )
 
     def __post_init__(self) -> None:
-        if is_retype_guard(getattr(self, "target_parameters", None)):  # written by to_dict: no parameter targets
-            self.target_parameters = None
+        strip_retype_guard(self)  # written by to_dict: no parameter targets
         super().__post_init__()
 
     def to_dict(self) -> dict:
@@ -943,9 +942,7 @@ class SparseConfigMixin:
         digests = getattr(self, "_pp_digests", None)
         if digests:  # the injected adapter's own digests win over those the config was loaded with
             out["sparse_digests"] = digests
-        if "target_parameters" in out and out["target_parameters"] is None:  # stock LoraConfig refuses the file
-            out["target_parameters"] = retype_guard(self.peft_type)
-        return out
+        return with_retype_guard(out, self.peft_type)  # stock LoraConfig refuses the file
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

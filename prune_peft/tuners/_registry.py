@@ -26,6 +26,8 @@ __all__ = [
     "register_adapter_type",
     "retype_guard",
     "retyped_adapter_problem",
+    "strip_retype_guard",
+    "with_retype_guard",
 ]
 
 
@@ -175,6 +177,19 @@ def retype_guard(peft_type) -> str:
 def is_retype_guard(value) -> bool:
     """Whether ``value`` is a :func:`retype_guard` marker."""
     return isinstance(value, str) and value.startswith(RETYPE_GUARD_PREFIX)
+
+
+def strip_retype_guard(config) -> None:
+    """Our configs' ``__post_init__`` (before peft's checks): the marker read back means no parameter targets."""
+    if is_retype_guard(getattr(config, "target_parameters", None)):
+        config.target_parameters = None
+
+
+def with_retype_guard(out: dict, peft_type) -> dict:
+    """Our configs' ``to_dict``: the marker in place of ``target_parameters=None`` (stock LoraConfig refuses it)."""
+    if "target_parameters" in out and out["target_parameters"] is None:
+        out["target_parameters"] = retype_guard(peft_type)
+    return out
 
 
 def _config_fields(cls) -> set[str]:

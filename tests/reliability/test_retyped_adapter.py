@@ -1,8 +1,9 @@
 """An adapter_config.json edited to ``"peft_type": "LORA"`` over a prune_peft adapter folder is refused.
 
-Stock peft / transformers refuse folders written with the ``target_parameters`` marker before anything is injected
-(``LoraConfig`` rejects a string there); every prune_peft entry point (CLI eval/merge/export through ``load_any``,
-``hub.stock_reload``) refuses any retyped folder, marker or not, before the base model loads.
+Stock peft / transformers refuse folders written with the ``target_parameters`` marker (SparseLoRA, SPP, LoRAPrune)
+before anything is injected (``LoraConfig`` rejects a string there); every prune_peft entry point (CLI
+eval/merge/export through ``load_any``, ``hub.stock_reload``, ``models.load_model``) refuses any retyped folder,
+marker or not, before the base model loads.
 """
 
 import copy
@@ -25,7 +26,20 @@ CONFIGS = {
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     ),
     "SPP": lambda: prune_peft.SPPConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "LORAPRUNE": lambda: prune_peft.LoRAPruneConfig(
+        r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], structure="head", init_lora_weights=False
+    ),
 }
+X = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _prune_one_head(pm):
+    """LoRAPrune masks with a zero (first head of block 0's q_proj), so a load that drops them changes the output."""
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    head_dim = pm.config.hidden_size // pm.config.num_attention_heads
+    mask = torch.ones(q.out_features, dtype=torch.bool)
+    mask[:head_dim] = False
+    q.set_row_mask("default", mask)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +53,8 @@ def folders(tmp_path_factory, base24):
                 for n, p in pm.named_parameters():
                     if "lora_" in n:
                         p.normal_(0, 0.1)
+        if name == "LORAPRUNE":
+            _prune_one_head(pm)
         pm.save_pretrained(d)
         out[name] = d
     return out
@@ -118,10 +134,10 @@ def test_entry_point_check_from_tensors_alone(folders, tmp_path):
 
 
 def test_entry_point_check_loraprune(tmp_path):
-    """LoRAPrune folders carry no marker (their config class has no hook yet): the entry points still refuse them."""
+    """A LoRAPrune folder without the marker (written before LoRAPruneConfig wrote it): entry points still refuse."""
     cfg = prune_peft.LoRAPruneConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], structure="head")
     get_peft_model(tiny_causal_lm(num_hidden_layers=2), cfg).save_pretrained(tmp_path / "lp")
-    d = _retyped(tmp_path / "lp", tmp_path)
+    d = _retyped(tmp_path / "lp", tmp_path, keep_marker=False)
     problem = retyped_adapter_problem(d)
     assert problem and "LORAPRUNE" in problem
     assert any(k.endswith("lora_prune_mask") for k in load_file(d / "adapter_model.safetensors"))
@@ -166,3 +182,25 @@ def test_stock_reload_refuses_retyped_adapter(folders, tmp_path):
     d = _retyped(folders["SPARSE_LORA"], tmp_path, keep_marker=False)
     with pytest.raises(ValueError, match=r'Restore "peft_type": "SPARSE_LORA"'):
         stock_reload(d)
+
+
+def test_intact_loraprune_folder_round_trips(tmp_path, base24):
+    """The marker changes nothing for the writer's own type: save_pretrained → PeftModel.from_pretrained (and
+    transformers' load_adapter) give the saved model's outputs, its pruned head included."""
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(base24), CONFIGS["LORAPRUNE"]())
+    _prune_one_head(pm)
+    pm.save_pretrained(tmp_path)
+    assert is_retype_guard(json.loads((tmp_path / "adapter_config.json").read_text())["target_parameters"])
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base24), tmp_path).eval()
+    assert type(loaded.peft_config["default"]).__name__ == "LoRAPruneConfig"
+    assert loaded.peft_config["default"].target_parameters is None
+    via_transformers = copy.deepcopy(base24)
+    via_transformers.load_adapter(str(tmp_path))
+    with torch.no_grad():
+        out = pm.eval()(X).logits
+        unmasked = copy.deepcopy(pm)
+        unmasked.base_model.model.model.layers[0].self_attn.q_proj.init_prune_mask("default", "rows")
+        assert not torch.equal(unmasked(X).logits, out)  # the pruned head matters to the output
+        assert torch.equal(loaded(X).logits, out)
+        assert torch.equal(via_transformers.eval()(X).logits, out)

@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 from ...sparsity.masks import parse_pattern
 from ...sparsity.schedules import PRUNE_SCHEDULES, SCHEDULE_KEYS, check_schedule_values
-from .._registry import ensure_peft_type
+from .._registry import ensure_peft_type, strip_retype_guard, with_retype_guard
 
 __all__ = ["IMPORTANCE", "SCHEDULES", "STRUCTURED", "LoRAPruneConfig"]
 
@@ -131,6 +131,7 @@ class LoRAPruneConfig(LoraConfig):
         write_adapter_card(save_directory, self)
 
     def __post_init__(self) -> None:
+        strip_retype_guard(self)  # the marker to_dict writes: no parameter targets (before LoraConfig's checks)
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPRUNE")
         self._validate()
@@ -138,6 +139,12 @@ class LoRAPruneConfig(LoraConfig):
 
         # re-runs on every load (from_peft_type builds the config through __init__); float and bitsandbytes bases
         self._register_custom_module(layer_mapping_loraprune())
+
+    def to_dict(self) -> dict:
+        """peft's dict, with prune_peft's marker in ``target_parameters``: a copy of the folder edited to
+        ``"peft_type": "LORA"`` is refused by stock peft / transformers before anything is injected (as plain LoRA
+        the masks would be dropped and a merge would fill the pruned weights; ``_registry.retype_guard``)."""
+        return with_retype_guard(super().to_dict(), self.peft_type)
 
     @property
     def nm(self):
