@@ -24,6 +24,7 @@ __all__ = [
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "refuse_retyped_adapter_source",
     "resolve",
 ]
 
@@ -119,6 +120,36 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def refuse_retyped_adapter_source(name_or_path: str, **kwargs) -> None:
+    """ValueError when ``from_pretrained(name_or_path, **kwargs)`` would load a retyped prune_peft adapter.
+
+    transformers' ``from_pretrained`` finds an ``adapter_config.json`` in the folder or repo (the same lookup,
+    ``find_adapter_config_file``, with the same arguments) and loads that adapter with stock peft, none of our
+    checks on its path: a SparseLoRA / SPP / LoRAPrune adapter edited to ``"peft_type": "LORA"`` would load as plain
+    LoRA (``tuners._registry.retyped_adapter_problem``). Only the adapter config is read (fetched, for a Hub id).
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or os.fspath(name_or_path) in EMBEDDED_MODELS:
+        return  # a bad spec is check_model_source's to report; embedded checkpoints hold no adapter
+    spec = os.fspath(name_or_path)
+    if not os.path.isdir(spec):
+        check_model_source(spec)  # a malformed id gets our message, not the Hub client's
+    from transformers.utils import find_adapter_config_file
+
+    from .tuners._registry import refuse_retyped_adapter
+
+    # the lookup AutoModelForCausalLM.from_pretrained makes: adapter_kwargs, the top-level token, then its revision
+    lookup = {k: v for k, v in (kwargs.get("adapter_kwargs") or {}).items() if k in _HUB_KWARGS}
+    if kwargs.get("token") is not None:
+        lookup["token"] = kwargs["token"]
+    lookup.setdefault("revision", kwargs.get("revision"))
+    path = find_adapter_config_file(spec, **lookup)
+    if path is not None:
+        refuse_retyped_adapter(os.path.dirname(path))
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -126,9 +157,15 @@ def load_model(
     device: str | torch.device | None = None,
     **kwargs,
 ):
-    """``AutoModelForCausalLM.from_pretrained`` on a Hub id, a local path or an embedded alias."""
+    """``AutoModelForCausalLM.from_pretrained`` on a Hub id, a local path or an embedded alias.
+
+    A folder or repo holding an ``adapter_config.json`` makes transformers load the adapter too (onto its
+    ``base_model_name_or_path``, or onto the model in the same folder); a prune_peft adapter there whose ``peft_type``
+    was edited to a stock type is refused first (:func:`refuse_retyped_adapter_source`), before the base loads.
+    """
     from transformers import AutoModelForCausalLM
 
+    refuse_retyped_adapter_source(name_or_path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype, **kwargs)
     if device is not None:
         model.to(device)

@@ -204,3 +204,54 @@ def test_intact_loraprune_folder_round_trips(tmp_path, base24):
         assert not torch.equal(unmasked(X).logits, out)  # the pruned head matters to the output
         assert torch.equal(loaded(X).logits, out)
         assert torch.equal(via_transformers.eval()(X).logits, out)
+
+
+def _with_base(adapter, tmp_path, base24, weights: bool):
+    """A folder with a model and an adapter in it: transformers' from_pretrained loads both."""
+    d = tmp_path / f"model-and-{adapter.name}"
+    shutil.copytree(adapter, d)
+    base24.save_pretrained(d)
+    if not weights:  # any base load would now fail with transformers' missing-weights error
+        (d / "model.safetensors").unlink()
+    return d
+
+
+@pytest.mark.parametrize("layout", ["adapter-only", "model-and-adapter"])
+@pytest.mark.parametrize("keep_marker", [True, False])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_load_model_refuses_retyped_adapter_before_the_base_loads(
+    folders, tmp_path, base24, name, keep_marker, layout
+):
+    """``models.load_model`` on a folder transformers would load an adapter from (itself or its base's folder)."""
+    d = _retyped(folders[name], tmp_path, keep_marker=keep_marker)
+    if layout == "model-and-adapter":
+        d = _with_base(d, tmp_path, base24, weights=False)
+    else:  # a base load would fail with transformers' "not a local folder / not a valid model identifier"
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "nope")}))
+    files = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(ValueError, match=rf'"peft_type": \'LORA\'.*Restore "peft_type": "{name}"'):
+        models.load_model(str(d))
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == files
+
+
+def test_load_model_refuses_retyped_adapter_from_the_hub_cache(folders, tmp_path, monkeypatch):
+    """A Hub id: the same adapter_config.json lookup transformers makes (here served from a local Hub cache)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = _retyped(folders["LORAPRUNE"], tmp_path, keep_marker=False)
+    repo = tmp_path / "hub" / "models--someone--retyped-adapter"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(d, repo / "snapshots" / ("0" * 40))
+    with pytest.raises(ValueError, match=r'Restore "peft_type": "LORAPRUNE"'):
+        models.load_model("someone/retyped-adapter", adapter_kwargs={"cache_dir": str(tmp_path / "hub")})
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_load_model_with_intact_adapter_loads_it(folders, tmp_path, base24, name):
+    d = _with_base(folders[name], tmp_path, base24, weights=True)
+    model = models.load_model(str(d))
+    ref = PeftModel.from_pretrained(copy.deepcopy(base24), folders[name]).eval()
+    assert type(model.peft_config["default"]).__name__ == type(CONFIGS[name]()).__name__
+    with torch.no_grad():
+        assert torch.allclose(model(X).logits, ref(X).logits, atol=1e-5)
