@@ -75,6 +75,56 @@ def _masks_from_zeros(block: nn.Module, head_dim: int) -> dict[str, torch.Tensor
     return out
 
 
+ATTN_ROLES, MLP_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+
+
+def _quantization(module: nn.Module) -> str | None:
+    """What quantizes ``module``'s base weight (``"bitsandbytes 4-bit nf4"``, ...), or None for a float Linear."""
+    base = _base_linear(module)
+    weight = getattr(base, "weight", None)
+    kind = type(weight).__name__
+    if kind == "Params4bit":  # checked by name: bitsandbytes may not be installed, and is never imported here
+        return f"bitsandbytes 4-bit {getattr(weight, 'quant_type', None) or 'nf4/fp4'}"
+    if kind == "Int8Params":
+        return "bitsandbytes 8-bit LLM.int8"
+    if type(base).__module__.split(".")[0] == "bitsandbytes":
+        return f"bitsandbytes {type(base).__name__}"
+    if not isinstance(base, nn.Linear) or weight is None:
+        return f"{type(base).__module__}.{type(base).__name__} (not a torch.nn.Linear)"
+    if not weight.is_floating_point():
+        return f"{weight.dtype} weight"
+    return None
+
+
+def _refuse_quantized(hf: nn.Module, blocks: nn.ModuleList, prefix: str) -> None:
+    """compact slices weights row/column-wise: packed quantized storage would be cut into garbage. Refused up front,
+    for every projection compact may touch, adapted or not (a LoRAPrune bnb layer's own refusal comes too late for
+    an untargeted bnb sibling)."""
+    found: dict[str, str] = {}
+    for i, block in enumerate(blocks):
+        for group, roles in (("self_attn", ATTN_ROLES), ("mlp", MLP_ROLES)):
+            parent = getattr(block, group, None)
+            for role in roles:
+                module = getattr(parent, role, None) if parent is not None else None
+                kind = _quantization(module) if module is not None else None
+                if kind is not None:
+                    found[f"{prefix}.{i}.{group}.{role}".lstrip(".")] = kind
+    if not found:
+        return
+    names = list(found)  # block order, then projection order
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    kinds = ", ".join(sorted(set(found.values())))
+    qc = getattr(getattr(hf, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum -> its string
+    raise ValueError(
+        f"compact: {shown} {'is' if len(names) == 1 else 'are'} quantized ({kinds}"
+        f"{f'; quant_method={method!r}' if method is not None else ''}): quantized weights cannot be sliced (packed "
+        "storage). Dequantize first: an adapted model's merge_and_unload() returns de-quantized nn.Linear layers "
+        "(prune_peft adapters; target every projection), or reload the model without quantization_config, then compact"
+    )
+
+
 def _slice_param(p: torch.Tensor, dim: int, index: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(p.detach().index_select(dim, index.to(p.device)).clone(), requires_grad=p.requires_grad)
 
@@ -127,11 +177,14 @@ def compact(model: nn.Module, masks: dict[int, dict[str, torch.Tensor]] | None =
     ``masks``: ``{block index: {"units": bool[num_kv_heads], "channels": bool[intermediate]}}`` (True = kept);
     default: see the module docstring. Works on a merged/plain transformers model and on an unmerged LoRAPrune
     ``PeftModel`` (LoRA factors and masks are sliced too). Records per-layer sizes in ``config.prune_peft_layers``.
+    Quantized projections (bitsandbytes, or any non-float / non-``nn.Linear`` base) are refused with a ValueError
+    before anything changes: dequantize first (``merge_and_unload()``).
     """
     hf = _hf.base_model(model)
     config = _hf.text_config(hf)
     head_dim = _hf.head_dim(config)
-    _, blocks = _hf.find_decoder_blocks(hf)
+    prefix, blocks = _hf.find_decoder_blocks(hf)
+    _refuse_quantized(hf, blocks, prefix)  # before anything is read or changed
     chosen = _collect_masks(model, masks)
     layers = compacted_shapes(hf) or {
         "num_attention_heads": [config.num_attention_heads] * len(blocks),

@@ -215,3 +215,66 @@ def test_non_uniform_compaction_is_refused_by_stock_from_pretrained(tmp_path):
     # stock from_pretrained builds full-size blocks from the one size in the config and refuses the weights
     with pytest.raises(RuntimeError, match="mismatched"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+
+
+def _state(model):
+    """Every parameter and buffer (bitsandbytes' packed storage and quantization state included), cloned."""
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _assert_unchanged(model, before, config_before):
+    after = _state(model)
+    assert after.keys() == before.keys()
+    for name, t in after.items():
+        assert t.dtype == before[name].dtype and torch.equal(t, before[name]), name
+    assert model.config.to_dict() == config_before
+    assert not hasattr(model.config, "prune_peft_layers")
+
+
+def test_compact_refuses_a_non_float_projection_before_any_change():
+    model = tiny_causal_lm(num_hidden_layers=2)
+    lin = model.model.layers[1].mlp.down_proj
+    lin.weight = torch.nn.Parameter(lin.weight.detach().mul(100).to(torch.int8), requires_grad=False)
+    before, config = _state(model), model.config.to_dict()
+    masks = {0: {"channels": torch.arange(128) < 64}, 1: {"units": torch.tensor([True, False])}}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj is quantized \(torch\.int8 weight\)"):
+        compact(model, masks=masks)
+    _assert_unchanged(model, before, config)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_compact_refuses_bitsandbytes_layers_adapted_or_not_before_any_change(quant, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_causal_lm(seed=3, num_hidden_layers=2).save_pretrained(tmp_path)
+    if quant == "int8":
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    kind = {"nf4": r"bitsandbytes 4-bit nf4", "int8": r"bitsandbytes 8-bit LLM\.int8"}[quant]
+    masks = {0: {"units": torch.tensor([True, False]), "channels": torch.arange(128) < 64}}
+
+    # a plain quantized model: every projection is packed storage; before, compact sliced it as raw bytes
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.float32)
+    before, config = _state(plain), plain.config.to_dict()
+    with pytest.raises(ValueError, match=rf"model\.layers\.0\.mlp\.down_proj.* quantized \({kind}") as err:
+        compact(plain, masks=masks)
+    assert "merge_and_unload()" in str(err.value) and "quant_method='bitsandbytes'" in str(err.value)
+    _assert_unchanged(plain, before, config)
+    with pytest.raises(ValueError, match="quantized"):  # zero-derived masks would read packed bytes too
+        compact(plain)
+    _assert_unchanged(plain, before, config)
+
+    # LoRAPrune on q/k/v/gate/up only: o_proj and down_proj stay bare bitsandbytes layers
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.float32)
+    cfg = LoRAPruneConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+    pm = get_peft_model(base, cfg).eval()
+    before, config = _state(pm), pm.base_model.model.config.to_dict()
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj") as err:
+        compact(pm, masks=masks)
+    message = str(err.value)
+    assert "model.layers.0.self_attn.o_proj" in message and "and 6 more" in message  # 14 projections, 8 named
+    after = _state(pm)
+    assert all(torch.equal(after[n], t) for n, t in before.items()) and after.keys() == before.keys()
+    assert pm.base_model.model.config.to_dict() == config
