@@ -292,6 +292,7 @@ def _op_profile(fn) -> dict:
         "ops": int(sum(e.count for e in events)),
         "self_cpu_ms": total_self_us / 1e3,
         "top": [{"op": e.key, "count": int(e.count), "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in top],
+        "counts": {e.key: int(e.count) for e in events},
     }
 
 
