@@ -234,6 +234,13 @@ def profile(models: dict, phases: dict[str, list[dict]], times: dict[str, list[f
         "exact_floor_ratio": (lora_step + floor["extra_gemm_s"]) / lora_step,
         "exact_floor_ratio_cpu": (lora_cpu + floor["extra_gemm_cpu_s"]) / lora_cpu,
     }
+    if floor["dtype"] in ("bfloat16", "float16"):
+        # half precision: the forward and ∂L/∂x GEMMs run over [W | ΔW] (twice the base's inner dimension, so the
+        # update is never rounded into W): two more GEMMs of the forward's size per layer than LoRA's base GEMMs
+        more = floor["extra_gemm_s"] + 2 * floor["base_forward_gemm_s"]
+        more_cpu = floor["extra_gemm_cpu_s"] + 2 * floor["base_forward_gemm_cpu_s"]
+        summary["half_split_floor_ratio"] = (lora_step + more) / lora_step
+        summary["half_split_floor_ratio_cpu"] = (lora_cpu + more_cpu) / lora_cpu
     if "sparse_lora" in timed:
         sl = timed["sparse_lora"]
         extra = statistics.median(r["backward"] - b["backward"] for r, b in zip(sl, lora))

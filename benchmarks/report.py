@@ -493,6 +493,12 @@ def adapter_profile(a: dict) -> str:
         f"({x(sm.get('exact_backward_excess_over_extra_gemm'))} the extra GEMM; in CPU time "
         f"{x(sm.get('exact_backward_excess_over_extra_gemm_cpu'))})."
     )
+    if sm.get("half_split_floor_ratio") is not None:
+        head += (
+            f" In {eg['dtype']} the forward and input-gradient GEMMs also run over `[W | ΔW]` (twice the inner "
+            f"dimension, so the update is never rounded into W): LoRA's step plus those and the extra GEMM = "
+            f"**{x(sm['half_split_floor_ratio'])}** ({x(sm['half_split_floor_ratio_cpu'])} in CPU time)."
+        )
     if sm.get("exact_minus_lors_s") is not None:
         head += (
             f' Exact minus `grad_mode="lors"` (the same forward and input gradient): '

@@ -286,6 +286,15 @@ def test_adapter_profile_renders_the_floor_and_phases():
     assert "| SparseLoRA (default, exact gradients) | 1.00 s (1.00×) | 1.40 s (1.40×) |" in text
     assert "÷ LoRA's: SparseLoRA (default, exact gradients) 1.30×" in text
     assert 'Exact minus `grad_mode="lors"` (the same forward and input gradient): 0.88 s per step, 0.98× the' in text
+    assert "also run over" not in text  # fp32: no half-precision floor sentence
+    half = {
+        **profile,
+        "summary": {**profile["summary"], "half_split_floor_ratio": 1.33, "half_split_floor_ratio_cpu": 1.38},
+    }
+    half["extra_gemm"] = {**profile["extra_gemm"], "dtype": "bfloat16"}
+    text = report.adapters_bf16_section({"adapters_bf16": _adapters("bfloat16", 1.3, half)})
+    assert "In bfloat16 the forward and input-gradient GEMMs also run over `[W | ΔW]`" in text
+    assert "= **1.33×** (1.38× in CPU time)" in text
 
 
 def test_distill_goal_needs_identical_outputs():
