@@ -52,7 +52,7 @@ bench: $(STAMP)
 		--pair-steps 2 --threads 2
 	$(BIN)/python benchmarks/distill.py --tp-prompts 24 --tp-tokens 40 --repeats 3 --threads 1
 	$(BIN)/python benchmarks/quality.py --seeds 3 --threads 2
-	$(BIN)/python benchmarks/distributed.py --batch 4 --seqlen 256 --steps 3 --threads 2
+	$(BIN)/python benchmarks/distributed.py --batch 4 --seqlen 256 --steps 2 --threads 2
 	$(BIN)/python benchmarks/sparse24_gpu.py --batch 8 --seqlen 512 --sft-steps 10
 	$(BIN)/python benchmarks/report.py
 
