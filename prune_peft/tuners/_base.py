@@ -29,7 +29,7 @@ from torch import nn
 from .._dist import all_reduce_sum, counts_once, gathered_call, is_sharded, local, local_rows, sharding_kind
 from ..sparsity.masks import describe_pattern, mask_mismatch
 from ._buffers import AdapterBuffers, PackedMasks
-from ._fsdp import reshard_all
+from ._fsdp import refuse_gathered_base, reshard_for_merge
 from ._registry import current_injection, injecting, layer_takes_config, strip_retype_guard, with_retype_guard
 
 __all__ = [
@@ -408,6 +408,7 @@ class SparseAdapterLayer:
     # -------------------------------------------------------------------------------------------------- merging
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        refuse_gathered_base(self, "merge")  # FSDP2 root above the tuner holding this layer gathered
         names = adapter_names if adapter_names is not None else self.active_adapters
         self._pp_check_base([n for n in names if n in self.lora_A and n not in self.merged_adapters])
         if is_sharded(self.get_base_layer().weight):  # FSDP2
@@ -415,6 +416,8 @@ class SparseAdapterLayer:
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge(self) -> None:
+        if self.merged:
+            refuse_gathered_base(self, "unmerge")
         if self.merged and is_sharded(self.get_base_layer().weight):  # FSDP2
             return self._pp_merge_sharded([], False, unmerge=True)
         super().unmerge()
@@ -712,7 +715,7 @@ class SparseTunerMixin:
     # -------------------------------------------------------------------------------------------------- merging
 
     def _pp_check_all(self, adapter_names: list[str] | None) -> None:
-        reshard_all(self.model)  # FSDP2: merge into the shards, never into a gathered copy (see reshard_all)
+        reshard_for_merge(self.model)  # FSDP2: merge into the shards, never into a gathered copy (ValueError)
         for layer in sparse_layers(self.model).values():
             names = adapter_names if adapter_names is not None else layer.active_adapters
             layer._pp_check_base([n for n in names if n in layer.lora_A and n not in layer.merged_adapters])

@@ -16,8 +16,13 @@ Order: ``get_peft_model`` (or ``PeftModel.from_pretrained``) on the unsharded mo
 block and on the model; adapters created on an already sharded model are refused (``_base.refuse_sharded_base``).
 After ``merge_and_unload`` run forwards through the FSDP2 root (the sharded ``PeftModel``), whose hooks gather the
 embeddings and head. The root keeps its parameters gathered after a forward without backward: merges reshard the
-tuner's units first (:func:`reshard_all`), but a root above the tuner (the ``PeftModel``) needs ``model.reshard()``
-before ``merge_and_unload`` in that case; ``export`` and ``check_sharded_layout`` reshard it themselves.
+tuner's units first (:func:`reshard_all`), but the tuner cannot reach a root above it (the ``PeftModel``). When that
+root holds adapted layers' weights gathered (e.g. ``fully_shard`` on the model only, then an evaluation forward),
+``merge_adapter`` / ``merge_and_unload`` / ``unmerge_adapter`` raise a ``ValueError`` before any change (a merge into
+the gathered copy would be lost at the next reshard): call ``model.reshard()`` first (:func:`reshard_for_merge`;
+:func:`gathered_by_outer_unit` reads FSDP2's ``_is_fsdp_managed_module`` mark). With ``fully_shard`` per decoder
+block the adapted layers live in the tuner's own units and nothing is needed. ``export`` and
+``check_sharded_layout`` reshard the root themselves.
 
 Refused with a ``ValueError`` (:func:`check_sharded_layout`, run by ``PruneCallback.on_train_begin``): FSDP1
 (``FullyShardedDataParallel``, whose FlatParameter flattens base weights and adapter factors of a unit together),
@@ -37,7 +42,14 @@ from torch import nn
 
 from .._dist import full, is_sharded, local_rows, sharding_kind, world_size
 
-__all__ = ["check_sharded_layout", "export_merged_sharded", "reshard_all"]
+__all__ = [
+    "check_sharded_layout",
+    "export_merged_sharded",
+    "gathered_by_outer_unit",
+    "refuse_gathered_base",
+    "reshard_all",
+    "reshard_for_merge",
+]
 
 MAX_SHARD_BYTES = 5 * 2**30  # rank 0 holds at most one file's tensors (plus one gathered layer) at a time
 
@@ -64,6 +76,46 @@ def reshard_all(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, units):
                 module.reshard()
+
+
+_GATHERED = (
+    "is managed by an FSDP unit above the tuner that holds its parameters gathered (plain tensors, not the DTensor "
+    "shards): FSDP2's root (the model fully_shard was called on last, e.g. the sharded PeftModel) keeps them gathered "
+    "after a forward without backward, and a merge written into that gathered copy would be dropped at the next "
+    "reshard. Call model.reshard() on the FSDP2 root before {action} (FSDP1 is not supported)"
+)
+
+
+def gathered_by_outer_unit(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are held gathered by an FSDP unit the tuner cannot reach.
+
+    ``fully_shard`` marks every module a unit manages (``_is_fsdp_managed_module``, set for torch.compile); outside
+    forward/backward a managed parameter is a ``DTensor`` shard unless its unit is unsharded. After
+    :func:`reshard_all` on the tuner's model, a plain parameter therefore means a unit above the tuner (the
+    ``PeftModel`` root) is gathered: the tuner cannot reshard it (no reference to it) and refuses to merge.
+    """
+    if not getattr(module, "_is_fsdp_managed_module", False):
+        return False
+    return any(not is_sharded(p) for p in module.parameters(recurse=False))
+
+
+def refuse_gathered_base(layer: nn.Module, action: str = "merge") -> None:
+    """ValueError if an adapter layer's base weight is held gathered by an outer FSDP unit (see above)."""
+    base = layer.get_base_layer()
+    if gathered_by_outer_unit(base):
+        raise ValueError(f"{action}: the base layer of {type(layer).__name__} " + _GATHERED.format(action=action))
+
+
+def reshard_for_merge(model: nn.Module, action: str = "merge_adapter / merge_and_unload") -> None:
+    """Before a merge: reshard the tuner's own FSDP2 units (:func:`reshard_all`), then refuse, before any layer
+    changes, when an outer unit keeps adapted base weights gathered (its merge would be silently lost)."""
+    from ._base import sparse_layers
+
+    reshard_all(model)
+    names = [name for name, layer in sparse_layers(model).items() if gathered_by_outer_unit(layer.get_base_layer())]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(f"{action}: {shown} " + _GATHERED.format(action=action))
 
 
 def check_sharded_layout(model: nn.Module, owner: str = "sparse adapter") -> None:

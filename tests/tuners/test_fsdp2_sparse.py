@@ -213,33 +213,76 @@ def test_sharded_export_writes_what_the_unsharded_export_writes(pruned, one_rank
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
 
 
-def test_merge_after_an_evaluation_forward_on_a_single_unit(pruned, one_rank, tmp_path):
-    """The FSDP2 root keeps its parameters gathered after a forward without backward: export reshards by itself,
-    merge_and_unload after ``model.reshard()`` (the documented recipe) merges into the shards."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_after_an_evaluation_forward_on_a_single_unit(pruned, one_rank, tmp_path, kind):
+    """The FSDP2 root keeps its parameters gathered after a forward without backward. With one unit (the root holds
+    every parameter) a merge would be written into the gathered copy and silently dropped at the next reshard: the
+    tuner cannot reach the root, so merge_adapter / merge_and_unload / unmerge_adapter refuse before any change.
+    export reshards by itself; after ``model.reshard()`` (the recipe the error names) the merge lands in the shards."""
+    from safetensors.torch import load_file
     from torch.distributed.fsdp import fully_shard
 
     from prune_peft.hub import export
 
     def make():
         torch.manual_seed(0)
-        cfg = prune_peft.SparseLoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        if kind == "sparse_lora":
+            cfg = prune_peft.SparseLoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        else:
+            cfg = prune_peft.SPPConfig(target_modules=["q_proj", "down_proj"], n_blocks=4, init_lora_weights=False)
         return get_peft_model(pruned("2:4"), cfg)
+
+    def evaluate():
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert type(q_proj.base_layer.weight).__name__ == "Parameter"  # gathered by the root, not a DTensor
+
+    def shards():
+        return {n: p.to_local().clone() for n, p in model.named_parameters()}
 
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
     want = {k: v.clone() for k, v in make().merge_and_unload().state_dict().items()}
     model = fully_shard(make())  # one unit: the root holds every parameter
     model.eval()
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight).__name__ == "Parameter"
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    evaluate()
     export(model, tmp_path / "out")
-    from safetensors.torch import load_file
-
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(saved[k], want[k]) for k in want)
-    with torch.no_grad():
-        model(input_ids=ids)
+
+    # the previously silent case: forward, then merge without model.reshard()
+    model.reshard()
+    before = shards()
+    evaluate()
+    for tuner_level, call in ((True, model.merge_and_unload), (True, model.merge_adapter), (False, q_proj.merge)):
+        with pytest.raises(ValueError, match=r"Call model\.reshard\(\) on the FSDP2 root before") as err:
+            call()
+        assert "gathered" in str(err.value)
+        if tuner_level:  # the tuner names every adapted layer it refuses
+            assert "model.layers.0.self_attn.q_proj, model.layers.0.mlp.down_proj" in str(err.value)
+    assert not q_proj.merged and not q_proj.merged_adapters
+    model.reshard()
+    assert all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())  # nothing changed
+
+    # the recipe: reshard the root, then merge_and_unload merges into the shards
+    evaluate()
     model.reshard()
     merged = model.merge_and_unload()
     got = {k: v.full_tensor() for k, v in merged.state_dict().items()}
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    # unmerge_adapter is refused the same way (a second model: SPP's unmerge divides, so it is not bitwise)
+    model = fully_shard(make())
+    model.eval()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    model.merge_adapter()
+    assert q_proj.merged
+    merged_shards = shards()
+    evaluate()
+    with pytest.raises(ValueError, match=r"unmerge: .*Call model\.reshard\(\) on the FSDP2 root"):
+        model.unmerge_adapter()
+    assert q_proj.merged
+    model.reshard()
+    assert all(torch.equal(p.to_local(), merged_shards[n]) for n, p in model.named_parameters())
+    model.unmerge_adapter()
+    assert not q_proj.merged
