@@ -203,10 +203,10 @@ def main(argv=None) -> int:
             print(f"[{config:11s} {layout:8s}] peak RSS per rank {peaks} MB", flush=True)
         memory[config] = {layout: measured[layout] for layout in layouts}
     ratios = {}
-    for config, layouts in memory.items():
-        single = layouts["single"][0]["peak_rss_mb"]
+    for config, measured in memory.items():
+        single = measured["single"][0]["peak_rss_mb"]
         for layout in layouts[1:]:
-            ratios[f"{config}_{layout}_vs_single_peak_rss"] = max(r["peak_rss_mb"] for r in layouts[layout]) / single
+            ratios[f"{config}_{layout}_vs_single_peak_rss"] = max(r["peak_rss_mb"] for r in measured[layout]) / single
     report = {
         "model": "smollm2-135m",
         "memory": memory,
