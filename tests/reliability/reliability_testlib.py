@@ -44,6 +44,7 @@ CONTROLS = {
     "test_writer_puts_the_marker_and_reads_it_back",
     "test_plain_lora_folder_is_not_flagged",
     "test_intact_loraprune_folder_round_trips",
+    "test_load_model_with_intact_adapter_loads_it",
     "test_atomic_file_live_writer_temp_kept",
     "test_case_accounting_names_exist",
 }
