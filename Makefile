@@ -46,7 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/oneshot.py --nsamples 64 --seqlen 512 --eval-windows 32 --threads 2
 	$(BIN)/python benchmarks/adapters.py --steps 8 --nsamples 32 --eval-windows 16 --memory-steps 3 --threads 2
 	$(BIN)/python benchmarks/adapters.py --dtype bf16 --steps 6 --nsamples 32 --eval-windows 16 --memory-steps 3 --threads 2
-	$(BIN)/python benchmarks/loraprune.py --batch 4 --seqlen 256 --rounds 5 --steps-per-run 3 --quality-steps 24 \
+	$(BIN)/python benchmarks/loraprune.py --profile --batch 4 --seqlen 256 --rounds 5 --steps-per-run 3 --quality-steps 24 \
 		--quality-batch 2 --eval-windows 8 --threads 2
 	$(BIN)/python benchmarks/qtuning.py --n-train 64 --n-eval 32 --batch-size 8 --max-length 128 --pairs 3 \
 		--pair-steps 2 --threads 2
