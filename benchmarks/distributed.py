@@ -14,8 +14,8 @@ then resets the kernel's peak-RSS counter (``/proc/self/clear_refs``) and trains
 (``loss.backward()``; LoRAPrune: ``update_and_allocate(step)``; AdamW on the adapter) on a global batch of ``--batch``
 × ``--seqlen`` tokens. Per rank: ``peak_rss_mb`` (VmHWM since the reset: loading the whole model before sharding is
 not counted), ``model_rss_mb`` (RSS with the sharded model paged in), ``training_mb`` (their difference),
-``runtime_rss_mb`` (RSS after the imports, before the model: not shardable) and ``lifetime_peak_rss_mb``
-(``ru_maxrss``, loading included). Ratios: the largest per-rank peak of a layout / the single process's peak.
+``runtime_rss_mb`` (RSS after the imports, before the model: not shardable) and ``load_peak_rss_mb`` (VmHWM just
+before the reset: the whole-model load before sharding included). Ratios: the largest per-rank peak of a layout / the single process's peak.
 
     python benchmarks/distributed.py            # writes benchmarks/results/distributed.json
     python benchmarks/distributed.py --quick    # results/quick/distributed.json (short sequences, 2 steps)
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import MEMORY_ENV, peak_rss_mb, results_path, rss_mb, start_stamp, write_results
+from _bench import MEMORY_ENV, results_path, rss_mb, start_stamp, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,8 +45,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MEMORY_NOTE = (
     "Per rank, in fresh processes under MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_ARENA_MAX=1 (freed tensors leave the "
     "process). peak_rss_mb = VmHWM after resetting it (echo 5 > /proc/self/clear_refs) once the sharded model is "
-    "paged in, so the transient whole-model load before fully_shard is not counted (lifetime_peak_rss_mb, ru_maxrss, "
-    "includes it: every rank here loads the whole checkpoint before sharding). model_rss_mb = RSS at the reset; "
+    "paged in, so the transient whole-model load before fully_shard is not counted (load_peak_rss_mb, VmHWM read just "
+    "before the reset, includes it: every rank here loads the whole checkpoint before sharding; the reset also resets "
+    "ru_maxrss). model_rss_mb = RSS at the reset; "
     "training_mb = peak_rss_mb - model_rss_mb; runtime_rss_mb = RSS after the imports (Python, torch, transformers: "
     "not shardable). Ratios: max over ranks of peak_rss_mb / the single process's peak_rss_mb."
 )
@@ -118,6 +119,7 @@ def worker(args) -> dict:
         for p in model.parameters():
             _dist.local(p).add_(0)
     model_rss = rss_mb()
+    load_peak = _vm_hwm_mb()
     _reset_peak()
     losses = []
     for step in range(args.steps):
@@ -138,7 +140,7 @@ def worker(args) -> dict:
         "model_rss_mb": model_rss,
         "training_mb": peak - model_rss,
         "runtime_rss_mb": runtime,
-        "lifetime_peak_rss_mb": peak_rss_mb(),
+        "load_peak_rss_mb": load_peak,
         "losses": losses,
         "per_rank_batch": per_rank,
     }
