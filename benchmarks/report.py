@@ -627,6 +627,12 @@ def distributed_section(res: Results) -> str:
         f"(≈ {d['memory']['loraprune']['single'][0]['runtime_rss_mb']:.0f} MiB per process), which no sharding "
         "reduces."
     )
+    load = [r.get("load_peak_rss_mb") for ls in d["memory"].values() for rs in ls.values() for r in rs]
+    if all(v is not None for v in load):
+        head += (
+            f" Before sharding every rank holds the whole fp32 checkpoint once: up to {max(load):.0f} MiB while "
+            "loading (not in the table)."
+        )
     header = ["method", "layout", "peak RSS", "RSS with the model", "training (peak − model)",
               "largest rank ÷ 1 process (peak)"]  # fmt: skip
     return head + "\n\n" + table(header, rows)
