@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .._dist import full, is_sharded, local_rows, sharding_kind, world_size
+from .._dist import full, is_sharded, local_rows, refuse_sharded_bnb, sharding_kind, world_size
 
 __all__ = [
     "check_sharded_layout",
@@ -136,6 +136,7 @@ def check_sharded_layout(model: nn.Module, owner: str = "sparse adapter") -> Non
             f"{owner}: SparseLoRA/SPP on DeepSpeed ZeRO-3 is not supported (partitioned parameters are empty outside "
             f"forward, and DeepSpeed is not available to test it); {_SUPPORTED}, or ZeRO ≤ 2"
         )
+    refuse_sharded_bnb(model, owner)  # plain loops and export reach this without PruneCallback's own check
     from ..kernels.semi_structured import SemiStructuredLinear
 
     reshard_all(model)  # a root gathered by a forward without backward would show plain parameters

@@ -300,6 +300,8 @@ def _bnb_model(path: str, bits: int):
 def run_qlora(out: str) -> tuple[dict, dict]:
     from prune_peft.callbacks import PruneCallback, SSTECallback
     from prune_peft.distill.kd import LogitDistillation
+    from prune_peft.tuners._fsdp import check_sharded_layout
+    from prune_peft.tuners.loraprune.pruner import check_sharding
 
     path = os.path.join(out, "tiny")
     model = _bnb_model(path, 4)
@@ -315,6 +317,9 @@ def run_qlora(out: str) -> tuple[dict, dict]:
         "sste": lambda: SSTECallback().prepare(model),
         "prune_callback": lambda: PruneCallback(method="s-ste").on_train_begin(None, None, None, model=model),
         "kd_teacher": lambda: LogitDistillation(tiny_causal_lm(seed=0, num_hidden_layers=2), model),
+        # the tuners' own layout checks, which plain loops and export reach without PruneCallback
+        "loraprune_layout": lambda: check_sharding(model),
+        "sparse_layout": lambda: check_sharded_layout(model),
     }
     for name, attempt in attempts.items():
         try:

@@ -125,6 +125,7 @@ def check_sharding(
             f"{owner}: parameters are sharded by {what}, which flattens base and adapter weights so the LoRA-guided "
             f"importance cannot read the base rows it scores; {SUPPORTED_SHARDING}. See docs/distributed.md."
         )
+    _dist.refuse_sharded_bnb(model, owner)  # the plain-loop path: PruneCallback's check is not on it
     if not structured:
         raise ValueError(
             f"{owner}: element-wise masks (structure 'unstructured' / N:M) under FSDP2 need a global top-k over whole "
