@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _stats import VERDICTS, bootstrap_ci, paired_diff_ci, verdict
+from _stats import VERDICTS, bootstrap_ci, paired_diff_ci, ratio_ci, verdict
 
 
 def test_mean_and_degenerate_interval():
@@ -66,3 +66,17 @@ def test_bad_inputs():
         paired_diff_ci(np.zeros((2, 3)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="expected"):
         verdict({"lo": -1, "hi": 1}, "down")
+
+
+def test_ratio_ci_is_ratio_of_means_with_shared_draws():
+    rng = np.random.default_rng(3)
+    den = rng.normal(1.0, 0.1, size=(3, 8))
+    r = ratio_ci(0.6 * den, den)  # exactly proportional: every draw gives 0.6
+    assert r["mean"] == pytest.approx(0.6) and r["lo"] == pytest.approx(0.6) and r["hi"] == pytest.approx(0.6)
+    num = 0.5 * den + rng.normal(0, 0.05, size=(3, 8))
+    r = ratio_ci(num, den)
+    assert r["mean"] == pytest.approx(num.mean() / den.mean()) and r["lo"] < r["mean"] < r["hi"]
+    with pytest.raises(ValueError, match="paired"):
+        ratio_ci(num, den[:2])
+    with pytest.raises(ValueError, match="non-zero mean"):
+        ratio_ci(num, np.zeros((3, 8)))
