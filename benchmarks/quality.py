@@ -22,15 +22,30 @@ Comparisons (``--only NAME`` runs one; default: all implemented ones):
   samples at the same steps. Metric: held-out response-token NLL per problem (the "windows" are held-out problems).
 - ``owl`` (item 7): OWL layerwise sparsity (``sparsity_profile="owl"``, M = 5, λ = 0.08) vs uniform, Wanda and
   SparseGPT at 50 % and 70 % unstructured, paired on the same calibration draw.
+- ``loraprune`` (item 1): LoRAPrune (``importance="lora"``) vs the same schedule with importance from the true
+  base-weight gradients (``importance="grad"``, LLM-Pruner's first-order Taylor |∂L/∂W ⊙ W|) vs one-shot structured
+  magnitude masks + LoRA (benchmarks/loraprune.py's ``_magnitude_masks``), 20 % and 50 % (heads + MLP channels), same
+  Trainer steps; held-out NLL of the merged, compacted model, plus peak RSS of the two importance modes (one fresh
+  process each: benchmarks/loraprune.py's memory worker).
+- ``recovery`` (item 2): a 2:4 Wanda base per seed, then SparseLoRA (``grad_mode`` exact and lors), SPP, and plain
+  LoRA merged then re-masked, trained on the same batches for the same steps with the same trainable-parameter
+  budget (the LoRA-type rank whose r·Σ(d_in + d_out) is nearest SPP's Σ(R·d_in + d_out), R = 16: r = 8 on
+  SmolLM2-135M); held-out NLL and the fraction of the dense→pruned gap recovered (``_stats.ratio_ci``).
+- ``distill`` (item 4): ``prune_peft.distill.drop_layers`` (4 of 30 blocks by angular distance), the unpruned
+  teacher rewrites the training responses (``self_distill``, math template), LoRA for the same steps on the
+  rewritten vs the original responses (``distill.recipe.finetune_lora``); KL(teacher ‖ student) per held-out
+  Shakespeare window (forgetting) and held-out task NLL per problem.
 
-Budget (2 CPU cores): the default settings were chosen for about an hour (estimate ≈ 58 min: oneshot 29, owl 15,
-qtuning 12, sste 2; printed at the start, see ``estimate_seconds``). That budget forces small calibration: the
+Budget (2 CPU cores): the estimate is printed at the start (``estimate_seconds``): oneshot 29, owl 15, qtuning 12,
+sste 2 min (≈ 58 min), plus loraprune ≈ 26, recovery ≈ 18, distill ≈ 12 min (≈ 56 min) — ≈ 1 h 54 min for
+everything (``--only`` runs a part). That budget forces small calibration: the
 oneshot grid is 8 × 512 and 32 × 512 (the library's default 128 × 512 and seqlen 2048 cost 4× / 4× per sample; add
-them with ``--oneshot-grid 8x512,32x512,8x2048`` (+22 min) when time allows), OWL calibrates on 8 × 512, and every
-pruned model is evaluated on 8 held-out windows of 512 tokens. ``--quick`` runs one seed of each with tiny
-calibration, few windows and steps (a smoke run, minutes) into results/quick/.
+them with ``--oneshot-grid 8x512,32x512,8x2048`` (+22 min) when time allows), OWL and the recovery base calibrate on
+8 × 512, the fine-tuning comparisons train 16–24 steps of ≈ 512 tokens, and every model is evaluated on 8
+held-out windows of 512 tokens. ``--quick`` runs one seed of each with tiny calibration, few windows and steps (a
+smoke run, minutes) into results/quick/.
 
-    python benchmarks/quality.py [--only oneshot|owl|qtuning|sste] [--quick]
+    python benchmarks/quality.py [--only oneshot|owl|qtuning|sste|loraprune|recovery|distill] [--quick]
 
 Writes benchmarks/results/quality.json (stamped by ``_bench.write_results``). With ``--only``, the other comparisons
 already in the results file are kept.
@@ -70,6 +85,19 @@ FULL = {
     "qtuning_eval": 32,
     "qtuning_batch": 8,
     "qtuning_max_length": 128,
+    "loraprune_steps": 24,
+    "loraprune_batch": 2,
+    "loraprune_seqlen": 256,
+    "recovery_steps": 24,
+    "recovery_batch": 2,
+    "recovery_seqlen": 256,
+    "recovery_calibration": [8, 512],
+    "distill_drop": 4,
+    "distill_train": 64,
+    "distill_eval": 32,
+    "distill_steps": 16,
+    "distill_batch": 4,
+    "distill_gen_tokens": 64,
 }
 QUICK = {
     "seeds": 1,
@@ -84,6 +112,19 @@ QUICK = {
     "qtuning_eval": 8,
     "qtuning_batch": 8,
     "qtuning_max_length": 96,
+    "loraprune_steps": 4,
+    "loraprune_batch": 2,
+    "loraprune_seqlen": 128,
+    "recovery_steps": 3,
+    "recovery_batch": 2,
+    "recovery_seqlen": 128,
+    "recovery_calibration": [4, 128],
+    "distill_drop": 4,
+    "distill_train": 8,
+    "distill_eval": 8,
+    "distill_steps": 2,
+    "distill_batch": 4,
+    "distill_gen_tokens": 16,
 }
 
 CLAIMS = {
@@ -106,6 +147,24 @@ CLAIMS = {
         "S-STE (continuous soft-threshold 2:4 projection + frozen per-tensor scale) avoids hard thresholding's mask "
         "oscillation and trains closer to the dense model than earlier 2:4 recipes such as SR-STE (paraphrase of Hu, "
         "Zhu, Chen, NeurIPS 2024, arXiv 2409.09099, abstract)"
+    ),
+    "loraprune": (
+        "LoRA-guided importance (LoRA's weights and gradients instead of the pre-trained weights' gradients) prunes "
+        "as well as or better than the gradient-based criterion of LLM-Pruner, with 52.6 % less memory on LLaMA-7B "
+        "(paraphrase of Zhang et al., arXiv 2305.18403, abstract); 'matches' is reproduced by either 'no significant "
+        "difference' or a lower perplexity"
+    ),
+    "recovery": (
+        "sparsity-preserving adapters recover most of the dense→pruned gap while keeping every zero (SQFT, Muñoz et "
+        "al., arXiv 2410.03750: SparsePEFT merges without losing sparsity; SPP, Lu et al., ICML 2024, arXiv "
+        "2405.16057: restores the pruned model's performance), whereas plain LoRA densifies the weights and must be "
+        "re-masked after merging, losing part of what it learned (paraphrase)"
+    ),
+    "distill": (
+        "self-data distilled fine-tuning (the unpruned model rewrites the responses) mitigates catastrophic "
+        "forgetting by keeping the pruned student aligned with the original model; Llama-3.1-8B with 6 of 32 blocks "
+        "removed retains 91.2 % of the original accuracy vs 81.7 % with SFT on the original data (paraphrase of "
+        "Thangarasa et al., MLSys 2025, arXiv 2410.09982, abstract)"
     ),
 }
 
@@ -149,6 +208,94 @@ def compare(method_arm: list[list[float]], baseline_arm: list[list[float]], expe
     return {**d, "verdict": verdict(d, expected)}
 
 
+def lora_rank_for_budget(shapes: list[tuple[int, int]], n_blocks: int) -> tuple[int, int, int]:
+    """The recovery comparison's trainable-parameter budget: SPP trains ``R·d_in + d_out`` parameters per layer
+    (``W_row`` and ``w_col``), LoRA-type adapters ``r·(d_in + d_out)``; the LoRA rank whose count is nearest SPP's
+    on the same ``(d_in, d_out)`` layers. Returns (r, LoRA-type parameters, SPP parameters)."""
+    if not shapes or any(din < 1 or dout < 1 for din, dout in shapes):
+        raise ValueError(f"shapes must be a non-empty list of positive (d_in, d_out), got {shapes!r}")
+    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
+        raise ValueError(f"n_blocks must be a positive integer (SPP's R), got {n_blocks!r}")
+    spp = sum(n_blocks * din + dout for din, dout in shapes)
+    per_rank = sum(din + dout for din, dout in shapes)
+    r = max(1, round(spp / per_rank))
+    return r, r * per_rank, spp
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher ‖ p_student) = Σ_v p_t(v) (log p_t(v) − log p_s(v)) in nats, one value per position."""
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits and student_logits must have the same shape, got {tuple(teacher_logits.shape)} and "
+            f"{tuple(student_logits.shape)}"
+        )
+    lt = torch.log_softmax(teacher_logits.float(), -1)
+    ls = torch.log_softmax(student_logits.float(), -1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+def window_kl(teacher, student, tokens, seqlen: int, windows: int) -> list[float]:
+    """Mean per-token KL(teacher ‖ student) of each of ``windows`` disjoint held-out windows (forgetting measured
+    against the unpruned model, one window at a time so two vocabulary-wide logit tensors fit in memory)."""
+    ids = tokens.reshape(-1)[: windows * seqlen]
+    if ids.numel() < windows * seqlen:
+        raise ValueError(f"held-out text has {ids.numel()} tokens, fewer than {windows} windows × {seqlen}")
+    out: list[float] = []
+    modes = teacher.training, student.training
+    teacher.eval()
+    student.eval()
+    try:
+        with torch.no_grad():
+            for x in ids.reshape(windows, 1, seqlen):
+                t = teacher(input_ids=x, use_cache=False).logits
+                s = student(input_ids=x, use_cache=False).logits
+                out.append(token_kl(t, s).mean().item())
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
+    return out
+
+
+def labelled_nll(model, features) -> list[float]:
+    """Mean NLL of the labelled tokens (labels ≠ −100, shifted as in causal-LM training) of each row of
+    ``input_ids`` / ``labels`` features (``prune_peft.distill.recipe.sft_features``): the task loss per problem."""
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for row in features:
+                x = torch.tensor([row["input_ids"]])
+                y = torch.tensor(row["labels"][1:])
+                if not (y != -100).any():
+                    raise ValueError("features has a row without labelled tokens (labels all -100)")
+                logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+                out.append(torch.nn.functional.cross_entropy(logits, y, ignore_index=-100).item())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def linear_masks(model) -> dict[str, torch.Tensor]:
+    """Boolean ``W ≠ 0`` of every ``nn.Linear`` inside the decoder blocks (the pruned base's masks)."""
+    return {
+        n: m.weight != 0
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n
+    }
+
+
+def remask_(model, masks: dict[str, torch.Tensor]) -> None:
+    """Zero again what the pruned base had zeroed (plain LoRA merged then re-masked: ``W ← M ⊙ (W + s·BA)``)."""
+    modules = dict(model.named_modules())
+    missing = sorted(set(masks) - set(modules))
+    if missing:
+        raise ValueError(f"masks names modules the model does not have: {missing[:3]}")
+    with torch.no_grad():
+        for name, mask in masks.items():
+            modules[name].weight.mul_(mask.to(modules[name].weight.dtype))
+
+
 def estimate_seconds(settings: dict, per_token_s: dict[str, float]) -> dict[str, float]:
     """Rough wall time of each comparison on 2 cores: prune cost from seconds per calibration token (Wanda: two
     block passes; SparseGPT adds the Hessian), plus one held-out evaluation (≈ half a Wanda pass per token) per
@@ -160,7 +307,20 @@ def estimate_seconds(settings: dict, per_token_s: dict[str, float]) -> dict[str,
     both = per_token_s["wanda"] + per_token_s["sparsegpt"]
     steps = settings["sste_steps"] * settings["sste_batch"] * settings["sste_seqlen"]
     qt = settings["qtuning_train"] * settings["qtuning_max_length"]
+    train = TRAIN_S_PER_TOKEN
+    lp = settings["loraprune_steps"] * settings["loraprune_batch"] * settings["loraprune_seqlen"]
+    rec = settings["recovery_steps"] * settings["recovery_batch"] * settings["recovery_seqlen"]
+    rec_cal = settings["recovery_calibration"][0] * settings["recovery_calibration"][1]
+    gen = settings["distill_train"] * settings["distill_gen_tokens"]
+    dist = settings["distill_steps"] * settings["distill_batch"] * DISTILL_ROW_TOKENS
+    task_eval = settings["distill_eval"] * DISTILL_ROW_TOKENS * per_token_s["wanda"] / 2
     return {
+        # 2 sparsities × 3 arms (pruning adds ≈ 10 % to a LoRA step), 6 evaluations; 2 memory processes (≈ 1 min)
+        "loraprune": s * 2 * 3 * (lp * train * 1.1 + eval_s) + MEMORY_S,
+        # a 2:4 Wanda base per seed, 4 adapters, 6 evaluations (dense is shared)
+        "recovery": s * (rec_cal * per_token_s["wanda"] + 4 * rec * train * 1.1 + 6 * eval_s),
+        # teacher generation, 2 fine-tunings, KL of 3 models (teacher + student forwards) and task loss of 3
+        "distill": s * (gen * GEN_S_PER_TOKEN + 2 * dist * train + 3 * 2 * eval_s + 3 * task_eval),
         "qtuning": s * 6 * qt * 5e-3,  # 6 arms of LoRA SFT on SmolLM2-135M (forward + backward + scoring)
         "sste": s * 3 * steps * 4e-5,  # 3 arms of a tiny model
         "oneshot": s * 2 * (grid * both + 2 * len(settings["oneshot_grid"]) * eval_s),  # 2 patterns
@@ -172,6 +332,13 @@ def estimate_seconds(settings: dict, per_token_s: dict[str, float]) -> dict[str,
 # seconds per calibration token of one prune of SmolLM2-135M on 2 cores, from benchmarks/results/oneshot.json
 # (64 × 512 tokens: Wanda 140 s, SparseGPT 261 s) — only for the budget printed before a run, not a timing result
 PER_TOKEN_S = {"wanda": 4.3e-3, "sparsegpt": 8.0e-3}
+# LoRA training (forward + backward + AdamW) of SmolLM2-135M per token on 2 cores: benchmarks/results/loraprune.json,
+# a LoRA step of 4 × 256 tokens takes 5.6 s; LoRAPrune's quality runs 24 steps of 2 × 256 in ≈ 70 s
+TRAIN_S_PER_TOKEN = 5.5e-3
+# teacher generation per generated token at batch 32 (benchmarks/results/distill.json: 96 × 64 tokens in 90 s)
+GEN_S_PER_TOKEN = 1.5e-2
+MEMORY_S = 60  # the two LoRAPrune memory processes (model load + 2 steps each), once per run
+DISTILL_ROW_TOKENS = 128  # a chat-templated arithmetic problem + response, tokens (for the estimate only)
 
 
 # ------------------------------------------------------------------------------------------------ the context
@@ -552,16 +719,331 @@ def cmp_qtuning(ctx: Context) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ LoRAPrune (item 1)
+
+
+LORAPRUNE_ARMS = {  # arm → LoRAPruneConfig.importance (None: one-shot magnitude masks, then LoRA)
+    "LoRAPrune (importance=lora)": "lora",
+    "full-gradient importance (importance=grad)": "grad",
+    "one-shot magnitude + LoRA": None,
+}
+
+
+def _loraprune_arm(ctx: Context, seed: int, sparsity: float, importance: str | None) -> tuple[list[float], dict]:
+    """One arm: LoRAPrune with ``importance`` (PruneCallback, gradual schedule) or structured magnitude masks at
+    once (benchmarks/loraprune.py's ``_magnitude_masks``) then LoRA; same data, steps and lr. Held-out NLL of the
+    merged, compacted model."""
+    import tempfile
+
+    from loraprune import _collate, _magnitude_masks, _windows
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from prune_peft import LoRAPruneConfig, PruneCallback, compact
+
+    st = ctx.settings
+    B, L, steps = st["loraprune_batch"], st["loraprune_seqlen"], st["loraprune_steps"]
+    torch.manual_seed(seed)
+    cfg = LoRAPruneConfig(r=8, target_sparsity=sparsity, prune_every=2, importance=importance or "lora")
+    model = get_peft_model(copy.deepcopy(ctx.model), cfg)
+    callbacks = [PruneCallback()] if importance else []
+    if importance is None:
+        _magnitude_masks(model, sparsity)
+    data = _windows(ctx.tok, L, B * steps)
+    with tempfile.TemporaryDirectory(prefix="quality-loraprune-") as out:
+        targs = TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=B,
+            learning_rate=5e-4,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=steps,
+            disable_tqdm=True,
+            use_cpu=True,
+            dataloader_pin_memory=False,
+            seed=seed,
+        )
+        Trainer(model=model, args=targs, train_dataset=data, data_collator=_collate, callbacks=callbacks).train()
+    masks = model.base_model.get_masks()
+    info = {
+        "pruned_kv_units": sum(int((~m["units"]).sum()) for m in masks.values()),
+        "pruned_channels": sum(int((~m["channels"]).sum()) for m in masks.values()),
+    }
+    small = compact(model.merge_and_unload())
+    info["params"] = sum(p.numel() for p in small.parameters())
+    nll = ctx.nll(small)
+    del model, small
+    return nll, info
+
+
+def loraprune_memory(batch: int, seqlen: int, threads: int) -> dict:
+    """Peak RSS of a 2-step LoRAPrune run with each importance mode, one fresh process each — benchmarks/loraprune.py's
+    memory worker (``_bench.MEMORY_METHOD``), at the quality runs' batch shape."""
+    import loraprune
+    from _bench import MEMORY_METHOD, run_memory_worker
+
+    out: dict = {"shape": [batch, seqlen], "method": MEMORY_METHOD}
+    for config in ("loraprune", "grad"):
+        argv = [loraprune.__file__, "--worker", config, "--batch", str(batch), "--seqlen", str(seqlen)]
+        r = run_memory_worker(argv, threads)
+        out[config] = {k: r[k] for k in ("peak_rss_mb", "model_rss_mb", "training_mb")}
+        print(f"loraprune memory {config}: peak RSS {r['peak_rss_mb']:.0f} MB (training {r['training_mb']:.0f} MB)")
+    out["ratios"] = {
+        "peak_rss lora ÷ grad": out["loraprune"]["peak_rss_mb"] / out["grad"]["peak_rss_mb"],
+        "training_mb lora ÷ grad": out["loraprune"]["training_mb"] / out["grad"]["training_mb"],
+    }
+    return out
+
+
+def cmp_loraprune(ctx: Context) -> dict:
+    """Item 1: LoRAPrune vs full-gradient importance vs one-shot magnitude + LoRA at 20 % and 50 % structured."""
+    st = ctx.settings
+    arms: dict[str, dict] = {}
+    verdicts: dict[str, dict] = {}
+    for sparsity in (0.2, 0.5):
+        rows: dict[str, list] = {name: [] for name in LORAPRUNE_ARMS}
+        infos: dict[str, list] = {name: [] for name in LORAPRUNE_ARMS}
+        for seed in range(st["seeds"]):
+            for name, importance in LORAPRUNE_ARMS.items():
+                nll, info = _loraprune_arm(ctx, seed, sparsity, importance)
+                rows[name].append(nll)
+                infos[name].append(info)
+                print(f"loraprune {sparsity:.0%} {name} seed {seed}: ppl {math.exp(sum(nll) / len(nll)):.2f}")
+        for name, r in rows.items():
+            arms[f"{name} @ {sparsity:.0%}"] = {
+                "sparsity": sparsity,
+                **summarize(r),
+                "params": infos[name][0]["params"],
+                "pruned_kv_units": infos[name][0]["pruned_kv_units"],
+                "pruned_channels": infos[name][0]["pruned_channels"],
+            }
+        lp, grad, mag = (rows[n] for n in LORAPRUNE_ARMS)
+        verdicts[f"{sparsity:.0%}: LoRAPrune vs full-gradient importance"] = compare(lp, grad, "lower")
+        verdicts[f"{sparsity:.0%}: LoRAPrune vs one-shot magnitude + LoRA"] = compare(lp, mag, "lower")
+    B, L = st["loraprune_batch"], st["loraprune_seqlen"]
+    return {
+        "claim": CLAIMS["loraprune"],
+        "metric": "held-out NLL per window of the merged, compacted model (lower is better); ppl = exp(NLL)",
+        "task": f"LoRAPrune r=8 on q/k/v/o/gate/up/down (heads + MLP channels, prune_every 2, default warmup/"
+        f"cooldown), {st['loraprune_steps']} Trainer steps of {B} × {L} Shakespeare tokens, lr 5e-4; the magnitude "
+        "arm gets its final masks before step 1 (|W| per unit/channel, LoRAPrune's grouping) and trains LoRA with the "
+        "same steps",
+        "dense": summarize([ctx.dense()]),
+        "arms": arms,
+        "comparisons": verdicts,
+        "memory": loraprune_memory(B, L, torch.get_num_threads()),
+        "seed_meaning": "LoRA initialisation and data order (shared by the arms of a seed)",
+    }
+
+
+# ------------------------------------------------------------------------------- recovery (item 2)
+
+
+def recovery_configs(rank: int) -> dict[str, Callable[[], object]]:
+    """The recovery arms' peft configs (all-linear, scale lora_alpha / r = 2 everywhere) and learning rates
+    (benchmarks/adapters.py's: 5e-4 for the LoRA types, SPP's paper lr 4e-3)."""
+    from peft import LoraConfig
+
+    from prune_peft import SparseLoraConfig, SPPConfig
+
+    lora = dict(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+    return {
+        "SparseLoRA exact": (lambda: SparseLoraConfig(**lora), 5e-4),
+        "SparseLoRA lors": (lambda: SparseLoraConfig(**lora, grad_mode="lors"), 5e-4),
+        "SPP": (lambda: SPPConfig(target_modules="all-linear", r=8, lora_alpha=16, n_blocks=SPP_BLOCKS), 4e-3),
+        "LoRA merged + re-masked": (lambda: LoraConfig(**lora), 5e-4),
+    }
+
+
+SPP_BLOCKS = 16  # SPP's R (the paper's value); the LoRA-type rank is matched to its parameter count
+
+
+def _recovery_arm(pruned, batches, seed: int, make_config, lr: float) -> tuple[object, int]:
+    """Train one adapter on the pruned base with a plain loop (same batches, AdamW, constant lr); the merged model
+    (for plain LoRA the caller re-masks it: its merge fills the zeros) and the trainable-parameter count."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(pruned), make_config()).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.merge_and_unload(), sum(p.numel() for p in params)
+
+
+def cmp_recovery(ctx: Context) -> dict:
+    """Item 2: SparseLoRA (exact, lors), SPP and plain LoRA merged then re-masked on a 2:4 Wanda base."""
+    from _stats import ratio_ci
+    from adapters import pruned_layer_sparsity
+
+    from prune_peft import prune
+    from prune_peft.data import calibration_tokens
+
+    st = ctx.settings
+    n, cal_L = st["recovery_calibration"]
+    B, L, steps = st["recovery_batch"], st["recovery_seqlen"], st["recovery_steps"]
+    shapes = [(m.shape[1], m.shape[0]) for m in linear_masks(ctx.model).values()]
+    rank, lora_budget, spp_budget = lora_rank_for_budget(shapes, SPP_BLOCKS)
+    configs = recovery_configs(rank)
+    rows: dict[str, list] = {"2:4 Wanda base (no recovery)": [], **{k: [] for k in configs}}
+    rows["LoRA merged, not re-masked (dense again)"] = []
+    trainable: dict[str, int] = {}
+    sparsity: dict[str, list] = {}
+    for seed in range(st["seeds"]):
+        pruned = copy.deepcopy(ctx.model)
+        prune(pruned, method="wanda", pattern="2:4", calibration=ctx.train_texts, tokenizer=ctx.tok, nsamples=n,
+              seqlen=cal_L, seed=seed, progress=False)  # fmt: skip
+        masks = linear_masks(pruned)
+        rows["2:4 Wanda base (no recovery)"].append(ctx.nll(pruned))
+        sparsity.setdefault("2:4 Wanda base (no recovery)", []).append(pruned_layer_sparsity(pruned))
+        windows = calibration_tokens(ctx.train_texts, ctx.tok, nsamples=steps * B, seqlen=L, seed=1000 + seed)
+        batches = [windows[i * B : (i + 1) * B] for i in range(steps)]
+        for name, (make_config, lr) in configs.items():
+            merged, trainable[name] = _recovery_arm(pruned, batches, seed, make_config, lr)
+            if name == "LoRA merged + re-masked":
+                rows["LoRA merged, not re-masked (dense again)"].append(ctx.nll(merged))
+                sparsity.setdefault("LoRA merged, not re-masked (dense again)", []).append(
+                    pruned_layer_sparsity(merged)
+                )
+                remask_(merged, masks)
+            rows[name].append(ctx.nll(merged))
+            sparsity.setdefault(name, []).append(pruned_layer_sparsity(merged))
+            nll = rows[name][-1]
+            print(f"recovery {name} seed {seed}: ppl {math.exp(sum(nll) / len(nll)):.2f}", flush=True)
+            del merged
+        del pruned
+    dense_rows = [ctx.dense()] * st["seeds"]
+    base = rows["2:4 Wanda base (no recovery)"]
+    gap = [[p - d for p, d in zip(pr, dr)] for pr, dr in zip(base, dense_rows)]
+    arms: dict[str, dict] = {}
+    for name, r in rows.items():
+        arms[name] = {**summarize(r), "sparsity_after_merge": sum(sparsity[name]) / len(sparsity[name])}
+        if name in trainable:
+            arms[name]["trainable_params"] = trainable[name]
+        if name != "2:4 Wanda base (no recovery)":
+            recovered = [[p - a for p, a in zip(pr, ar)] for pr, ar in zip(base, r)]
+            arms[name]["gap_recovered"] = ratio_ci(recovered, gap)
+    remasked = rows["LoRA merged + re-masked"]
+    lors = paired_diff_ci(rows["SparseLoRA lors"], rows["SparseLoRA exact"])
+    lors["verdict"] = (
+        "no significant difference (LoRS: same quality at lower cost; no paper direction)"
+        if lors["lo"] <= 0 <= lors["hi"]
+        else "differs (LoRS approximates the exact gradients; no paper direction)"
+    )
+    verdicts = {
+        "SparseLoRA exact vs 2:4 base": compare(rows["SparseLoRA exact"], base, "lower"),
+        "SPP vs 2:4 base": compare(rows["SPP"], base, "lower"),
+        "SparseLoRA exact vs LoRA merged + re-masked": compare(rows["SparseLoRA exact"], remasked, "lower"),
+        "SparseLoRA lors vs LoRA merged + re-masked": compare(rows["SparseLoRA lors"], remasked, "lower"),
+        "SPP vs LoRA merged + re-masked": compare(rows["SPP"], remasked, "lower"),
+        "SparseLoRA lors vs exact": lors,
+    }
+    return {
+        "claim": CLAIMS["recovery"],
+        "metric": "held-out NLL per window of the merged model (lower is better); ppl = exp(NLL); gap recovered = "
+        "(NLL base − NLL arm) ÷ (NLL base − NLL dense), a ratio of means with its bootstrap interval",
+        "task": f"2:4 Wanda base ({n} × {cal_L} calibration tokens), then {steps} AdamW steps (constant lr) of {B} × "
+        f"{L} Shakespeare tokens, the same batches for every adapter",
+        "budget": f"equal trainable parameters: SPP with R = {SPP_BLOCKS} trains Σ(R·d_in + d_out) = {spp_budget:,}; "
+        f"the LoRA types use the rank r = {rank} whose r·Σ(d_in + d_out) = {lora_budget:,} is nearest "
+        f"({lora_budget / spp_budget:.2f}× SPP's), on the same all-linear layers",
+        "dense": summarize([ctx.dense()]),
+        "arms": arms,
+        "comparisons": verdicts,
+        "seed_meaning": "calibration draw of the 2:4 base, adapter initialisation and training windows (shared by "
+        "the arms of a seed)",
+    }
+
+
+# -------------------------------------------------------------------- self-data distillation (item 4)
+
+
+def cmp_distill(ctx: Context) -> dict:
+    """Item 4: after dropping blocks by angular distance, LoRA on teacher-regenerated vs original responses at
+    equal steps; KL to the unpruned teacher on held-out general text (forgetting) and held-out task loss."""
+    import tempfile
+
+    from prune_peft.distill import distill_stats, drop_layers, self_distill
+    from prune_peft.distill.recipe import finetune_lora, sft_features
+    from prune_peft.sft_data import arithmetic_problems
+
+    st = ctx.settings
+    teacher, tok = ctx.model, ctx.tok
+    task_eval = sft_features(arithmetic_problems(st["distill_eval"], seed=10_000), tok)
+    teacher_task = labelled_nll(teacher, task_eval)
+    names = ("pruned, no fine-tuning", "SFT on original responses", "SFT on self-distilled responses")
+    kl: dict[str, list] = {k: [] for k in names}
+    task: dict[str, list] = {k: [] for k in names}
+    dropped, stats = [], []
+    for seed in range(st["seeds"]):
+        train = arithmetic_problems(st["distill_train"], seed=seed)
+        calibration = [f"{p}\n{c}" for p, c in zip(train["prompt"], train["completion"])]
+        student, report = drop_layers(teacher, n=st["distill_drop"], calibration=calibration, tokenizer=tok,
+                                      nsamples=8, seqlen=128, seed=seed)  # fmt: skip
+        dropped.append(report.to_dict())
+        with tempfile.TemporaryDirectory(prefix="quality-distill-") as tmp:
+            distilled = self_distill(teacher, tok, train, template="math", cache_dir=f"{tmp}/cache", batch_size=32,
+                                     max_new_tokens=st["distill_gen_tokens"], progress=False)  # fmt: skip
+            stats.append(distill_stats(distilled))
+            models = {"pruned, no fine-tuning": student}
+            for name, data in (("SFT on original responses", train), ("SFT on self-distilled responses", distilled)):
+                models[name] = finetune_lora(student, sft_features(data, tok), tok, steps=st["distill_steps"],
+                                             batch_size=st["distill_batch"], learning_rate=5e-4,
+                                             output_dir=f"{tmp}/{name[7:10]}", seed=seed)  # fmt: skip
+        for name, m in models.items():
+            kl[name].append(window_kl(teacher, m, ctx.heldout, st["eval_seqlen"], st["eval_windows"]))
+            task[name].append(labelled_nll(m, task_eval))
+            print(
+                f"distill {name} seed {seed}: KL {sum(kl[name][-1]) / len(kl[name][-1]):.4f}, task NLL "
+                f"{sum(task[name][-1]) / len(task[name][-1]):.4f}",
+                flush=True,
+            )
+        del models, student
+    orig, dist = "SFT on original responses", "SFT on self-distilled responses"
+    arms = {f"KL to teacher: {k}": bootstrap_ci(v) for k, v in kl.items()}
+    arms["task NLL: unpruned teacher"] = bootstrap_ci([teacher_task])
+    arms.update({f"task NLL: {k}": bootstrap_ci(v) for k, v in task.items()})
+    verdicts = {
+        "self-distilled vs original (KL to teacher, held-out text)": compare(kl[dist], kl[orig], "lower"),
+        "self-distilled vs original (task NLL)": compare(task[dist], task[orig], "lower"),
+        "SFT on original vs no fine-tuning (KL to teacher)": paired_diff_ci(kl[orig], kl["pruned, no fine-tuning"]),
+    }
+    verdicts["SFT on original vs no fine-tuning (KL to teacher)"]["verdict"] = (
+        "forgetting measure of plain SFT (no paper direction; > 0: SFT drifts further from the teacher)"
+    )
+    return {
+        "claim": CLAIMS["distill"],
+        "metric": "KL(teacher ‖ student) in nats per token, mean per held-out Shakespeare window (general text: "
+        "forgetting; lower is closer to the unpruned model); task NLL = mean NLL of the original held-out answers' "
+        "tokens per problem (note: the held-out answers are in the original style, which favours SFT on original)",
+        "task": f"drop {st['distill_drop']} of 30 blocks (angular distance, calibration: the seed's training "
+        f"problems), teacher rewrites {st['distill_train']} arithmetic responses (math template, ≤ "
+        f"{st['distill_gen_tokens']} new tokens, wrong answers keep the original), then LoRA r=8 for "
+        f"{st['distill_steps']} steps of batch {st['distill_batch']}, lr 5e-4 cosine, on each data set",
+        "arms": arms,
+        "comparisons": verdicts,
+        "layer_drop": dropped,
+        "distill_stats": stats,
+        "windows_are": f"KL: {st['eval_windows']} held-out windows of {st['eval_seqlen']} tokens; task: "
+        f"{st['distill_eval']} held-out problems",
+        "seed_meaning": "training problems (and so the calibration of the layer drop and the rewrites), LoRA "
+        "initialisation and data order (shared by both fine-tunings of a seed)",
+    }
+
+
 COMPARISONS: dict[str, Callable[[Context], dict]] = {
     "oneshot": cmp_oneshot,
     "owl": cmp_owl,
     "sste": cmp_sste,
     "qtuning": cmp_qtuning,
-}
-NOT_IMPLEMENTED = {
-    "loraprune": "item 1 (LoRAPrune vs full-gradient importance vs magnitude + LoRA)",
-    "recovery": "item 2 (SparseLoRA / SPP / LoRA-remask recovery of a 2:4 base)",
-    "distill": "item 4 (self-data distillation vs original responses)",
+    "loraprune": cmp_loraprune,
+    "recovery": cmp_recovery,
+    "distill": cmp_distill,
 }
 
 
@@ -593,9 +1075,8 @@ def main(argv: list[str] | None = None) -> None:
     names = args.only or list(COMPARISONS)
     torch.set_num_threads(args.threads)
     est = estimate_seconds(settings, PER_TOKEN_S)
-    print(
-        "estimated minutes on 2 idle cores:", {k: round(v / 60, 1) for k, v in est.items() if k in names}, flush=True
-    )
+    chosen = {k: round(v / 60, 1) for k, v in est.items() if k in names}
+    print(f"estimated minutes on 2 idle cores: {chosen}, total {sum(chosen.values()):.0f}", flush=True)
     stamp = start_stamp(args.threads, args.quick)
     path = results_path("quality", args.quick, args.out)
     previous = json.loads(path.read_text()).get("comparisons", {}) if path.exists() else {}
@@ -611,7 +1092,6 @@ def main(argv: list[str] | None = None) -> None:
         "data": "calibration: Shakespeare train split; evaluation: held-out Shakespeare windows",
         "statistics": "mean and 95 % interval by two-stage bootstrap over seeds × evaluation windows (4000 draws); "
         "comparisons: bootstrap of the paired difference (method − baseline) on the same seeds and windows",
-        "not_implemented": NOT_IMPLEMENTED,
         "comparisons": results,
     }
     write_results("quality", payload, stamp, quick=args.quick, out=args.out)
