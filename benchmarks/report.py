@@ -655,8 +655,39 @@ def _ci(mean: float, lo: float, hi: float, digits: int = 2, signed: bool = False
     return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
 
 
+QUALITY_ARM_COLUMNS = {  # optional per-arm fields of quality.json → (column, cell)
+    "gap_recovered": ("dense→pruned gap recovered [95 % CI]", lambda v: _ci(v["mean"], v["lo"], v["hi"])),
+    "sparsity_after_merge": ("sparsity of the pruned layers", lambda v: f"{v:.1%}"),
+    "trainable_params": ("trainable parameters", lambda v: f"{v / 1e6:.2f} M"),
+    "params": ("parameters after compact()", lambda v: f"{v / 1e6:.1f} M"),
+}
+
+
+def _quality_arm_cell(r: dict) -> str:
+    """Perplexity with its interval when the arm is an NLL (has ``ppl``), else the metric's mean and interval."""
+    if "ppl" in r:
+        return _ci(r["ppl"], r["ppl_lo"], r["ppl_hi"])
+    return _ci(r["mean"], r["lo"], r["hi"], 4)
+
+
+def quality_memory(m: dict) -> str:
+    """LoRAPrune's peak-memory record (one fresh process per importance mode)."""
+    header = ["importance", "peak RSS", "RSS with the model", "training (peak − model)"]
+    rows = [
+        [k, f"{m[k]['peak_rss_mb']:.0f} MB", f"{m[k]['model_rss_mb']:.0f} MB", f"{m[k]['training_mb']:.0f} MB"]
+        for k in ("loraprune", "grad")
+        if k in m
+    ]
+    ratios = "; ".join(f"{k}: {v:.2f}×" for k, v in m.get("ratios", {}).items())
+    shape = m.get("shape", ["?", "?"])
+    return (
+        f"Peak memory of a 2-step run at batch {shape[0]} × {shape[1]} (`loraprune` = importance from LoRA, "
+        f"`grad` = from the base-weight gradients; {ratios}):\n\n" + table(header, rows)
+    )
+
+
 def quality_comparison(q: dict, name: str) -> str:
-    """One comparison of quality.json: its claim, arms (ppl with 95 % interval) and paired verdicts."""
+    """One comparison of quality.json: its claim, arms (ppl or metric with 95 % interval) and paired verdicts."""
     c = (q.get("comparisons") or {}).get(name)
     if not c:
         return f"*{name}*: not measured yet — run `make bench`."
@@ -667,20 +698,29 @@ def quality_comparison(q: dict, name: str) -> str:
         "windows. "
         f"Metric: {c.get('metric', '')}. Paper's claim: {c['claim']}"
     )
+    for key in ("task", "budget"):
+        if c.get(key):
+            head += f"\n\n{key.capitalize()}: {c[key]}."
     d = c.get("dense")
-    rows = [["dense (unpruned)", _ci(d["ppl"], d["ppl_lo"], d["ppl_hi"]), "–"]] if d else []
-    for arm, r in c["arms"].items():
-        rows.append([arm, _ci(r["ppl"], r["ppl_lo"], r["ppl_hi"]), f"{r['seeds']} × {r['windows']}"])
+    arms = c["arms"]
+    extra = [k for k in QUALITY_ARM_COLUMNS if any(k in r for r in arms.values())]
+    rows = [["dense (unpruned)", _ci(d["ppl"], d["ppl_lo"], d["ppl_hi"]), "–"] + ["–"] * len(extra)] if d else []
+    for arm, r in arms.items():
+        cells = [QUALITY_ARM_COLUMNS[k][1](r[k]) if k in r else "–" for k in extra]
+        rows.append([arm, _quality_arm_cell(r), f"{r['seeds']} × {r['windows']}", *cells])
+    value = "perplexity [95 % CI]" if all("ppl" in r for r in arms.values()) else "value [95 % CI]"
+    header = ["arm", value, "seeds × windows"] + [QUALITY_ARM_COLUMNS[k][0] for k in extra]
     verdicts = [
         [key, _ci(v["mean"], v["lo"], v["hi"], 4, signed=True), v["verdict"]] for key, v in c["comparisons"].items()
     ]
-    return (
-        head
-        + "\n\n"
-        + table(["arm", "perplexity [95 % CI]", "seeds × windows"], rows)
-        + "\n\n"
-        + table(["comparison (method − baseline)", "Δ of the metric [95 % CI]", "verdict"], verdicts)
-    )
+    parts = [
+        head,
+        table(header, rows),
+        table(["comparison (method − baseline)", "Δ of the metric [95 % CI]", "verdict"], verdicts),
+    ]
+    if c.get("memory"):
+        parts.append(quality_memory(c["memory"]))
+    return "\n\n".join(parts)
 
 
 def quality_section(section: str) -> Callable[[Results], str]:

@@ -41,9 +41,14 @@ def test_estimate_is_positive_and_scales_with_seeds():
     one = quality.estimate_seconds({**quality.FULL, "seeds": 1}, quality.PER_TOKEN_S)
     three = quality.estimate_seconds(quality.FULL, quality.PER_TOKEN_S)
     assert set(one) == set(quality.COMPARISONS)
+    once = {"loraprune": quality.MEMORY_S}  # the memory processes run once, not per seed
     for k in one:
-        assert three[k] == pytest.approx(3 * one[k]) and one[k] > 0
+        assert three[k] - once.get(k, 0) == pytest.approx(3 * (one[k] - once.get(k, 0))) and one[k] > 0
     assert quality.QUICK["seeds"] == 1 and quality.FULL["seeds"] >= 3
+    # the docstring's budget: the three fine-tuning comparisons add ≈ 56 min, the whole run ≈ 1 h 54 min
+    added = sum(three[k] for k in ("loraprune", "recovery", "distill")) / 60
+    assert 50 < added < 62 and 105 < sum(three.values()) / 60 < 120
+    assert sum(quality.estimate_seconds(quality.QUICK, quality.PER_TOKEN_S).values()) / 60 < 10
 
 
 def test_report_sections_render_results_and_missing():
@@ -99,3 +104,145 @@ def test_response_nll_matches_transformers_masked_loss(tiny_model, tokenizer):
         with torch.no_grad():
             ref = model(input_ids=ids, labels=labels).loss.item()
         assert value == pytest.approx(ref, rel=1e-5)
+
+
+def test_lora_rank_for_budget_matches_spp_parameter_count():
+    # SmolLM2-135M's seven projections per block (hidden 576, 3 KV heads of 64, MLP 1536), 30 blocks
+    block = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    r, lora, spp = quality.lora_rank_for_budget(block * 30, n_blocks=16)
+    assert spp == 30 * sum(16 * din + dout for din, dout in block)
+    assert r == 8 and lora == 8 * 30 * sum(din + dout for din, dout in block)
+    assert abs(lora - spp) <= min(abs((r + d) * lora // r - spp) for d in (-1, 1))  # no nearer rank
+    assert quality.lora_rank_for_budget([(10, 10)], n_blocks=1)[0] == 1  # never below rank 1
+    with pytest.raises(ValueError, match="n_blocks"):
+        quality.lora_rank_for_budget(block, n_blocks=0)
+    with pytest.raises(ValueError, match="shapes"):
+        quality.lora_rank_for_budget([], n_blocks=16)
+
+
+def test_token_kl_matches_torch_kl_div_and_is_zero_for_equal_logits():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    ref = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    kl = quality.token_kl(t, s)
+    assert kl.shape == (2, 5) and torch.allclose(kl, ref, atol=1e-6) and (kl > 0).all()
+    assert torch.allclose(quality.token_kl(t, t), torch.zeros(2, 5), atol=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        quality.token_kl(t, s[:, :4])
+
+
+def test_window_kl_per_window(tiny_model):
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    tokens = torch.randint(3, 250, (3 * 16,), generator=torch.Generator().manual_seed(0))
+    assert quality.window_kl(teacher, teacher, tokens, seqlen=16, windows=3) == pytest.approx([0.0] * 3, abs=1e-6)
+    kl = quality.window_kl(teacher, student, tokens, seqlen=16, windows=3)
+    with torch.no_grad():
+        x = tokens[16:32][None]
+        ref = quality.token_kl(teacher(input_ids=x).logits, student(input_ids=x).logits).mean().item()
+    assert len(kl) == 3 and kl[1] == pytest.approx(ref, rel=1e-5) and min(kl) > 0
+    with pytest.raises(ValueError, match="fewer than"):
+        quality.window_kl(teacher, student, tokens, seqlen=16, windows=4)
+
+
+def test_labelled_nll_matches_transformers_loss(tiny_model):
+    model = tiny_model("llama")
+    rows = [
+        {"input_ids": [5, 9, 17, 33, 40, 41], "labels": [-100, -100, -100, 33, 40, 41]},
+        {"input_ids": [7, 8, 9, 10], "labels": [-100, 8, 9, 10]},
+    ]
+    got = quality.labelled_nll(model, rows)
+    for row, value in zip(rows, got):
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss.item()
+        assert value == pytest.approx(ref, rel=1e-5)
+    with pytest.raises(ValueError, match="without labelled tokens"):
+        quality.labelled_nll(model, [{"input_ids": [1, 2], "labels": [-100, -100]}])
+
+
+def _two_four(model):
+    from prune_peft.sparsity.masks import nm_mask
+
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                m.weight.mul_(nm_mask(m.weight.abs(), 2, 4).to(m.weight.dtype))
+    return model
+
+
+def test_recovery_arms_budget_sparsity_and_remask(tiny_model):
+    """Every recovery adapter trains on a 2:4 tiny base: equal trainable parameters (the budget rule), the sparse
+    adapters keep every zero after merging, plain LoRA does not until re-masked."""
+    base = _two_four(tiny_model("llama"))
+    masks = quality.linear_masks(base)
+    assert masks and all(m.float().mean() == 0.5 for m in masks.values())
+    shapes = [(m.shape[1], m.shape[0]) for m in masks.values()]
+    rank, lora_budget, spp_budget = quality.lora_rank_for_budget(shapes, quality.SPP_BLOCKS)
+    batches = [torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    counts = {}
+    for name, (make, lr) in quality.recovery_configs(rank).items():
+        merged, counts[name] = quality._recovery_arm(base, batches, 0, make, lr)
+        kept = all(not merged.get_submodule(n).weight[~m].any() for n, m in masks.items())
+        if name == "LoRA merged + re-masked":
+            assert not kept  # plain LoRA's merge fills the zeros
+            quality.remask_(merged, masks)
+            assert all(not merged.get_submodule(n).weight[~m].any() for n, m in masks.items())
+        else:
+            assert kept, name
+    assert counts["SPP"] == spp_budget
+    assert counts["SparseLoRA exact"] == counts["SparseLoRA lors"] == counts["LoRA merged + re-masked"] == lora_budget
+    with pytest.raises(ValueError, match="does not have"):
+        quality.remask_(base, {"nope": torch.ones(1, dtype=torch.bool)})
+
+
+def test_report_renders_recovery_distill_and_loraprune_memory():
+    arm = {"ppl": 20.0, "ppl_lo": 19.0, "ppl_hi": 21.0, "seeds": 3, "windows": 8}
+    kl = {"mean": 0.1234, "lo": 0.1, "hi": 0.15, "seeds": 3, "windows": 8}
+    diff = {"mean": -0.05, "lo": -0.08, "hi": -0.02, "verdict": "reproduces the paper's direction"}
+    settings = {"seeds": 3, "eval_windows": 8, "eval_seqlen": 512}
+    mem = {"peak_rss_mb": 1000.0, "model_rss_mb": 800.0, "training_mb": 200.0}
+    q = {
+        "model": "m",
+        "comparisons": {
+            "recovery": {
+                "claim": "sparse adapters recover the gap",
+                "budget": "equal trainable parameters: r = 8",
+                "settings": settings,
+                "dense": arm,
+                "arms": {
+                    "2:4 Wanda base (no recovery)": {**arm, "sparsity_after_merge": 0.5},
+                    "SPP": {
+                        **arm,
+                        "sparsity_after_merge": 0.5,
+                        "trainable_params": 2_500_000,
+                        "gap_recovered": {"mean": 0.4, "lo": 0.3, "hi": 0.5},
+                    },
+                },
+                "comparisons": {"SPP vs LoRA merged + re-masked": diff},
+            },
+            "distill": {
+                "claim": "self-distillation forgets less",
+                "settings": settings,
+                "arms": {"KL to teacher: SFT on original responses": kl},
+                "comparisons": {"self-distilled vs original (KL to teacher, held-out text)": diff},
+            },
+            "loraprune": {
+                "claim": "LoRA-guided matches gradients",
+                "settings": settings,
+                "arms": {"LoRAPrune (importance=lora) @ 20%": {**arm, "params": 110_000_000}},
+                "comparisons": {"20%: LoRAPrune vs full-gradient importance": diff},
+                "memory": {
+                    "shape": [2, 256],
+                    "loraprune": mem,
+                    "grad": {**mem, "peak_rss_mb": 1500.0, "training_mb": 700.0},
+                    "ratios": {"peak_rss lora ÷ grad": 1000 / 1500},
+                },
+            },
+        },
+    }
+    rec = report.SECTIONS["quality-recovery"]({"quality": q})
+    assert "dense→pruned gap recovered" in rec and "0.40 [0.30, 0.50]" in rec and "2.50 M" in rec and "50.0%" in rec
+    assert "Budget: equal trainable parameters: r = 8." in rec
+    dist = report.SECTIONS["quality-distill"]({"quality": q})
+    assert "value [95 % CI]" in dist and "0.1234 [0.1000, 0.1500]" in dist and "dense (unpruned)" not in dist
+    lp = report.SECTIONS["quality-loraprune"]({"quality": q})
+    assert "110.0 M" in lp and "| grad | 1500 MB | 800 MB | 700 MB |" in lp and "0.67×" in lp
