@@ -678,6 +678,8 @@ def quality_memory(m: dict) -> str:
         for k in ("loraprune", "grad")
         if k in m
     ]
+    if "error" in m:
+        return f"Peak memory: not measured (the memory process failed: {m['error'][-200:]})."
     ratios = "; ".join(f"{k}: {v:.2f}×" for k, v in m.get("ratios", {}).items())
     shape = m.get("shape", ["?", "?"])
     return (

@@ -246,3 +246,64 @@ def test_report_renders_recovery_distill_and_loraprune_memory():
     assert "value [95 % CI]" in dist and "0.1234 [0.1000, 0.1500]" in dist and "dense (unpruned)" not in dist
     lp = report.SECTIONS["quality-loraprune"]({"quality": q})
     assert "110.0 M" in lp and "| grad | 1500 MB | 800 MB | 700 MB |" in lp and "0.67×" in lp
+
+
+@pytest.fixture
+def tiny_context(tiny_model, tokenizer):
+    """quality.Context holding a tiny llama (6 blocks) and the byte tokenizer instead of SmolLM2-135M."""
+    from prune_peft.data import shakespeare_texts
+    from prune_peft.evaluation import tokenize_stream
+
+    settings = {
+        **quality.QUICK,
+        "eval_windows": 2,
+        "eval_seqlen": 32,
+        "loraprune_steps": 2,
+        "loraprune_seqlen": 32,
+        "recovery_steps": 2,
+        "recovery_seqlen": 32,
+        "recovery_calibration": [2, 32],
+        "distill_drop": 2,
+        "distill_train": 4,
+        "distill_eval": 2,
+        "distill_steps": 1,
+        "distill_gen_tokens": 4,
+    }
+    ctx = quality.Context(settings)
+    model = tiny_model("llama", num_hidden_layers=6, max_position_embeddings=1024).eval()
+    heldout = tokenize_stream(shakespeare_texts("heldout"), tokenizer, max_tokens=2 * 32 + 1)
+    ctx.__dict__["_loaded"] = (model, tokenizer, shakespeare_texts("train")[:200], heldout)  # the cached_property
+    return ctx
+
+
+def test_new_comparisons_run_end_to_end_on_a_tiny_model(tiny_context, monkeypatch):
+    """loraprune, recovery and distill on a tiny model, one seed: the structure the report reads, and the
+    invariants each comparison relies on (compacted sizes, zeros kept or restored, equal budgets)."""
+    monkeypatch.setattr(quality, "loraprune_memory", lambda b, L, t: {"shape": [b, L], "stub": True})
+    results = {name: quality.COMPARISONS[name](tiny_context) for name in ("loraprune", "recovery", "distill")}
+    for r in results.values():
+        assert r["claim"] and r["arms"] and r["comparisons"]
+        for c in r["comparisons"].values():
+            assert c["lo"] <= c["mean"] <= c["hi"] and c["verdict"]
+    lp = results["loraprune"]
+    assert len(lp["arms"]) == 6 and len(lp["comparisons"]) == 4 and lp["memory"]["shape"] == [2, 32]
+    dense_params = sum(p.numel() for p in tiny_context.model.parameters())
+    for name in quality.LORAPRUNE_ARMS:
+        assert lp["arms"][f"{name} @ 50%"]["params"] < lp["arms"][f"{name} @ 20%"]["params"] < dense_params
+    rec = results["recovery"]["arms"]
+    for name in ("SparseLoRA exact", "SparseLoRA lors", "SPP", "LoRA merged + re-masked"):
+        assert rec[name]["sparsity_after_merge"] == pytest.approx(
+            rec["2:4 Wanda base (no recovery)"]["sparsity_after_merge"]
+        )
+        g = rec[name]["gap_recovered"]
+        assert math.isfinite(g["mean"]) and g["lo"] <= g["hi"]
+    assert rec["LoRA merged, not re-masked (dense again)"]["sparsity_after_merge"] < 0.1
+    assert rec["SPP"]["trainable_params"] > 0 and (
+        rec["SparseLoRA exact"]["trainable_params"] == rec["LoRA merged + re-masked"]["trainable_params"]
+    )
+    dist = results["distill"]
+    assert set(dist["arms"]) >= {"KL to teacher: pruned, no fine-tuning", "task NLL: unpruned teacher"}
+    assert dist["arms"]["KL to teacher: pruned, no fine-tuning"]["mean"] > 0
+    assert dist["layer_drop"] and dist["distill_stats"]
+    text = report.SECTIONS["quality-recovery"]({"quality": {"comparisons": results}})
+    assert "SparseLoRA exact" in text and "gap recovered" in text
