@@ -953,7 +953,8 @@ def cmp_recovery(ctx: Context) -> dict:
         "metric": "held-out NLL per window of the merged model (lower is better); ppl = exp(NLL); gap recovered = "
         "(NLL base − NLL arm) ÷ (NLL base − NLL dense), a ratio of means with its bootstrap interval",
         "task": f"2:4 Wanda base ({n} × {cal_L} calibration tokens), then {steps} AdamW steps (constant lr) of {B} × "
-        f"{L} Shakespeare tokens, the same batches for every adapter",
+        f"{L} Shakespeare tokens, the same batches for every adapter; lr 5e-4 for the LoRA types, 4e-3 for SPP (its "
+        "paper's; benchmarks/adapters.py uses the same), scale lora_alpha / r = 2 for all",
         "budget": f"equal trainable parameters: SPP with R = {SPP_BLOCKS} trains Σ(R·d_in + d_out) = {spp_budget:,}; "
         f"the LoRA types use the rank r = {rank} whose r·Σ(d_in + d_out) = {lora_budget:,} is nearest "
         f"({lora_budget / spp_budget:.2f}× SPP's), on the same all-linear layers",
