@@ -33,7 +33,7 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
 MEMORY_METHOD = (
     "Each measured configuration runs in its own fresh process with glibc's mmap threshold pinned to 64 KiB and one "
     "arena (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_ARENA_MAX=1), so freed tensors leave the process and the peak RSS "
-    "(getrusage ru_maxrss) tracks peak live memory. baseline_rss_mb = RSS once the model is loaded and paged in; "
+    "(VmHWM, the high-water mark of the process's own memory map) tracks peak live memory. baseline_rss_mb = RSS once the model is loaded and paged in; "
     "extra_mb = peak_rss_mb - baseline_rss_mb, the memory the measured work added on top of the loaded model. "
     "Each ratio names its numerator and denominator next to it. No time ratio comes from these processes (page "
     "faults make them slower); oneshot's absolute prune time does, and its JSON says so."
@@ -155,7 +155,18 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MiB; Linux reports KiB)."""
+    """Peak resident set size of this process's own memory map so far (MiB): ``VmHWM`` from /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux carries the parent's high-water mark into a child across fork + exec, so a
+    memory worker started by a parent that had grown (interleaved timing in the parent) reported the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
