@@ -26,10 +26,10 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .._dist import all_reduce_sum, counts_once, gathered_call, is_sharded, local, local_rows, sharding_kind
+from .._dist import all_reduce_sum, counts_once, gathered_call, is_sharded, local, local_rows
 from ..sparsity.masks import describe_pattern, mask_mismatch
 from ._buffers import AdapterBuffers, PackedMasks
-from ._fsdp import refuse_gathered_base, reshard_for_merge
+from ._fsdp import check_base_for_adapters, refuse_gathered_base, reshard_for_merge, shard_new_adapters
 from ._registry import current_injection, injecting, layer_takes_config, strip_retype_guard, with_retype_guard
 
 __all__ = [
@@ -109,19 +109,12 @@ def _mismatch(weight: torch.Tensor, mask: torch.Tensor, nnz: int | None) -> str 
     return None
 
 
-def refuse_sharded_base(model: nn.Module, method: str) -> None:
-    """ValueError when an adapter is created on (or loaded into) a model whose parameters are already sharded."""
-    kind = sharding_kind(model)
-    if kind is None:
-        return
-    raise ValueError(
-        f"{method}: the model's parameters are already sharded ({kind}); create or load the adapter on the unsharded "
-        "model and shard afterwards: get_peft_model(model, config) or PeftModel.from_pretrained(model, path), then "
-        "fully_shard(block) for every decoder block and fully_shard(model) (the order accelerate's FSDP2, "
-        "fsdp_version: 2, uses). Adapter factors added after sharding are not managed by FSDP (their gradients would "
-        "never be reduced across ranks), and the masks are taken from whole base weights"
-        + ("" if kind == "fsdp2" else "; FSDP1 and DeepSpeed ZeRO-3 are not supported at all, use FSDP2 or DDP")
-    )
+def refuse_sharded_base(model: nn.Module, method: str, loading: bool = False) -> str | None:
+    """Before an adapter is created on (or loaded into) ``model``: ``"fsdp2"`` when its base is FSDP2-sharded in a
+    layout the new adapter can be sharded beside (:func:`~prune_peft.tuners._fsdp.shard_new_adapters` runs after the
+    injection), None when unsharded, ValueError for every other sharded setup (see
+    :func:`~prune_peft.tuners._fsdp.check_base_for_adapters`)."""
+    return check_base_for_adapters(model, method, loading)
 
 
 def check_base_layer(base_layer: nn.Module, method: str, name: str | None) -> None:
@@ -130,7 +123,8 @@ def check_base_layer(base_layer: nn.Module, method: str, name: str | None) -> No
     where = f" ({name})" if name else ""
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{method}: cannot adapt {type(base_layer).__name__}{where}: it has no weight tensor")
-    if _is_bnb_param(weight) is None and (not weight.dtype.is_floating_point or type(weight) not in _PLAIN):
+    plain = type(weight) in _PLAIN or (is_sharded(weight) and type(weight.to_local()) in _PLAIN)  # FSDP2 shard
+    if _is_bnb_param(weight) is None and (not weight.dtype.is_floating_point or not plain):
         raise ValueError(
             f"{method}: cannot adapt {type(base_layer).__name__}{where} with weight type {type(weight).__name__} "
             f"({weight.dtype}): supported bases are torch.nn.Linear with float weights and bitsandbytes "
@@ -196,6 +190,8 @@ class SparseAdapterLayer:
         config = kwargs.get("config") or ctx_config
         base = self.get_base_layer()
         weight = None if base.weight.device.type == "meta" else dense_weight(base)
+        if is_sharded(weight):  # FSDP2 sharded the base first: the mask (whole on every rank) needs every row
+            weight = weight.full_tensor()  # one layer at a time, dropped after the setup (a collective: all ranks)
         self._pp_validate(adapter_name, config, weight, name)
         super().update_layer(adapter_name, r, *args, **kwargs)
         if not hasattr(self, "lora_sparse_mask"):
@@ -569,16 +565,19 @@ class SparseTunerMixin:
         config read from a local folder has its weights file read and checked (readable, complete, shapes, masks
         against the base and against the digests). Any failure removes the injected layers again and raises.
         """
-        refuse_sharded_base(model, self.method)  # before anything is injected
-        before = {id(m) for m in model.modules()}
-        flags = _trainable_flags(model)
         config = self.peft_config.get(adapter_name)
         source = getattr(config, "_pp_source", None)
+        loading = source is not None or bool(getattr(config, "sparse_digests", None))
+        sharded = refuse_sharded_base(model, self.method, loading)  # before anything is injected
+        before = {id(m) for m in model.modules()}
+        flags = _trainable_flags(model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             if source is not None:  # first: it names the file and the exact problem (shape, truncation, mask)
                 self._pp_check_file(model, adapter_name, source, getattr(config, "sparse_digests", None))
             self._pp_check_digests(model, adapter_name, getattr(config, "sparse_digests", None))
+            if sharded:  # FSDP2 sharded the base first: each adapted layer becomes its own unit
+                shard_new_adapters(model, self.method, adapter_name)
         except BaseException:
             _remove_adapter_layers(model, adapter_name, before, flags=flags)
             raise
@@ -888,7 +887,10 @@ def base_digest(layer: SparseAdapterLayer) -> str:
     """Digest of the zero pattern of a layer's (dequantized) base weight: ``W ≠ 0``, bit-packed."""
     from ..sparsity.packing import pack_mask
 
-    return _digest(pack_mask(dense_weight(layer.get_base_layer()) != 0))
+    weight = dense_weight(layer.get_base_layer())
+    if is_sharded(weight):  # FSDP2 (only at injection on a sharded base, where every rank calls it): all rows
+        weight = weight.full_tensor()
+    return _digest(pack_mask(weight != 0))
 
 
 def adapter_digests(model: nn.Module, adapter_name: str) -> dict[str, list[str]]:

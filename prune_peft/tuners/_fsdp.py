@@ -12,8 +12,11 @@ adapters' bit-packed masks — stay whole on every rank. What works, and how:
 * :func:`export_merged_sharded` (``prune_peft.hub.export`` on a sharded model) gathers one module at a time, merges it
   as above, and rank 0 writes safetensors shards as they fill (never the whole model on one rank).
 
-Order: ``get_peft_model`` (or ``PeftModel.from_pretrained``) on the unsharded model, then ``fully_shard`` per decoder
-block and on the model; adapters created on an already sharded model are refused (``_base.refuse_sharded_base``).
+Order: either ``get_peft_model`` (or ``PeftModel.from_pretrained``) on the unsharded model, then ``fully_shard`` per
+decoder block and on the model; or ``fully_shard`` first and ``get_peft_model`` on the sharded model (a new adapter
+only): :func:`check_base_for_adapters` checks the layout before injection and :func:`shard_new_adapters` makes every
+adapted layer its own FSDP2 unit right after it (see there). Loading a saved adapter onto a sharded model, a second
+adapter on it, FSDP1 and ZeRO-3 are refused before anything is injected.
 After ``merge_and_unload`` run forwards through the FSDP2 root (the sharded ``PeftModel``), whose hooks gather the
 embeddings and head. The root keeps its parameters gathered after a forward without backward: merges reshard the
 tuner's units first (:func:`reshard_all`), but the tuner cannot reach a root above it (the ``PeftModel``). When that
@@ -26,8 +29,8 @@ block the adapted layers live in the tuner's own units and nothing is needed. ``
 
 Refused with a ``ValueError`` (:func:`check_sharded_layout`, run by ``PruneCallback.on_train_begin``): FSDP1
 (``FullyShardedDataParallel``, whose FlatParameter flattens base weights and adapter factors of a unit together),
-DeepSpeed ZeRO-3, trainable parameters FSDP2 does not manage (an adapter added after ``fully_shard``), and a
-``fully_shard`` applied to the wrapped ``nn.Linear`` itself (its weight would be sharded where the adapter reads it).
+DeepSpeed ZeRO-3, trainable parameters FSDP2 does not manage (e.g. a module outside every ``fully_shard`` unit), and
+a ``fully_shard`` applied to the wrapped ``nn.Linear`` itself (its weight would be sharded where the adapter reads it).
 """
 
 from __future__ import annotations
@@ -43,12 +46,14 @@ from torch import nn
 from .._dist import full, is_sharded, local_rows, refuse_sharded_bnb, sharding_kind, world_size
 
 __all__ = [
+    "check_base_for_adapters",
     "check_sharded_layout",
     "export_merged_sharded",
     "gathered_by_outer_unit",
     "refuse_gathered_base",
     "reshard_all",
     "reshard_for_merge",
+    "shard_new_adapters",
 ]
 
 MAX_SHARD_BYTES = 5 * 2**30  # rank 0 holds at most one file's tensors (plus one gathered layer) at a time
@@ -166,6 +171,140 @@ def check_sharded_layout(model: nn.Module, owner: str = "sparse adapter") -> Non
             "before fully_shard and shard every module holding one (fully_shard(block) for every decoder block, then "
             f"fully_shard(model)); {_SUPPORTED}"
         )
+
+
+# ------------------------------------------------------------------------------------- adapters on a sharded model
+
+_ORDER = (
+    "create or load the adapter on the unsharded model and shard afterwards (get_peft_model(model, config) or "
+    "PeftModel.from_pretrained(model, path), then fully_shard(block) for every decoder block and fully_shard(model), "
+    "the order accelerate's FSDP2, fsdp_version: 2, uses), or call get_peft_model once on a model sharded with "
+    "FSDP2 on a 1-D mesh over all ranks"
+)
+
+
+def check_base_for_adapters(model: nn.Module, method: str, loading: bool = False) -> str | None:
+    """Before an adapter is injected into ``model``: ``"fsdp2"`` when its parameters are FSDP2 shards the adapter can
+    be sharded beside (:func:`shard_new_adapters` must then run after the injection), None when unsharded; a
+    ValueError before anything changes for every setup that cannot work.
+
+    Refused: FSDP1 and DeepSpeed ZeRO-3 (flattened or partitioned parameters), bitsandbytes layers under FSDP2
+    (:func:`~prune_peft._dist.refuse_sharded_bnb`), loading a saved adapter (``loading``: its full tensors would be
+    copied into DTensor shards), a model that already holds adapter layers (a second adapter: the layers are already
+    FSDP2 units or inside one, a new unit cannot be added around them), and parameters that are not dim-0 shards on
+    one 1-D mesh over all ranks (HSDP / 2-D meshes, tensor parallel: the adapters' units would not line up) whose
+    dimension is unnamed or named ``"fsdp"`` (peft sizes the adapters of a weight on any other named mesh to its local
+    shard, reading it as tensor parallel).
+    """
+    kind = sharding_kind(model)
+    if kind is None:
+        return None
+    if kind != "fsdp2":
+        what = "FSDP1 (FullyShardedDataParallel)" if kind == "fsdp1" else "DeepSpeed ZeRO-3"
+        raise ValueError(
+            f"{method}: the model's parameters are already sharded ({kind}): {what} is not supported at all (its "
+            f"flattened / partitioned parameters hold no base rows); use FSDP2 or DDP: {_ORDER}"
+        )
+    refuse_sharded_bnb(model, method)
+    if loading:
+        raise ValueError(
+            f"{method}: the model's parameters are already sharded (fsdp2) and a saved adapter is being loaded "
+            f"into it: its full tensors would be copied into DTensor shards; {_ORDER}"
+        )
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    present = next((n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)), None)
+    if present is not None:
+        raise ValueError(
+            f"{method}: the model's parameters are already sharded (fsdp2) and it already holds adapter layers (e.g. "
+            f"{present}): a second adapter cannot be added to layers FSDP2 already manages; {_ORDER}"
+        )
+    ws = world_size()
+    for name, p in model.named_parameters():
+        if not is_sharded(p):
+            continue
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or mesh.size() != ws:
+            raise ValueError(
+                f"{method}: the model's parameters are already sharded (fsdp2) and {name} lives on a {mesh.ndim}-D "
+                f"mesh of {mesh.size()} ranks (world size {ws}, e.g. HSDP): adapters are sharded beside a base only "
+                f"on a 1-D mesh over all ranks; {_ORDER}"
+            )
+        if not set(mesh.mesh_dim_names or ()) <= {"fsdp"}:
+            raise ValueError(
+                f"{method}: the model's parameters are already sharded (fsdp2) and {name} lives on a mesh named "
+                f"{mesh.mesh_dim_names}: peft sizes adapters on a mesh with other dimension names to the local shard "
+                f"(tensor parallel); shard with an unnamed mesh (fully_shard's default) or one named 'fsdp'; {_ORDER}"
+            )
+        try:
+            local_rows(p)
+        except ValueError as exc:
+            raise ValueError(f"{method}: {name} is {exc}; {_ORDER}") from None
+    return kind
+
+
+def shard_new_adapters(model: nn.Module, method: str, adapter_name: str) -> list[str]:
+    """After injecting ``adapter_name`` into a model FSDP2 had already sharded: ``fully_shard`` every adapted layer
+    as its own unit on its base weight's mesh, so FSDP2 all-gathers the new parameters for forward/backward and
+    reduce-scatters their gradients. Returns the names of the layers sharded.
+
+    The unit is the whole adapter layer (peft's ``LoraLayer``: ``lora_A``/``lora_B`` and any other adapter parameter
+    inside it, e.g. DoRA's magnitude), with the base layer's parameters, already managed by the unit above (the
+    decoder block's), passed as ``ignored_params``: SparseLoRA, SPP and LoRAPrune's element-wise forward read
+    ``lora_A[a].weight`` directly instead of calling the submodule, so a unit per ``lora_A``/``lora_B`` module would
+    leave them reading shards; the layer's forward pre-hook gathers them all. Every parameter is a ``Shard(0)`` DTensor
+    on the base weight's mesh, so ``lora_B``'s rows are split exactly like the base weight's rows (``torch.chunk`` of
+    d_out over the same ranks), as LoRAPrune's row-local scores need. Buffers (the masks) are not sharded; FSDP2 moves
+    them to the mesh's device, where they already are.
+
+    Policies: the parent unit's ``MixedPrecisionPolicy`` and ``reshard_after_forward`` cannot be read through FSDP2's
+    public API, so the adapter units use FSDP2's defaults (parameters in their stored dtype, fp32 gradient reduction,
+    resharded after forward). CPU offload is visible (the base shard on the CPU, the mesh on an accelerator) and is
+    mirrored with ``CPUOffloadPolicy()``. Half-precision adapter parameters are upcast to float32 here, before
+    sharding, as peft's default ``autocast_adapter_dtype=True`` would do after injection (peft's own cast replaces
+    parameters FSDP2 already manages).
+
+    A layer whose base weight is not a DTensor (outside every unit) or whose base ``nn.Linear`` is itself a unit is
+    refused (ValueError; the caller removes the injected layers).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    try:
+        from peft.tuners.tuners_utils import cast_adapter_dtype
+    except ImportError:  # older peft casts in place (``param.data``), which a DTensor shard would not follow
+        cast_adapter_dtype = None
+    if cast_adapter_dtype is not None:
+        cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype=True)
+    units = _fsdp2_units()
+    layers = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, BaseTunerLayer) or all(is_sharded(p) for p in layer.parameters()):
+            continue
+        base = layer.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if not is_sharded(weight):
+            raise ValueError(
+                f"{method}: {name} is adapted in an FSDP2-sharded model but its base weight is not sharded (the "
+                "module is outside every fully_shard unit): its adapter would not be managed by FSDP2. Shard every "
+                f"decoder block and the model; {_ORDER}"
+            )
+        if units and isinstance(base, units):
+            raise ValueError(
+                f"{method}: fully_shard was applied to the wrapped linear of {name}; its weight would stay sharded "
+                f"where the adapter reads it. Apply fully_shard to the decoder blocks instead; {_ORDER}"
+            )
+        layers.append((name, layer, weight))
+    for _, layer, weight in layers:
+        mesh = weight.device_mesh
+        offload = weight.to_local().device.type == "cpu" and mesh.device_type != "cpu"
+        fully_shard(
+            layer,
+            mesh=mesh,
+            ignored_params={p for p in layer.parameters() if is_sharded(p)},
+            offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
+        )
+    return [name for name, _, _ in layers]
 
 
 # ------------------------------------------------------------------------------------------------- merged export

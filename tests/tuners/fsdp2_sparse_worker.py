@@ -8,7 +8,10 @@ For SparseLoRA (exact gradients, 2:4 base) and SPP (unstructured base), on a tin
   checkpoint (torch.distributed.checkpoint) half-way, then: a corrupted zero on one rank's shard (both ranks must
   refuse the save), resume from the checkpoint (must equal the uninterrupted run), a corrupted mask in a loaded state
   dict (refused), ``hub.export`` (rank 0 writes; reloaded with stock transformers), ``merge_and_unload`` (the model
-  stays sharded), and adapters created on an already sharded base (refused).
+  stays sharded);
+* the issue's order: ``fully_shard`` on the pruned base first, then ``get_peft_model`` (each adapted layer becomes its
+  own FSDP2 unit), the same loop and ``merge_and_unload``; a saved adapter loaded onto a sharded base and a second
+  adapter on it (refused).
 
 Each rank writes what it measured into <out>/rank<r>.json.
 """
@@ -27,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from adapter_testlib import prune_linears
 from peft import PeftModel, get_peft_model
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import prune_peft
 from prune_peft import PruneCallback
@@ -112,6 +115,7 @@ def run(kind: str, out: str, rank: int) -> dict:
         n.removeprefix("base_model.model."): (layer.get_base_layer().weight == 0).clone()
         for n, layer in sparse_layers(ref).items()
     }
+    ref_masks = {n: layer.sparse_mask("default").clone() for n, layer in sparse_layers(ref).items()}
     merged_ref = ref.merge_and_unload()
     with torch.no_grad():
         merged_ref_logits = merged_ref(input_ids=data[0]).logits
@@ -229,21 +233,52 @@ def run(kind: str, out: str, rank: int) -> dict:
     with torch.no_grad():
         res["merged_logits_vs_one_process"] = float((sh(input_ids=data[0]).logits - merged_ref_logits).abs().max())
 
-    # ------------------------------------------------------------------------- adapters on an already sharded base
-    for what, make in (
-        ("get_peft_model", lambda m: get_peft_model(m, config(kind))),
-        ("from_pretrained", lambda m: PeftModel.from_pretrained(m, adapter_dir)),
-    ):
+    # ------------------------------------------------- the issue's order: fully_shard the base, then get_peft_model
+    def sharded_base():
         m = base_model(kind)
         for block in m.model.layers:
             fully_shard(block)
         fully_shard(m)
-        try:
-            make(m)
-            res[f"sharded_base_{what}"] = "accepted"
-        except ValueError as exc:
-            res[f"sharded_base_{what}"] = str(exc)
+        return m
+
+    torch.manual_seed(1)  # build()'s seed, drawn before the base as there (fully_shard draws no random numbers)
+    issue = get_peft_model(sharded_base(), config(kind))
+    layers = sparse_layers(issue)
+    res["issue_units"] = [sum(isinstance(m, FSDPModule) for m in layers.values()), len(layers)]
+    res["issue_adapter_sharded"] = all(_dtensor(p) for n, p in issue.named_parameters() if "lora_" in n)
+    res["issue_masks_equal"] = all(torch.equal(layers[n].sparse_mask("default"), m) for n, m in ref_masks.items())
+    cb_issue = PruneCallback()
+    cb_issue.on_train_begin(None, state(0), None, model=issue)  # check_sharded_layout accepts it
+    opt_issue = torch.optim.AdamW([p for p in issue.parameters() if p.requires_grad], lr=1e-2)
+    train(issue, opt_issue, data, rows, 0, STEPS, lambda step: cb_issue.on_save(None, state(step), None, model=issue))
+    res["issue_masks_equal_after"] = all(
+        torch.equal(layers[n].sparse_mask("default"), m) for n, m in ref_masks.items()
+    )
+    res["issue_vs_one_process"] = max_diff(adapter_weights(issue), ref_adapter)
+    res["issue_vs_supported_order"] = max_diff(adapter_weights(issue), trained)
+    issue_merged = issue.merge_and_unload()
+    issue_sd = {k: full(v).clone() for k, v in issue_merged.state_dict().items()}
+    res["issue_merge_keys_equal"] = sorted(issue_sd) == sorted(merged_ref_sd)
+    res["issue_merge_vs_one_process"] = max_diff(issue_sd, merged_ref_sd)
+    res["issue_merge_zeros_kept"] = all(bool((issue_sd[f"{n}.weight"][z] == 0).all()) for n, z in base_zeros.items())
+
+    # ------------------------------------------------------------------------------ still refused on a sharded base
+    try:
+        PeftModel.from_pretrained(sharded_base(), adapter_dir)
+        res["sharded_base_from_pretrained"] = "accepted"
+    except ValueError as exc:
+        res["sharded_base_from_pretrained"] = str(exc)
+    m = get_peft_model(sharded_base(), config(kind))
+    try:
+        m.add_adapter("second", config(kind))
+        res["sharded_base_second_adapter"] = "accepted"
+    except ValueError as exc:
+        res["sharded_base_second_adapter"] = str(exc)
     return res
+
+
+def _dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
 
 
 def main(out: str) -> None:

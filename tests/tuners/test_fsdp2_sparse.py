@@ -88,13 +88,32 @@ def test_merge_and_export_equal_the_single_process_merge(ranks, kind):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", KINDS)
-def test_adapters_on_an_already_sharded_base_are_refused(ranks, kind):
+def test_issue_order_shard_first_then_get_peft_model_equals_both_other_runs(ranks, kind):
+    """fully_shard(block) for every block, fully_shard(model), then get_peft_model: each adapted layer becomes its own
+    FSDP2 unit; masks equal the one-process masks, the trained adapter equals the supported order's and one process's."""
     _, (r0, r1) = ranks
     for r in (r0, r1):
-        for what in ("get_peft_model", "from_pretrained"):
-            msg = r[kind][f"sharded_base_{what}"]
-            assert msg.startswith(f"{kind}: the model's parameters are already sharded (fsdp2)")
-            assert "then fully_shard(block)" in msg
+        res = r[kind]
+        assert res["issue_units"] == [14, 14]  # 2 blocks × 7 adapted linears, each its own FSDP2 unit
+        assert res["issue_adapter_sharded"]  # every adapter tensor a DTensor shard: FSDP2 reduces its gradients
+        assert res["issue_masks_equal"] and res["issue_masks_equal_after"]  # taken from all rows, kept by training
+        assert res["issue_vs_one_process"] < 1e-4  # the tolerance of the supported order's test above
+        assert res["issue_vs_supported_order"] == 0.0  # the same floats as the adapter-first order, bit for bit
+        assert res["issue_merge_keys_equal"] and res["issue_merge_zeros_kept"]
+        assert res["issue_merge_vs_one_process"] < 1e-4
+    assert r0[kind]["issue_vs_one_process"] == r1[kind]["issue_vs_one_process"]  # replicated after gathering
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_or_second_adapters_on_a_sharded_base_are_refused(ranks, kind):
+    _, (r0, r1) = ranks
+    for r in (r0, r1):
+        msg = r[kind]["sharded_base_from_pretrained"]
+        assert msg.startswith(f"{kind}: the model's parameters are already sharded (fsdp2) and a saved adapter")
+        assert "then fully_shard(block)" in msg
+        msg = r[kind]["sharded_base_second_adapter"]
+        assert "already holds adapter layers" in msg and "then fully_shard(block)" in msg
 
 
 # ----------------------------------------------------------------------------------- refusals in one process

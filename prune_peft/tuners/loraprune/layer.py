@@ -22,6 +22,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ... import _dist
 from ...sparsity.adapters import compute_dtype
 from .._base import layer_mapping
 from .._buffers import AdapterBuffers, PackedMasks
@@ -48,6 +49,8 @@ class LoRAPruneLayer:
     @staticmethod
     def _pp_check_base(base: nn.Module) -> None:
         weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor) and _dist.is_sharded(weight):  # FSDP2 shard: its local rows are checked
+            weight = weight.to_local()
         if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter):
             raise ValueError(
                 f"loraprune: cannot adapt {type(base).__name__} with weight type {type(weight).__name__}: "

@@ -28,11 +28,12 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ... import _dist, _hf
+from ... import _hf
 from ...sparsity.loraprune import n_pruned
 from .._base import _remove_adapter_layers, _trainable_flags
+from .._fsdp import check_base_for_adapters, shard_new_adapters
 from .layer import LoRAPruneLayer, LoRAPruneLinear
-from .pruner import LoRAPruner
+from .pruner import LoRAPruner, check_sharding
 
 __all__ = ["ATTN_ROLES", "MLP_ROLES", "LoRAPruneModel", "PruneBlock", "default_excluded_layers"]
 
@@ -67,18 +68,16 @@ class PruneBlock:
         return self.intermediate > 0
 
 
-def _refuse_sharded_base(model: nn.Module) -> None:
-    kind = _dist.sharding_kind(model)
-    if kind is None:
-        return
-    what = {"fsdp2": "FSDP2 (fully_shard)", "fsdp1": "FSDP1", "zero3": "DeepSpeed ZeRO-3"}[kind]
-    raise ValueError(
-        f"loraprune: get_peft_model was given a model already sharded by {what}. Adapters must be added before "
-        "sharding: peft would insert new, unsharded LoRA parameters into modules whose parameter groups are fixed "
-        "(their gradients would never be reduced across ranks) around base weights that are shards. Supported order: "
-        "model = get_peft_model(model, LoRAPruneConfig(...)); then fully_shard(block) for each decoder block and "
-        "fully_shard(model) (accelerate's fsdp_version: 2 does this for you). See docs/distributed.md."
-    )
+def _check_sharded_base(model: nn.Module, config) -> str | None:
+    """``"fsdp2"`` when get_peft_model was given a model FSDP2 already sharded in a layout the adapter can be sharded
+    beside (``_fsdp.shard_new_adapters`` runs after the injection), None when unsharded; ValueError otherwise (FSDP1,
+    ZeRO-3, 2-D meshes, a second adapter, a saved adapter loaded into shards: ``inference_mode=True``, which
+    ``PeftModel.from_pretrained`` sets unless ``is_trainable=True``). A structured config is also required: element
+    masks need a global top-k over whole matrices (:func:`~.pruner.check_sharding` says the same at prepare_pruning)."""
+    kind = check_base_for_adapters(model, "loraprune", loading=bool(getattr(config, "inference_mode", False)))
+    if kind is not None and not config.structured:
+        check_sharding(model, config.structured)  # raises: element-wise masks under FSDP2
+    return kind
 
 
 class LoRAPruneModel(LoraModel):
@@ -108,16 +107,19 @@ class LoRAPruneModel(LoraModel):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection and the block structure, all-or-nothing: a failure leaves ``model`` as it was.
 
-        A model already sharded (FSDP2 ``fully_shard``, FSDP1, ZeRO-3) is refused before anything changes: the
-        adapter's new parameters would sit outside the sharded groups (never reduced across ranks) and its base
-        weights are shards. Call ``get_peft_model`` first, then ``fully_shard`` the blocks and the model.
+        On a model FSDP2 already sharded (``fully_shard`` on the blocks and the model, 1-D mesh over all ranks) every
+        adapted layer becomes its own FSDP2 unit right after the injection (``_fsdp.shard_new_adapters``: ``lora_B``'s
+        rows split like the base rows the importance scores). FSDP1, ZeRO-3, other meshes, a second adapter or a saved
+        adapter on a sharded model are refused before anything changes.
         """
-        _refuse_sharded_base(model)
+        sharded = _check_sharded_base(model, self.peft_config[adapter_name])
         before = {id(m) for m in model.modules()}
         flags = _trainable_flags(model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             self._pp_build(adapter_name)
+            if sharded:  # after the masks exist (buffers, left whole)
+                shard_new_adapters(model, "loraprune", adapter_name)
             self.__dict__.setdefault("_pp_pruners", {}).pop(adapter_name, None)
         except BaseException:
             self._pp_rollback(model, adapter_name, before, flags)

@@ -100,7 +100,7 @@ def check_not_sharded(model: nn.Module, owner: str = "loraprune") -> None:
 
 SUPPORTED_SHARDING = (
     "supported: DDP, one device, or FSDP2 (torch's fully_shard / accelerate fsdp_version: 2) on a 1-D mesh over all "
-    "ranks, applied after get_peft_model, with a structured LoRAPruneConfig (structure 'head+channel', 'head' or "
+    "ranks, applied before or after get_peft_model, with a structured LoRAPruneConfig (structure 'head+channel', 'head' or "
     "'channel') and importance 'lora' or 'magnitude'"
 )
 

@@ -1,7 +1,7 @@
 """Worker for test_fsdp2.py: run under `torch.distributed.run --nproc_per_node 2` (gloo, CPU).
 
 Each rank trains a tiny LoRAPrune Llama sharded with torch's ``fully_shard`` (FSDP2; every decoder block, then the
-root, after ``get_peft_model``) in a plain loop — ``loss.backward(); update_and_allocate(step); opt.step()`` — on its
+root, after ``get_peft_model``; and again in the issue's order, ``fully_shard`` first) in a plain loop — ``loss.backward(); update_and_allocate(step); opt.step()`` — on its
 half of every global batch, pruning at every step. It writes ``<out>/rank<r>.pt``: masks and importance after every
 step, the whole adapter weights at the end, the same after a resume from a full state dict taken mid-run, and the
 messages of the setups that must be refused. ``loop`` and ``snapshot`` are shared with the single-process reference.
@@ -74,24 +74,80 @@ def sharded_model():
     return model
 
 
-def refusals() -> dict[str, str]:
-    """Setups LoRAPrune cannot serve under FSDP2: each must raise ValueError before any work."""
-    from peft import get_peft_model
+def sharded_base():
     from torch.distributed.fsdp import fully_shard
 
-    from prune_peft import LoRAPruneConfig
     from prune_peft.testing import tiny_causal_lm
 
-    out = {}
-    base = tiny_causal_lm(seed=0, num_hidden_layers=3)
+    base = tiny_causal_lm(seed=0, num_hidden_layers=3)  # loraprune_model's base
     for block in base.model.layers:
         fully_shard(block)
     fully_shard(base)
+    return base
+
+
+def issue_order_model():
+    """The issue's order: fully_shard every block and the base model, then get_peft_model (loraprune_model's seeds,
+    B filled with the same values, distributed as the shards FSDP2 made)."""
+    from peft import get_peft_model
+    from torch.distributed.tensor import distribute_tensor
+
+    from prune_peft import LoRAPruneConfig
+
+    base = sharded_base()
+    torch.manual_seed(100)  # loraprune_model: LoRA A init
+    model = get_peft_model(base, LoRAPruneConfig(r=4, exclude_layers=[0], **CFG))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(200)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(distribute_tensor(torch.randn(p.shape, generator=g) * 0.05, p.device_mesh, p.placements))
+    model.base_model.prepare_pruning(total_steps=STEPS)
+    return model
+
+
+def layout(model) -> dict:
+    """How the issue's order sharded the adapters: every LoRA parameter a DTensor, each adapted layer an FSDP2 unit,
+    lora_B's rows those of the base weight on this rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from prune_peft.tuners.loraprune import LoRAPruneLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoRAPruneLayer)]
+    return {
+        "adapter_dtensors": all(_dist.is_sharded(p) for n, p in model.named_parameters() if "lora_" in n),
+        "layers": len(layers),
+        "layer_units": sum(isinstance(m, FSDPModule) for m in layers),
+        "b_rows_match": all(
+            _dist.local_rows(m.lora_B["default"].weight) == _dist.local_rows(m.get_base_layer().weight) for m in layers
+        ),
+        "q_rows": list(
+            _dist.local_rows(model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight)
+        ),
+    }
+
+
+def refusals() -> dict[str, str]:
+    """Setups LoRAPrune cannot serve under FSDP2: each must raise ValueError before any work."""
+    from peft import get_peft_model
+
+    from prune_peft import LoRAPruneConfig
+
+    out = {}
     try:
-        get_peft_model(base, LoRAPruneConfig(r=4, target_sparsity=0.5, exclude_layers=[0]))
-        out["shard_then_peft"] = "no error"
+        get_peft_model(sharded_base(), LoRAPruneConfig(r=4, target_sparsity=0.5, structure="unstructured"))
+        out["shard_then_peft_unstructured"] = "no error"
     except ValueError as exc:
-        out["shard_then_peft"] = str(exc)
+        out["shard_then_peft_unstructured"] = str(exc)
+    model = get_peft_model(sharded_base(), LoRAPruneConfig(r=4, target_sparsity=0.5, exclude_layers=[0]))
+    try:
+        model.add_adapter("second", LoRAPruneConfig(r=4, target_sparsity=0.5, exclude_layers=[0]))
+        out["second_adapter"] = "no error"
+    except ValueError as exc:
+        out["second_adapter"] = str(exc)
+    out["second_adapter_rolled_back"] = list(model.peft_config) == ["default"] and not any(
+        "second" in n for n, _ in model.named_parameters()
+    )
     for name, cfg in (("unstructured", dict(structure="unstructured")), ("grad", dict(importance="grad"))):
         model = loraprune_model(**{**CFG, **cfg})
         shard(model)
@@ -145,6 +201,12 @@ def main(out: str) -> None:
     set_state_dict(second, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     second.base_model.pruner().load_state_dict(pruner_state[0])
     result["resumed"] = loop(second, opt, data, range(RESUME_AT, STEPS))
+
+    # the issue's order: fully_shard the base first, then get_peft_model; the same plain loop
+    issue = issue_order_model()
+    result["issue_layout"] = layout(issue)
+    result["issue_order"] = loop(issue, optimizer(issue), data, range(STEPS))
+    del issue
 
     result["refusals"] = refusals()
     result["full_many_equals_full_tensor"] = gather_check()
