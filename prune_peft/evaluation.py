@@ -10,7 +10,15 @@ from torch import nn
 from .data import texts_from
 from .sparsity import nm_violations, parse_pattern
 
-__all__ = ["LM_EVAL_MISSING", "lm_eval", "perplexity", "resolve_tasks", "sparsity_report", "tokenize_stream"]
+__all__ = [
+    "LM_EVAL_MISSING",
+    "lm_eval",
+    "perplexity",
+    "resolve_tasks",
+    "sparsity_by_type",
+    "sparsity_report",
+    "tokenize_stream",
+]
 
 
 def tokenize_stream(texts, tokenizer, max_tokens: int | None = None, text_column: str = "text") -> torch.Tensor:
@@ -176,6 +184,24 @@ def sparsity_report(
         per_module[name] = entry
         zeros += z
         numel += w.numel()
+    out = {
+        "sparsity": zeros / max(numel, 1),
+        "zeros": zeros,
+        "numel": numel,
+        "modules": per_module,
+        "by_type": sparsity_by_type(per_module),
+        "other": other,
+    }
+    for pat in parsed:
+        if pat is not None:
+            out[f"{pat}_valid_modules"] = sum(1 for e in per_module.values() if e[f"{pat}_violations"] == 0)
+    return out
+
+
+def sparsity_by_type(per_module: dict[str, dict]) -> dict[str, dict]:
+    """``sparsity_report``'s ``by_type``: per-module ``{"zeros", "numel"}`` entries summed per module type (the last
+    name component: ``q_proj``, ``down_proj`` …) into ``{"modules", "zeros", "numel", "sparsity"}``, in first-seen
+    order. Shared with the sharded export (``tuners._fsdp``), which counts modules while writing them."""
     by_type: dict[str, dict] = {}
     for name, entry in per_module.items():
         t = by_type.setdefault(name.rpartition(".")[2], {"modules": 0, "zeros": 0, "numel": 0})
@@ -184,18 +210,7 @@ def sparsity_report(
         t["numel"] += entry["numel"]
     for t in by_type.values():
         t["sparsity"] = t["zeros"] / max(t["numel"], 1)
-    out = {
-        "sparsity": zeros / max(numel, 1),
-        "zeros": zeros,
-        "numel": numel,
-        "modules": per_module,
-        "by_type": by_type,
-        "other": other,
-    }
-    for pat in parsed:
-        if pat is not None:
-            out[f"{pat}_valid_modules"] = sum(1 for e in per_module.values() if e[f"{pat}_violations"] == 0)
-    return out
+    return by_type
 
 
 # ------------------------------------------------------------------------------------------ lm-evaluation-harness

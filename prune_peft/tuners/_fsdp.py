@@ -43,7 +43,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .._dist import full, is_sharded, local_rows, refuse_sharded_bnb, sharding_kind, world_size
+from .._dist import full, is_sharded, local_rows, refuse_sharded_bnb, sharding_kind, unsupported_shard, world_size
+from ..evaluation import sparsity_by_type
 
 __all__ = [
     "check_base_for_adapters",
@@ -219,27 +220,22 @@ def check_base_for_adapters(model: nn.Module, method: str, loading: bool = False
             f"{method}: the model's parameters are already sharded (fsdp2) and it already holds adapter layers (e.g. "
             f"{present}): a second adapter cannot be added to layers FSDP2 already manages; {_ORDER}"
         )
-    ws = world_size()
-    for name, p in model.named_parameters():
-        if not is_sharded(p):
-            continue
-        mesh = p.device_mesh
-        if mesh.ndim != 1 or mesh.size() != ws:
+    issue = unsupported_shard(model, mesh_names=True)
+    if issue is not None:
+        name, mesh = issue.name, issue.mesh
+        if issue.kind == "mesh":
             raise ValueError(
                 f"{method}: the model's parameters are already sharded (fsdp2) and {name} lives on a {mesh.ndim}-D "
-                f"mesh of {mesh.size()} ranks (world size {ws}, e.g. HSDP): adapters are sharded beside a base only "
-                f"on a 1-D mesh over all ranks; {_ORDER}"
+                f"mesh of {mesh.size()} ranks (world size {world_size()}, e.g. HSDP): adapters are sharded beside a "
+                f"base only on a 1-D mesh over all ranks; {_ORDER}"
             )
-        if not set(mesh.mesh_dim_names or ()) <= {"fsdp"}:
+        if issue.kind == "mesh_names":
             raise ValueError(
                 f"{method}: the model's parameters are already sharded (fsdp2) and {name} lives on a mesh named "
                 f"{mesh.mesh_dim_names}: peft sizes adapters on a mesh with other dimension names to the local shard "
                 f"(tensor parallel); shard with an unnamed mesh (fully_shard's default) or one named 'fsdp'; {_ORDER}"
             )
-        try:
-            local_rows(p)
-        except ValueError as exc:
-            raise ValueError(f"{method}: {name} is {exc}; {_ORDER}") from None
+        raise ValueError(f"{method}: {name} is {issue.reason}; {_ORDER}")
     return kind
 
 
@@ -411,14 +407,6 @@ def _summary(stats: dict[str, tuple[int, int, int]], other: dict[str, dict]) -> 
         name: {"numel": n, "zeros": z, "sparsity": z / max(n, 1), "2:4_violations": v}
         for name, (n, z, v) in stats.items()
     }
-    by_type: dict[str, dict] = {}
-    for name, entry in per_module.items():
-        t = by_type.setdefault(name.rpartition(".")[2], {"modules": 0, "zeros": 0, "numel": 0})
-        t["modules"] += 1
-        t["zeros"] += entry["zeros"]
-        t["numel"] += entry["numel"]
-    for t in by_type.values():
-        t["sparsity"] = t["zeros"] / max(t["numel"], 1)
     zeros = sum(e["zeros"] for e in per_module.values())
     numel = sum(e["numel"] for e in per_module.values())
     return {
@@ -426,7 +414,7 @@ def _summary(stats: dict[str, tuple[int, int, int]], other: dict[str, dict]) -> 
         "zeros": zeros,
         "numel": numel,
         "modules": per_module,
-        "by_type": by_type,
+        "by_type": sparsity_by_type(per_module),
         "other": other,
         "2:4_valid_modules": sum(1 for e in per_module.values() if e["2:4_violations"] == 0),
     }
