@@ -8,10 +8,13 @@ weight). Nothing here imports prune_peft.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 
 __all__ = [
+    "ShardIssue",
     "all_gather_rows",
     "all_reduce_sum",
     "counts_once",
@@ -26,6 +29,7 @@ __all__ = [
     "rowwise",
     "sharding_kind",
     "sum_over_shards",
+    "unsupported_shard",
     "world_size",
 ]
 
@@ -160,6 +164,38 @@ def sharding_kind(model: nn.Module) -> str | None:
         is_sharded(p) for p in model.parameters()
     ):
         return "fsdp2"
+    return None
+
+
+class ShardIssue(NamedTuple):
+    """The first parameter whose sharding row-local code cannot serve (:func:`unsupported_shard`); the caller words
+    the error."""
+
+    name: str  # the parameter's name in the model
+    kind: str  # "mesh" (not 1-D over all ranks), "mesh_names" (not unnamed/"fsdp") or "placement" (not dim-0 shards)
+    mesh: Any  # the parameter's DeviceMesh
+    reason: str  # for "placement": local_rows' reason ("a tensor sharded as ..."); "" otherwise
+
+
+def unsupported_shard(model: nn.Module, *, mesh_names: bool = False) -> ShardIssue | None:
+    """The first DTensor parameter of ``model`` (in ``named_parameters`` order) that is not FSDP2's plain layout, or
+    None. Per parameter, in this order: its mesh must be 1-D over all ranks (a 2-D / HSDP mesh would count replicas
+    twice in sums over all ranks), its dimension unnamed or named ``"fsdp"`` when ``mesh_names`` (peft sizes adapters
+    on other named meshes to the local shard, as tensor parallel), and its placement dim-0 shards (:func:`local_rows`,
+    which both the row-local scores and the adapters' row split need)."""
+    ws = world_size()
+    for name, p in model.named_parameters():
+        if not is_sharded(p):
+            continue
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or mesh.size() != ws:
+            return ShardIssue(name, "mesh", mesh, "")
+        if mesh_names and not set(mesh.mesh_dim_names or ()) <= {"fsdp"}:
+            return ShardIssue(name, "mesh_names", mesh, "")
+        try:
+            local_rows(p)
+        except ValueError as exc:
+            return ShardIssue(name, "placement", mesh, str(exc))
     return None
 
 

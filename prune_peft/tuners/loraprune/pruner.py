@@ -136,21 +136,17 @@ def check_sharding(
             f"{owner}: importance='grad' under FSDP2 needs gradients of the frozen base weights, which FSDP2 does "
             f"not reduce; {SUPPORTED_SHARDING}."
         )
-    ws = _dist.world_size()
-    for name, p in model.named_parameters():
-        if not _dist.is_sharded(p):
-            continue
-        mesh = p.device_mesh
-        if mesh.ndim != 1 or mesh.size() != ws:
-            raise ValueError(
-                f"{owner}: {name} is sharded on a {mesh.ndim}-D mesh of {mesh.size()} ranks (world size {ws}, e.g. "
-                f"HSDP): the score vectors are reduced over all ranks, so replicas would be counted twice; "
-                f"{SUPPORTED_SHARDING}."
-            )
-        try:
-            _dist.local_rows(p)
-        except ValueError as exc:
-            raise ValueError(f"{owner}: {name} is {exc}; {SUPPORTED_SHARDING}.") from None
+    issue = _dist.unsupported_shard(model)  # the mesh, then the placement (local_rows), of every DTensor
+    if issue is None:
+        return
+    name, mesh = issue.name, issue.mesh
+    if issue.kind == "mesh":
+        raise ValueError(
+            f"{owner}: {name} is sharded on a {mesh.ndim}-D mesh of {mesh.size()} ranks (world size "
+            f"{_dist.world_size()}, e.g. HSDP): the score vectors are reduced over all ranks, so replicas would be "
+            f"counted twice; {SUPPORTED_SHARDING}."
+        )
+    raise ValueError(f"{owner}: {name} is {issue.reason}; {SUPPORTED_SHARDING}.")
 
 
 # ---------------------------------------------------------------------------------------------------- the pruner
