@@ -663,6 +663,9 @@ QUALITY_ARM_COLUMNS = {  # optional per-arm fields of quality.json → (column, 
 }
 
 
+DENSE_LABELS = {"qtuning": "base model (no fine-tuning)"}  # the ``dense`` record where it is not an unpruned model
+
+
 def _quality_arm_cell(r: dict) -> str:
     """Perplexity with its interval when the arm is an NLL (has ``ppl``), else the metric's mean and interval."""
     if "ppl" in r:
@@ -689,7 +692,8 @@ def quality_memory(m: dict) -> str:
 
 
 def quality_comparison(q: dict, name: str) -> str:
-    """One comparison of quality.json: its claim, arms (ppl or metric with 95 % interval) and paired verdicts."""
+    """One comparison of quality.json: its settings, arms (ppl or metric with 95 % interval), the paper's claim
+    quoted directly above the paired verdicts, and the comparison's own extra table (``QUALITY_EXTRAS``)."""
     c = (q.get("comparisons") or {}).get(name)
     if not c:
         return f"*{name}*: not measured yet — run `make bench`."
@@ -697,8 +701,7 @@ def quality_comparison(q: dict, name: str) -> str:
     windows = c.get("windows_are") or f"{s.get('eval_windows')} held-out windows of {s.get('eval_seqlen')} tokens"
     head = (
         f"**{name}** — {s.get('seeds')} seed(s) × {windows}; mean and 95 % interval by bootstrap over seeds × "
-        "windows. "
-        f"Metric: {c.get('metric', '')}. Paper's claim: {c['claim']}"
+        f"windows. Metric: {c.get('metric', '')}."
     )
     for key in ("task", "budget"):
         if c.get(key):
@@ -706,7 +709,8 @@ def quality_comparison(q: dict, name: str) -> str:
     d = c.get("dense")
     arms = c["arms"]
     extra = [k for k in QUALITY_ARM_COLUMNS if any(k in r for r in arms.values())]
-    rows = [["dense (unpruned)", _ci(d["ppl"], d["ppl_lo"], d["ppl_hi"]), "–"] + ["–"] * len(extra)] if d else []
+    label = DENSE_LABELS.get(name, "dense (unpruned)")
+    rows = [[label, _ci(d["ppl"], d["ppl_lo"], d["ppl_hi"]), "–"] + ["–"] * len(extra)] if d else []
     for arm, r in arms.items():
         cells = [QUALITY_ARM_COLUMNS[k][1](r[k]) if k in r else "–" for k in extra]
         rows.append([arm, _quality_arm_cell(r), f"{r['seeds']} × {r['windows']}", *cells])
@@ -718,11 +722,108 @@ def quality_comparison(q: dict, name: str) -> str:
     parts = [
         head,
         table(header, rows),
+        f"Verdicts (paired, method − baseline) against the paper's claim: *{c['claim']}*",
         table(["comparison (method − baseline)", "Δ of the metric [95 % CI]", "verdict"], verdicts),
     ]
     if c.get("memory"):
         parts.append(quality_memory(c["memory"]))
-    return "\n\n".join(parts)
+    if name in QUALITY_EXTRAS:
+        parts.append(QUALITY_EXTRAS[name](c))
+    return "\n\n".join(p for p in parts if p)
+
+
+# Q-Tuning's ablations as a decomposition of its gap to random selection: the differences of arm means add up
+# exactly (Q-Tuning − random = (sample-only − random) + (Q-Tuning − sample-only)); the paired interval is shown
+# where quality.json holds one for that contrast.
+QTUNING_CONTRASTS = (  # (what it isolates, method arm, baseline arm)
+    ("whole method at the same steps", "Q-Tuning 25%×50% keep high", "random 25% same steps"),
+    ("… of which sample selection (EU-plane triage vs random, all tokens)", "sample-only 25%×100%",
+     "random 25% same steps"),
+    ("… of which token pruning inside the selected samples", "Q-Tuning 25%×50% keep high", "sample-only 25%×100%"),
+    ("token pruning alone, all samples", "token-only 100%×50%", "full data"),
+    ("token direction: keep high (paper's reading) − keep low (slime's)", "Q-Tuning 25%×50% keep high",
+     "Q-Tuning 25%×50% keep low"),
+)  # fmt: skip
+
+
+def _paired_for(c: dict, method: str, baseline: str) -> dict | None:
+    """The paired comparison of quality.json whose arms are ``method`` and ``baseline``, matched by its key
+    ("<method> vs <baseline>", the arm names as quality.py abbreviates them)."""
+    short = {
+        "Q-Tuning 25%×50% keep high": "Q-Tuning (keep high)",
+        "Q-Tuning 25%×50% keep low": "Q-Tuning keep low",
+        "sample-only 25%×100%": "sample-only",
+        "token-only 100%×50%": "token-only",
+    }
+    return c["comparisons"].get(f"{short.get(method, method)} vs {baseline}")
+
+
+def qtuning_attribution(c: dict) -> str:
+    """Which part of Q-Tuning makes its difference: the contrasts of ``QTUNING_CONTRASTS`` from the arm means, with
+    the paired interval and verdict where the results file has that pair."""
+    arms = c["arms"]
+    rows = []
+    for what, m, b in QTUNING_CONTRASTS:
+        if m not in arms or b not in arms:
+            continue
+        p = _paired_for(c, m, b)
+        delta = arms[m]["mean"] - arms[b]["mean"]
+        rows.append([what, f"{m} − {b}", f"{delta:+.4f}",
+                     _ci(p["mean"], p["lo"], p["hi"], 4, signed=True) if p else "– (no paired interval recorded)",
+                     p["verdict"] if p else "–"])  # fmt: skip
+    if not rows:
+        return ""
+    return (
+        "Attribution (differences of the arm means above, held-out response NLL; negative = the first arm is "
+        'better; the two "of which" rows add up to the first):\n\n'
+        + table(["effect", "arms (first − second)", "Δ mean NLL", "paired Δ [95 % CI]", "verdict"], rows)
+    )
+
+
+ISSUE_ONESHOT_GRID = ((32, 512), (128, 512), (32, 2048), (128, 2048))  # issue #18 item 6: nsamples × seqlen
+
+
+def _grid(points) -> str:
+    return ", ".join(f"{n} × {L}" for n, L in points)
+
+
+def oneshot_grid_note(c: dict) -> str:
+    """The calibration grid this run covers (from its settings), the points of the issue's grid it leaves out and
+    their size relative to the largest point run, this comparison's measured minutes, and the command for the rest."""
+    st = c.get("settings", {})
+    grid = [tuple(g) for g in st.get("oneshot_grid", [])]
+    if not grid:
+        return ""
+    missing_pts = [g for g in ISSUE_ONESHOT_GRID if g not in grid]
+    issue = "the issue's grid (32, 128 samples × 512, 2048 tokens)"
+    text = (
+        f"Calibration grid of this run (nsamples × seqlen, from its settings): {_grid(grid)}, i.e. "
+        f"{', '.join(f'{n * L:,}' for n, L in grid)} calibration tokens per prune; the library's default is 128 × 512."
+    )
+    if not missing_pts:
+        return text + f" It covers {issue}."
+    big = max(grid, key=lambda g: g[0] * g[1])
+    ratios = ", ".join(f"{n * L / (big[0] * big[1]):g}×" for n, L in missing_pts)
+    minutes = f" This comparison took {c['minutes']:.0f} min on the run's machine" if "minutes" in c else ""
+    text += (
+        f" **Not run**: {_grid(missing_pts)} of {issue}, for their cost on 2 CPU cores: they are {ratios} the "
+        f"calibration tokens of the largest point run ({big[0]} × {big[1]}), and every Wanda/SparseGPT prune passes "
+        "all of them through every block (at least linear in tokens; attention grows faster with seqlen), for "
+        f"{len(missing_pts)} more points × 4 method/pattern arms × {st.get('seeds')} seed(s).{minutes} "
+        "(`python benchmarks/quality.py --help` prints the script's estimate for the larger points)."
+    )
+    full = ",".join(f"{n}x{L}" for n, L in ISSUE_ONESHOT_GRID)
+    return (
+        text
+        + " The full grid (the other comparisons already in the results file are kept):\n\n"
+        + f"```bash\npython benchmarks/quality.py --only oneshot --oneshot-grid {full}\n```"
+    )
+
+
+QUALITY_EXTRAS: dict[str, Callable[[dict], str]] = {
+    "qtuning": qtuning_attribution,
+    "oneshot": oneshot_grid_note,
+}
 
 
 def quality_section(section: str) -> Callable[[Results], str]:
