@@ -5,18 +5,15 @@ same functions in this process on the whole batches. The Trainer itself cannot r
 MULTI_CPU on DDP; docs/distributed.md), so the worker drives the public methods the Trainer/callbacks call.
 """
 
-import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from ddp_testlib import run_two_ranks
+from ddp_testlib import load_worker, max_abs_diff, one_rank_fixture, two_rank_results  # noqa: F401 (a fixture)
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
-sys.path.insert(0, str(WORKER.parent))
-import fsdp2_worker  # noqa: E402
+fsdp2_worker = load_worker(WORKER, "fsdp2_worker")
 
 pytestmark = pytest.mark.distributed
 
@@ -25,16 +22,10 @@ pytestmark = pytest.mark.distributed
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     fsdp2_worker.tiny_causal_lm(seed=0, num_hidden_layers=2).save_pretrained(out / "tiny")  # the QLoRA scenario's base
-    run_two_ranks(WORKER, out, timeout=300)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = two_rank_results(WORKER, out, timeout=300)
     tensors = torch.load(out / "rank0_tensors.pt")
     ref, ref_tensors = fsdp2_worker.run(str(tmp_path_factory.mktemp("one_process")))
     return ranks, tensors, ref, ref_tensors
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def test_sste_beta_masks_and_flips_match_one_process(runs):
@@ -54,7 +45,7 @@ def test_sste_beta_masks_and_flips_match_one_process(runs):
         assert (a["loss"] + b["loss"]) / 2 == pytest.approx(r["loss"], rel=1e-5)
         assert a["flips"] == b["flips"] == r["flips"] > 0 and a["positions"] == r["positions"]
     # weights after 4 AdamW steps: equal up to the rounding of the gradient reduce-scatter (AdamW amplifies it)
-    assert _max_diff(t["sste_weights"], ref_t["sste_weights"]) < 1e-4
+    assert max_abs_diff(t["sste_weights"], ref_t["sste_weights"]) < 1e-4
     for name, w in t["sste_weights"].items():
         if name.endswith("proj.weight"):
             assert torch.equal(fsdp2_worker.topk24_mask(w), fsdp2_worker.topk24_mask(ref_t["sste_weights"][name])), (
@@ -72,7 +63,7 @@ def test_sste_finalize_on_shards_bakes_24_in_place(runs):
     for name, w in t["sste_final"].items():
         if name.endswith("proj.weight"):
             assert is_nm_sparse(w, 2, 4), name
-    assert _max_diff(t["sste_final"], ref_t["sste_final"]) < 1e-4
+    assert max_abs_diff(t["sste_final"], ref_t["sste_final"]) < 1e-4
 
 
 def test_sste_resume_from_sharded_checkpoint_equals_uninterrupted(runs):
@@ -106,7 +97,7 @@ def test_qtuning_thresholds_agree_across_ranks_and_with_one_process(runs, mode):
     (l0, l1, lr) = (r0[key]["losses"], r1[key]["losses"], ref[key]["losses"])
     for a, b, r in zip(l0, l1, lr):
         assert (a + b) / 2 == pytest.approx(r, rel=1e-5)
-    assert _max_diff(t[f"{key}_weights"], ref_t[f"{key}_weights"]) < 1e-4
+    assert max_abs_diff(t[f"{key}_weights"], ref_t[f"{key}_weights"]) < 1e-4
 
 
 def test_qtuning_resume_from_sharded_checkpoint_equals_uninterrupted(runs):
@@ -163,18 +154,6 @@ def test_trainer_cannot_run_fsdp2_on_cpu(runs):
         assert t["parameter_types"] == ["Tensor"]
         # a model sharded by hand first: DDP's initial broadcast meets DTensors
         assert "mixed torch.Tensor and DTensor" in t["presharded_error"]
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A 1-process gloo group: DTensor layouts can be built without a launch."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sste_on_dtensors_needs_row_shards(one_rank):

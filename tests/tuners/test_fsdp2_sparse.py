@@ -19,7 +19,7 @@ from prune_peft import PruneCallback
 from prune_peft.tuners._fsdp import check_sharded_layout
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "callbacks"))
-from ddp_testlib import run_two_ranks
+from ddp_testlib import one_rank_fixture, two_rank_results  # noqa: F401 (a fixture)
 
 WORKER = Path(__file__).with_name("fsdp2_sparse_worker.py")
 KINDS = ("sparse_lora", "spp")
@@ -28,8 +28,7 @@ KINDS = ("sparse_lora", "spp")
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_sparse")
-    run_two_ranks(WORKER, out, timeout=600)
-    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return out, two_rank_results(WORKER, out, timeout=600)
 
 
 @pytest.mark.distributed
@@ -146,18 +145,6 @@ def test_unsharded_model_passes_the_layout_check(pruned):
     cb.on_train_begin(None, SimpleNamespace(max_steps=4, global_step=0), None, model=model)
     assert [d.key for d in cb.drivers] == ["sparse-adapter:default"]
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A 1-process gloo group: FSDP2 layouts can be built (and refused) without a launch."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_layouts_the_adapters_cannot_serve_are_refused(pruned, one_rank):

@@ -6,7 +6,6 @@ issue's order, fully_shard first, then get_peft_model), trains with
 throughout: each rank scores its rows, gathers only A and ∂L/∂A, and one all-reduce per step sums the score vectors.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,12 +14,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "callbacks"))
-from ddp_testlib import run_two_ranks  # noqa: E402
+from ddp_testlib import load_worker, two_rank_results  # noqa: E402
 
-# loaded by path under its own name: tests/callbacks has another fsdp2_worker.py
-_spec = importlib.util.spec_from_file_location("loraprune_fsdp2_worker", HERE / "fsdp2_worker.py")
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+worker = load_worker(HERE / "fsdp2_worker.py", "loraprune_fsdp2_worker")
 
 # gradients are averaged by FSDP2's reduce-scatter and column scores summed over ranks, so the importance and the
 # adapter weights equal the single-process values to float32 rounding of those reductions; the masks exactly
@@ -30,9 +26,9 @@ ADAPTER_ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp2")
-    run_two_ranks(HERE / "fsdp2_worker.py", out, timeout=240)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return two_rank_results(
+        HERE / "fsdp2_worker.py", tmp_path_factory.mktemp("fsdp2"), timeout=240, name="rank{rank}.pt"
+    )
 
 
 @pytest.fixture(scope="module")
