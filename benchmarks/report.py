@@ -815,8 +815,8 @@ def oneshot_grid_note(c: dict) -> str:
     full = ",".join(f"{n}x{L}" for n, L in ISSUE_ONESHOT_GRID)
     return (
         text
-        + " The full grid (the other comparisons already in the results file are kept):\n\n"
-        + f"```bash\npython benchmarks/quality.py --only oneshot --oneshot-grid {full}\n```"
+        + f" The full grid: `python benchmarks/quality.py --only oneshot --oneshot-grid {full}` (the other comparisons "
+        "already in the results file are kept)."
     )
 
 
