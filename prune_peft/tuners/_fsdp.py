@@ -195,7 +195,8 @@ def check_base_for_adapters(model: nn.Module, method: str, loading: bool = False
     FSDP2 units or inside one, a new unit cannot be added around them), and parameters that are not dim-0 shards on
     one 1-D mesh over all ranks (HSDP / 2-D meshes, tensor parallel: the adapters' units would not line up) whose
     dimension is unnamed or named ``"fsdp"`` (peft sizes the adapters of a weight on any other named mesh to its local
-    shard, reading it as tensor parallel).
+    shard, reading it as tensor parallel). Accepted after the sharded model ran forwards (with or without backward):
+    its units are resharded first, and the adapter units then initialise at their own first forward.
     """
     kind = sharding_kind(model)
     if kind is None:
@@ -220,6 +221,9 @@ def check_base_for_adapters(model: nn.Module, method: str, loading: bool = False
             f"{method}: the model's parameters are already sharded (fsdp2) and it already holds adapter layers (e.g. "
             f"{present}): a second adapter cannot be added to layers FSDP2 already manages; {_ORDER}"
         )
+    # after a forward without backward the root holds its parameters gathered (plain tensors): peft would freeze those
+    # copies while the shards FSDP2 puts back stayed trainable, and the layout check below would skip them
+    reshard_all(model)
     issue = unsupported_shard(model, mesh_names=True)
     if issue is not None:
         name, mesh = issue.name, issue.mesh

@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 from ...sparsity.masks import parse_pattern
 from ...sparsity.schedules import PRUNE_SCHEDULES, SCHEDULE_KEYS, check_schedule_values
-from .._registry import ensure_peft_type, strip_retype_guard, with_retype_guard
+from .._registry import ensure_peft_type, is_retype_guard, strip_retype_guard, with_retype_guard
 
 __all__ = ["IMPORTANCE", "SCHEDULES", "STRUCTURED", "LoRAPruneConfig"]
 
@@ -131,6 +131,9 @@ class LoRAPruneConfig(LoraConfig):
         write_adapter_card(save_directory, self)
 
     def __post_init__(self) -> None:
+        # read from a saved adapter_config.json (to_dict wrote the marker): a sharded base refuses it even when
+        # is_trainable=True leaves inference_mode False (model._check_sharded_base)
+        self._pp_saved = is_retype_guard(getattr(self, "target_parameters", None))
         strip_retype_guard(self)  # the marker to_dict writes: no parameter targets (before LoraConfig's checks)
         super().__post_init__()
         self.peft_type = ensure_peft_type("LORAPRUNE")

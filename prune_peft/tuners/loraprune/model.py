@@ -72,9 +72,11 @@ def _check_sharded_base(model: nn.Module, config) -> str | None:
     """``"fsdp2"`` when get_peft_model was given a model FSDP2 already sharded in a layout the adapter can be sharded
     beside (``_fsdp.shard_new_adapters`` runs after the injection), None when unsharded; ValueError otherwise (FSDP1,
     ZeRO-3, 2-D meshes, a second adapter, a saved adapter loaded into shards: ``inference_mode=True``, which
-    ``PeftModel.from_pretrained`` sets unless ``is_trainable=True``). A structured config is also required: element
-    masks need a global top-k over whole matrices (:func:`~.pruner.check_sharding` says the same at prepare_pruning)."""
-    kind = check_base_for_adapters(model, "loraprune", loading=bool(getattr(config, "inference_mode", False)))
+    ``PeftModel.from_pretrained`` sets unless ``is_trainable=True``, or a config read from a saved folder). A structured
+    config is also required: element masks need a global top-k over whole matrices (:func:`~.pruner.check_sharding`
+    says the same at prepare_pruning)."""
+    loading = bool(getattr(config, "inference_mode", False) or getattr(config, "_pp_saved", False))
+    kind = check_base_for_adapters(model, "loraprune", loading=loading)
     if kind is not None and not config.structured:
         check_sharding(model, config.structured)  # raises: element-wise masks under FSDP2
     return kind
