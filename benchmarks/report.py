@@ -176,7 +176,7 @@ def readme_benchmarks(res: Results) -> str:
         q = lp["quality"]
         rows.append(["" if lp and "cost" in lp else "LoRAPrune",
                      f"held-out ppl after {q['settings']['quality_steps']} steps (dense {q['dense_ppl']:.1f}): "
-                     "LoRAPrune vs one-shot structured magnitude + LoRA",
+                     "LoRAPrune vs one-shot structured magnitude + LoRA (one run; seeded: docs/loraprune.md)",
                      f"20 %: {q['loraprune@20%']['ppl']:.1f} vs {q['magnitude+lora@20%']['ppl']:.1f}; "
                      f"50 %: {q['loraprune@50%']['ppl']:.1f} vs {q['magnitude+lora@50%']['ppl']:.1f}", "report", ""])  # fmt: skip
     if not lp:
@@ -193,7 +193,8 @@ def readme_benchmarks(res: Results) -> str:
         rows.append(["", "alternative: one full epoch each (a single pair)", x(qt["ratios_vs_full"]["qtuning_wall"]),
                      "–", ""])  # fmt: skip
         r = qt["runs"]
-        rows.append(["", "held-out loss: base / full / Q-Tuning 25 % × 50 % / random 25 % same steps / random 12.5 %",
+        rows.append(["", "held-out loss: base / full / Q-Tuning 25 % × 50 % / random 25 % same steps / random "
+                     "12.5 % (one run; seeded: docs/qtuning.md)",
                      f"{qt['heldout_loss_base']:.2f} / {r['full']['heldout_loss']:.2f} / "
                      f"{r['qtuning_25x50']['heldout_loss']:.2f} / {r['random_25%_same_steps']['heldout_loss']:.2f} / "
                      f"{r['random_12.5%']['heldout_loss']:.2f}", "report", ""])  # fmt: skip
@@ -210,7 +211,7 @@ def readme_benchmarks(res: Results) -> str:
                      f"prefill {x(tp['prefill_speedup_cpu_time'])})", _distill_goal(tp), run_note(d)])  # fmt: skip
         q = d["quality"]
         rows.append(["", f"{q['layer_drop']['n']} of {q['layer_drop']['num_blocks_before']} blocks dropped, accuracy "
-                     "after equal LoRA steps: original vs distilled data",
+                     "after equal LoRA steps: original vs distilled data (one run; seeded: docs/distill.md)",
                      f"{q['sft_original']['accuracy']:.1%} vs {q['sft_distilled']['accuracy']:.1%} "
                      f"({q['sft_original']['n']} problems)", "report", ""])  # fmt: skip
     else:
