@@ -20,9 +20,13 @@ PHASES = ["dir-filled", "dir-old-aside", "dir-new-in"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
+
+
 def run_killed(code: str, phase: str) -> None:
-    env = {**os.environ, FAULT_ENV: phase, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
+    proc = _python(code, **{FAULT_ENV: phase})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
@@ -36,6 +40,12 @@ def settle(out: Path) -> None:
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "hidden leftovers"
 
 
+def run_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter with no fault injected; it must succeed."""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def check_old_or_new(out: Path, old: dict, new_check) -> str:
     settle(out)
     now = tree(out)
@@ -45,27 +55,23 @@ def check_old_or_new(out: Path, old: dict, new_check) -> str:
     return "new"
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_atomic_dir_overwrite_killed(tmp_path, phase):
-    out = tmp_path / "out"
+def overwrite_killed(out: Path, old_files: dict[str, str], code: str, phase: str, is_new) -> None:
+    """``code`` overwrites ``out`` (pre-filled with ``old_files``) and is SIGKILLed at ``phase``: after the next run's
+    cleanup ``out`` is the complete old output (killed before the swap) or passes ``is_new`` (killed after it)."""
     out.mkdir()
-    (out / "a.txt").write_text("old-a")
-    (out / "b.txt").write_text("old-b")
+    for name, text in old_files.items():
+        (out / name).write_text(text)
     old = tree(out)
-    run_killed(
-        f"""
-        from prune_peft._io import atomic_dir
-        with atomic_dir({str(out)!r}, overwrite=True) as tmp:
-            (tmp / "a.txt").write_text("new-a"); (tmp / "c.txt").write_text("new-c")
-        """,
-        phase,
-    )
-
-    def is_new(o):
-        assert tree(o) == {"a.txt": b"new-a", "c.txt": b"new-c"}
-
+    run_killed(code, phase)
     state = check_old_or_new(out, old, is_new)
     assert state == ("new" if phase == "dir-new-in" else "old")
+
+
+ATOMIC_DIR = """
+from prune_peft._io import atomic_dir
+with atomic_dir({out!r}, overwrite=True) as tmp:
+    (tmp / "a.txt").write_text("new-a"); (tmp / "c.txt").write_text("new-c")
+"""
 
 
 def test_atomic_dir_first_write_killed(tmp_path):
@@ -109,21 +115,6 @@ export(pm, {out!r}, overwrite=True)
 """
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_export_overwrite_killed(tmp_path, phase):
-    out = tmp_path / "export"
-    out.mkdir()
-    (out / "config.json").write_text('{"old": true}')
-    old = tree(out)
-    run_killed(EXPORT.format(out=str(out)), phase)
-
-    def is_new(o):
-        assert (o / "config.json").exists() and any(p.suffix == ".safetensors" for p in o.iterdir())
-
-    state = check_old_or_new(out, old, is_new)
-    assert state == ("new" if phase == "dir-new-in" else "old")
-
-
 CLI_PRUNE = """
 import sys
 from prune_peft.cli import main
@@ -142,19 +133,45 @@ def tiny_folder(tmp_path_factory):
     return d
 
 
+SAVE_COMPACTED = """
+from prune_peft import save_compacted
+from prune_peft.testing import tiny_causal_lm
+save_compacted(tiny_causal_lm(num_hidden_layers=1), {out!r}, overwrite=True)
+"""
+
+
+def _new_atomic_dir(o: Path) -> None:
+    assert tree(o) == {"a.txt": b"new-a", "c.txt": b"new-c"}
+
+
+def _new_export(o: Path) -> None:
+    assert (o / "config.json").exists() and any(p.suffix == ".safetensors" for p in o.iterdir())
+
+
+def _new_cli_prune(o: Path) -> None:
+    assert (o / "prune_report.json").exists() and (o / "config.json").exists()
+
+
+def _new_save_compacted(o: Path) -> None:
+    assert (o / "config.json").exists() and (o / "model.safetensors").exists()
+
+
+# writer -> (output folder, its old files, the overwriting script, the check of a complete new output)
+OVERWRITES = {
+    "atomic_dir": ("out", {"a.txt": "old-a", "b.txt": "old-b"}, ATOMIC_DIR, _new_atomic_dir),
+    "export": ("export", {"config.json": '{"old": true}'}, EXPORT, _new_export),
+    "cli_prune": ("pruned", {"prune_report.json": '{"old": true}'}, CLI_PRUNE, _new_cli_prune),
+    "save_compacted": ("compacted", {"config.json": '{"old": true}'}, SAVE_COMPACTED, _new_save_compacted),
+}
+
+
 @pytest.mark.parametrize("phase", PHASES)
-def test_cli_prune_overwrite_killed(tmp_path, tiny_folder, phase):
-    out = tmp_path / "pruned"
-    out.mkdir()
-    (out / "prune_report.json").write_text('{"old": true}')
-    old = tree(out)
-    run_killed(CLI_PRUNE.format(model=str(tiny_folder), out=str(out)), phase)
-
-    def is_new(o):
-        assert (o / "prune_report.json").exists() and (o / "config.json").exists()
-
-    state = check_old_or_new(out, old, is_new)
-    assert state == ("new" if phase == "dir-new-in" else "old")
+@pytest.mark.parametrize("writer", list(OVERWRITES))
+def test_overwrite_killed_leaves_old_or_new(request, tmp_path, writer, phase):
+    folder, old_files, script, is_new = OVERWRITES[writer]
+    out = tmp_path / folder
+    model = str(request.getfixturevalue("tiny_folder")) if writer == "cli_prune" else None  # only the CLI loads one
+    overwrite_killed(out, old_files, script.format(out=str(out), model=model), phase, is_new)
 
 
 def test_export_read_only_target_refused_before_work(fresh):
@@ -190,31 +207,35 @@ class _State:
         self.stateful_callbacks = {"PruneCallback": cb_state} if cb_state else {}
 
 
+class _Driver:
+    """A PruneCallback driver with one tensor (``imp``) in the side file; ``loaded`` is set only by a restore."""
+
+    key = "d"
+
+    def tensors(self):
+        import torch
+
+        return {"imp": torch.arange(6.0)}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, s):
+        pass
+
+    def load_tensors(self, t):
+        self.loaded = t
+
+
 @pytest.mark.parametrize("damage", ["tampered", "truncated", "missing"])
 def test_resume_side_file_damage_refused(tmp_path, damage):
     """A checkpoint whose side file is damaged or missing is refused at on_train_begin, before any step."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from prune_peft.callbacks.prune import SIDE_FILE, PruneCallback
 
-    class Driver:
-        key = "d"
-
-        def tensors(self):
-            return {"imp": torch.arange(6.0)}
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, s):
-            pass
-
-        def load_tensors(self, t):
-            self.loaded = t
-
     cb = PruneCallback()
-    cb.drivers = [Driver()]
+    cb.drivers = [_Driver()]
     ckpt = tmp_path / "checkpoint-3"
     ckpt.mkdir()
     cb._args, cb._state = _Args(tmp_path), _State(3)
@@ -230,32 +251,10 @@ def test_resume_side_file_damage_refused(tmp_path, damage):
     else:
         side.unlink()
     cb2 = PruneCallback()
-    cb2.drivers = [Driver()]
+    cb2.drivers = [_Driver()]
     with pytest.raises((ValueError, FileNotFoundError), match=SIDE_FILE):
         cb2._restore(_Args(tmp_path), _State(3, saved))
     assert not hasattr(cb2.drivers[0], "loaded")
-
-
-SAVE_COMPACTED = """
-from prune_peft import save_compacted
-from prune_peft.testing import tiny_causal_lm
-save_compacted(tiny_causal_lm(num_hidden_layers=1), {out!r}, overwrite=True)
-"""
-
-
-@pytest.mark.parametrize("phase", PHASES)
-def test_save_compacted_overwrite_killed(tmp_path, phase):
-    out = tmp_path / "compacted"
-    out.mkdir()
-    (out / "config.json").write_text('{"old": true}')
-    old = tree(out)
-    run_killed(SAVE_COMPACTED.format(out=str(out)), phase)
-
-    def is_new(o):
-        assert (o / "config.json").exists() and (o / "model.safetensors").exists()
-
-    state = check_old_or_new(out, old, is_new)
-    assert state == ("new" if phase == "dir-new-in" else "old")
 
 
 def test_save_compacted_refuses_a_non_empty_folder_before_work(tmp_path):
@@ -323,14 +322,7 @@ def _distill_rows(path: Path) -> list:
 def distilled_ref(tiny_folder, tmp_path_factory):
     """An uninterrupted run: what every killed-then-rerun distill must end with."""
     d = tmp_path_factory.mktemp("distill-ref")
-    code = CLI_DISTILL.format(model=str(tiny_folder), out=str(d / "out"), cache=str(d / "cache"))
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_ok(CLI_DISTILL.format(model=str(tiny_folder), out=str(d / "out"), cache=str(d / "cache")))
     return _distill_rows(d / "out")
 
 
@@ -339,24 +331,13 @@ def test_cli_distill_overwrite_killed(tmp_path, tiny_folder, distilled_ref, phas
     """SIGKILL in distill's first atomic write (a cache shard, or the --out swap when the shard has no old copy):
     --out is the old or the complete new dataset, and the rerun resumes from the cache to the uninterrupted result."""
     out, cache = tmp_path / "distilled", tmp_path / "cache"
-    out.mkdir()
-    (out / "distill_stats.json").write_text('{"old": true}')
-    old = tree(out)
     code = CLI_DISTILL.format(model=str(tiny_folder), out=str(out), cache=str(cache))
-    run_killed(code, phase)
 
     def is_new(o):
         assert _distill_rows(o) == distilled_ref
 
-    state = check_old_or_new(out, old, is_new)
-    assert state == ("new" if phase == "dir-new-in" else "old")
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    overwrite_killed(out, {"distill_stats.json": '{"old": true}'}, code, phase, is_new)
+    run_ok(code)
     assert _distill_rows(out) == distilled_ref
     shards = cache / "shards"
     assert not [p.name for p in shards.iterdir() if p.name.startswith(".")], "temp shards of the killed run left"
@@ -395,7 +376,6 @@ cb.state()
 def test_resume_side_file_write_killed(tmp_path):
     """SIGKILL while the side file is written (before trainer_state.json would make the checkpoint resumable): no
     partial side file; the temp file is cleaned by the next write; resuming that checkpoint is refused, naming it."""
-    import torch
 
     from prune_peft.callbacks.prune import SIDE_FILE, PruneCallback
 
@@ -405,25 +385,9 @@ def test_resume_side_file_write_killed(tmp_path):
     assert not (ckpt / SIDE_FILE).exists()
     leftovers = [p.name for p in ckpt.iterdir()]
     assert leftovers and all(n.startswith(f".{SIDE_FILE}.") for n in leftovers)  # the dead writer's temp only
-
-    class Driver:
-        key = "d"
-
-        def tensors(self):
-            return {"imp": torch.arange(6.0)}
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, s):
-            pass
-
-        def load_tensors(self, t):
-            self.loaded = t
-
     claimed = {"drivers": {"d": {}}, "side_file": True, "side_sha256": "0" * 64}
     cb = PruneCallback()
-    cb.drivers = [Driver()]
+    cb.drivers = [_Driver()]
     with pytest.raises(FileNotFoundError, match=SIDE_FILE):
         cb._restore(_Args(tmp_path), _State(3, {"attributes": {"saved": claimed}}))
     assert not hasattr(cb.drivers[0], "loaded")
