@@ -104,15 +104,16 @@ def _split_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, bi
 
 
 def _grad_x(g2: torch.Tensor, mats: list[torch.Tensor], x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    # ``∂L/∂x = G Σ mats`` (G: tokens × d_out) in ``dt``; two mats as one GEMM with ``[W | ΔW]``, halves added in
-    # fp32; back in x's shape and dtype
+    # ``∂L/∂x = G Σ mats`` (G: tokens × d_out) in ``dt``; two mats: ``G W`` and ``G ΔW`` (each rounded to ``dt`` by its
+    # GEMM), added in fp32, back in x's shape and dtype. When x is in ``dt`` the sum is one in-place ``dt`` add, which
+    # CPU/CUDA compute in fp32 and round once: the same bits as the fp32 sum cast to ``dt``, without two fp32
+    # tokens × d_in temporaries or a ``[W | ΔW]`` copy (measured ~0.16 s of a bf16 SparseLoRA step on one CPU thread,
+    # h5 notes). ``G [W | ΔW]`` as one GEMM gives the same two halves bit for bit; it is only slower here.
     gd = g2.to(dt)
-    if len(mats) == 1:
-        out = gd @ mats[0].to(dt)
-    else:
-        both = gd @ _pair(mats[0], mats[1], dt)
-        w = mats[0].shape[1]
-        out = both[:, :w].float() + both[:, w:].float()
+    out = gd @ mats[0].to(dt)
+    if len(mats) == 2:
+        second = gd @ mats[1].to(dt)
+        out = out.add_(second) if x.dtype == dt else out.float().add_(second)
     return out.reshape(x.shape).to(x.dtype)
 
 

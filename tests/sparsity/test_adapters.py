@@ -190,3 +190,42 @@ def test_spp_update_is_zero_where_the_base_is_zero(tensors):
     oracle = 0.7 * (t["W_row"].detach().repeat_interleave(3, 0) * t["w_col"].detach()) * t["W"]
     torch.testing.assert_close(delta, oracle)
     assert spp_blocks(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)] and bounds[-1] == (9, 12)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["sparse_lora", "spp"])
+def test_half_precision_grad_x_is_the_sum_of_the_two_rounded_products(method, dtype, autocast):
+    """Split mode: ``∂L/∂x = G W + G ΔW`` with each product rounded to the compute dtype by its GEMM and the two
+    summed in fp32 (rounded once more only when x itself is in half precision); close to the fp32 oracle."""
+    g = torch.Generator().manual_seed(2)
+    d_out, d_in, s = 48, 40, 0.7
+    mask = torch.rand(d_out, d_in, generator=g) > 0.5
+    W = (torch.randn(d_out, d_in, generator=g) * mask).to(dtype)
+    A = torch.randn(4, d_in, generator=g).requires_grad_()
+    B = torch.randn(d_out, 4, generator=g).requires_grad_()
+    W_row = torch.randn(4, d_in, generator=g).requires_grad_()
+    w_col = torch.randn(d_out, 1, generator=g).requires_grad_()
+    x = torch.randn(2, 16, d_in, generator=g)
+    x = (x if autocast else x.to(dtype)).requires_grad_()
+    G = torch.randn(2, 16, d_out, generator=g).to(torch.float32 if autocast else dtype)
+    rb = torch.arange(d_out) // (d_out // 4)
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        if method == "sparse_lora":
+            y = masked_lora(x, lambda: W, None, A, B, pack_mask(mask), d_in, s)
+        else:
+            y = spp(x, lambda: W, None, W_row, w_col, rb, s)
+    (grad_x,) = torch.autograd.grad(y, x, G)
+    with torch.no_grad():  # the update in fp32, then rounded to the compute dtype relative to itself
+        if method == "sparse_lora":
+            delta = ((B * s) @ A * mask).to(dtype)  # ΔW = M ⊙ s·B A
+        else:
+            delta = (W_row.repeat_interleave(d_out // 4, 0) * (w_col * s) * W.float()).to(dtype)  # S ⊙ W
+    g2 = G.reshape(-1, d_out).to(dtype)
+    summed = (g2 @ W).float() + (g2 @ delta).float()
+    want = summed if autocast else summed.to(dtype)
+    assert grad_x.dtype == x.dtype
+    assert torch.equal(grad_x.reshape(-1, d_in), want)
+    oracle = g2.float() @ (W.float() + delta.float())
+    bound = 2 * torch.finfo(dtype).eps * (g2.float().abs() @ (W.float().abs() + delta.float().abs()))  # 3 roundings
+    assert bool(((grad_x.reshape(-1, d_in).float() - oracle).abs() <= bound).all())
