@@ -100,6 +100,9 @@ def gathered_by_outer_unit(module: nn.Module) -> bool:
     :func:`reshard_all` on the tuner's model, a plain parameter therefore means a unit above the tuner (the
     ``PeftModel`` root) is gathered: the tuner cannot reshard it (no reference to it) and refuses to merge.
     """
+    # private torch attribute (set by fully_shard on every managed module, for dynamo, in torch 2.13): FSDP2 has no
+    # public "is this module managed" query. Renamed, it would read False everywhere and a merge into a gathered copy
+    # would be lost silently; tests/tuners/test_fsdp_edges.py asserts it on the installed torch, so that test fails.
     if not getattr(module, "_is_fsdp_managed_module", False):
         return False
     return any(not is_sharded(p) for p in module.parameters(recurse=False))
