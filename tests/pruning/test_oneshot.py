@@ -32,6 +32,38 @@ def _wanda_oracle(weight, X, sparsity=None, nm=None):
     return weight * keep
 
 
+def _linear_inputs(model, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Each linear's inputs over a full-model forward of CALIB (batches of 4), as (tokens, d_in) rows."""
+    inputs = {n: [] for n in linears}
+    hs = [
+        m.register_forward_hook(lambda _m, i, _o, xs=inputs[n]: xs.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+        for n, m in linears.items()
+    ]
+    with torch.no_grad():
+        for i in range(0, CALIB.shape[0], 4):
+            model(input_ids=CALIB[i : i + 4], use_cache=False)
+    for h in hs:
+        h.remove()
+    return {n: torch.cat(xs) for n, xs in inputs.items()}
+
+
+def _assert_matches_reference(model, ref, method: str, masks: bool = False) -> None:
+    """Wanda's masks and weights are the oracle's exactly; SparseGPT's weights to float rounding of its update (and,
+    with ``masks``, the same zeros in every decoder linear)."""
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if method == "wanda":
+            assert torch.equal(p, q), name
+            continue
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        if masks and p.ndim == 2 and ".layers." in name:
+            assert torch.equal(p == 0, q == 0), name
+
+
+def _assert_same_parameters(a, b) -> None:
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 def _reference_layerwise(model, method, sparsity=None, pattern=None, block_sparsity=None):
     """Oracle: prune block by block, collecting each block's inputs with a *full-model* forward (earlier blocks
     already pruned) — what the block-by-block driver must reproduce. Statistics, Wanda and SparseGPT are written here
@@ -43,21 +75,10 @@ def _reference_layerwise(model, method, sparsity=None, pattern=None, block_spars
         if block_sparsity is not None:
             sparsity = block_sparsity[b]
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        inputs = {n: [] for n in linears}
-        hs = [
-            m.register_forward_hook(
-                lambda _m, i, _o, xs=inputs[n]: xs.append(i[0].detach().reshape(-1, i[0].shape[-1]))
-            )
-            for n, m in linears.items()
-        ]
-        with torch.no_grad():
-            for i in range(0, CALIB.shape[0], 4):
-                model(input_ids=CALIB[i : i + 4], use_cache=False)
-        for h in hs:
-            h.remove()
+        inputs = _linear_inputs(model, linears)
         with torch.no_grad():
             for n, m in linears.items():
-                X = torch.cat(inputs[n]).double()
+                X = inputs[n].double()
                 if method == "wanda":
                     m.weight.copy_(_wanda_oracle(m.weight, X, sparsity, nm))
                 else:
@@ -66,27 +87,26 @@ def _reference_layerwise(model, method, sparsity=None, pattern=None, block_spars
                     m.weight.copy_(w.to(m.weight.dtype))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_wanda_24_matches_layerwise_oracle(tiny_model, arch):
+@pytest.mark.parametrize(
+    ("method", "arch", "target"),
+    [
+        pytest.param("wanda", "llama", {"pattern": "2:4"}, id="wanda-24-llama"),
+        pytest.param("wanda", "qwen2", {"pattern": "2:4"}, id="wanda-24-qwen2"),
+        pytest.param("wanda", "mistral", {"pattern": "2:4"}, id="wanda-24-mistral"),
+        pytest.param("sparsegpt", "qwen2", {"sparsity": 0.5}, id="sparsegpt-50pct-qwen2"),
+    ],
+)
+def test_matches_layerwise_oracle(tiny_model, method, arch, target):
     model = tiny_model(arch)
     ref = copy.deepcopy(model)
-    report = prune(model, "wanda", pattern="2:4", calibration=CALIB, batch_size=4, progress=False)
-    _reference_layerwise(ref, "wanda", pattern="2:4")
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        assert torch.equal(p, q), n
-    assert report.nm_valid and report.sparsity == pytest.approx(0.5)
-    assert len(report.modules) == 4 * 7
-    for name in report.modules:
-        assert is_nm_sparse(model.get_submodule(name).weight, 2, 4)
-
-
-def test_sparsegpt_matches_layerwise_oracle(tiny_model):
-    model = tiny_model("qwen2")
-    ref = copy.deepcopy(model)
-    prune(model, "sparsegpt", sparsity=0.5, calibration=CALIB, batch_size=4, progress=False)
-    _reference_layerwise(ref, "sparsegpt", sparsity=0.5)
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    report = prune(model, method, calibration=CALIB, batch_size=4, progress=False, **target)
+    _reference_layerwise(ref, method, **target)
+    _assert_matches_reference(model, ref, method)
+    if "pattern" in target:  # 2:4 in every decoder linear, half of their weights zero
+        assert report.nm_valid and report.sparsity == pytest.approx(0.5)
+        assert len(report.modules) == 4 * 7
+        for name in report.modules:
+            assert is_nm_sparse(model.get_submodule(name).weight, 2, 4)
 
 
 def test_embeddings_and_lm_head_untouched(tiny_model):
@@ -138,8 +158,7 @@ def test_calibration_from_texts_and_dataset(tiny_model, tokenizer):
         progress=False,
     )
     assert ra.calibration_samples == 4 and ra.calibration_seqlen == 16
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    _assert_same_parameters(a, b)
 
 
 @pytest.mark.parametrize(
@@ -247,20 +266,11 @@ def _owl_oracle_sparsities(model, sparsity, m, lam):
     (all layers equal in size here, so the plain mean)."""
     _, blocks = find_decoder_blocks(model)
     linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and ".layers." in n}
-    inputs = {n: [] for n in linears}
-    hs = [
-        mod.register_forward_hook(lambda _m, i, _o, xs=inputs[n]: xs.append(i[0].detach().reshape(-1, i[0].shape[-1])))
-        for n, mod in linears.items()
-    ]
-    with torch.no_grad():
-        for i in range(0, CALIB.shape[0], 4):
-            model(input_ids=CALIB[i : i + 4], use_cache=False)
-    for h in hs:
-        h.remove()
+    inputs = _linear_inputs(model, linears)
     ratios = []
     for b in range(len(blocks)):
         scores = [
-            (mod.weight.double().abs() * torch.cat(inputs[n]).double().pow(2).sum(0).sqrt()).flatten()
+            (mod.weight.double().abs() * inputs[n].double().pow(2).sum(0).sqrt()).flatten()
             for n, mod in linears.items()
             if f".layers.{b}." in n
         ]
@@ -271,72 +281,64 @@ def _owl_oracle_sparsities(model, sparsity, m, lam):
     return [sparsity - (x - sum(n) / len(n)) for x in n], ratios
 
 
-@pytest.mark.parametrize("owl_m", [2.0, 5.0])
-def test_owl_wanda_matches_oracle_and_keeps_mean_sparsity(tiny_model, owl_m):
-    model = tiny_model("llama")
+@pytest.mark.parametrize(
+    ("method", "arch", "sparsity", "owl_m", "owl_lambda"),
+    [
+        pytest.param("wanda", "llama", 0.5, 2.0, None, id="wanda-llama-m2"),
+        pytest.param("wanda", "llama", 0.5, 5.0, None, id="wanda-llama-m5"),
+        pytest.param("sparsegpt", "qwen2", 0.6, 2.0, 0.1, id="sparsegpt-qwen2-m2-lambda0.1"),
+    ],
+)
+def test_owl_matches_oracle_per_layer(tiny_model, method, arch, sparsity, owl_m, owl_lambda):
+    """OWL's layer sparsities are the oracle's, and each layer is pruned as the method prunes it at that sparsity.
+    ``owl_lambda=None`` leaves λ at its default (0.08)."""
+    model = tiny_model(arch)
     ref = copy.deepcopy(model)
-    want, ratios = _owl_oracle_sparsities(copy.deepcopy(model), 0.5, owl_m, 0.08)
+    lam = 0.08 if owl_lambda is None else owl_lambda
+    want, ratios = _owl_oracle_sparsities(copy.deepcopy(model), sparsity, owl_m, lam)
+    given_lambda = {} if owl_lambda is None else {"owl_lambda": owl_lambda}
     report = prune(
         model,
-        "wanda",
-        sparsity=0.5,
+        method,
+        sparsity=sparsity,
         calibration=CALIB,
         batch_size=4,
         progress=False,
         sparsity_profile="owl",
         owl_m=owl_m,
+        **given_lambda,
     )
     got = report.owl["layer_sparsity"]
-    assert report.sparsity_profile == "owl" and report.owl["m"] == owl_m and report.owl["lambda"] == 0.08
-    torch.testing.assert_close(torch.tensor(list(report.owl["outlier_ratio"].values())), torch.tensor(ratios).float())
     torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(want).float())
-    # the layer sparsities differ and their parameter-weighted mean is the target exactly
-    assert len({round(v, 9) for v in got.values()}) == len(got) > 1
-    sizes = report.owl["layer_params"]
-    assert sum(got[k] * sizes[k] for k in got) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-12)
-    # each layer's masks are Wanda's at that layer's sparsity (oracle), row by row
-    _reference_layerwise(ref, "wanda", block_sparsity=want)
-    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        assert torch.equal(p, q), name
-    for name, mod in report.modules.items():
-        s_l = got[".".join(name.split(".")[:3])]  # model.layers.N
-        rows, cols = mod["shape"]
-        assert mod["zeros"] == rows * int(cols * s_l), name
-    # the realized fraction misses the target only by the per-row floor (< one weight per row)
-    rows_total = sum(mod["shape"][0] for mod in report.modules.values())
-    numel = sum(mod["numel"] for mod in report.modules.values())
-    assert 0 <= 0.5 - report.sparsity < rows_total / numel
-
-
-def test_owl_sparsegpt_matches_oracle_per_layer(tiny_model):
-    model = tiny_model("qwen2")
-    ref = copy.deepcopy(model)
-    want, _ = _owl_oracle_sparsities(copy.deepcopy(model), 0.6, 2.0, 0.1)
-    report = prune(
-        model,
-        "sparsegpt",
-        sparsity=0.6,
-        calibration=CALIB,
-        batch_size=4,
-        progress=False,
-        sparsity_profile="owl",
-        owl_m=2.0,
-        owl_lambda=0.1,
-    )
-    torch.testing.assert_close(torch.tensor(list(report.owl["layer_sparsity"].values())), torch.tensor(want).float())
-    _reference_layerwise(ref, "sparsegpt", block_sparsity=want)
-    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
-        if p.ndim == 2 and ".layers." in name:
-            assert torch.equal(p == 0, q == 0), name
-    per_layer = {}
-    for name, mod in report.modules.items():
-        layer = ".".join(name.split(".")[:3])
-        z, n = per_layer.get(layer, (0, 0))
-        per_layer[layer] = (z + mod["zeros"], n + mod["numel"])
-    realized = [z / n for z, n in per_layer.values()]
-    assert max(realized) - min(realized) > 0.05  # non-uniform
-    assert report.sparsity == pytest.approx(0.6, abs=0.01)
+    # each layer's masks are the method's at that layer's sparsity (oracle), row by row
+    _reference_layerwise(ref, method, block_sparsity=want)
+    _assert_matches_reference(model, ref, method, masks=True)
+    if method == "wanda":
+        # the recorded profile (λ its default), the outlier ratios, and the exact parameter-weighted mean
+        assert report.sparsity_profile == "owl" and report.owl["m"] == owl_m and report.owl["lambda"] == 0.08
+        ratio = torch.tensor(list(report.owl["outlier_ratio"].values()))
+        torch.testing.assert_close(ratio, torch.tensor(ratios).float())
+        # the layer sparsities differ and their parameter-weighted mean is the target exactly
+        assert len({round(v, 9) for v in got.values()}) == len(got) > 1
+        sizes = report.owl["layer_params"]
+        assert sum(got[k] * sizes[k] for k in got) / sum(sizes.values()) == pytest.approx(sparsity, abs=1e-12)
+        for name, mod in report.modules.items():
+            s_l = got[".".join(name.split(".")[:3])]  # model.layers.N
+            rows, cols = mod["shape"]
+            assert mod["zeros"] == rows * int(cols * s_l), name
+        # the realized fraction misses the target only by the per-row floor (< one weight per row)
+        rows_total = sum(mod["shape"][0] for mod in report.modules.values())
+        numel = sum(mod["numel"] for mod in report.modules.values())
+        assert 0 <= sparsity - report.sparsity < rows_total / numel
+    else:
+        per_layer = {}
+        for name, mod in report.modules.items():
+            layer = ".".join(name.split(".")[:3])
+            z, n = per_layer.get(layer, (0, 0))
+            per_layer[layer] = (z + mod["zeros"], n + mod["numel"])
+        realized = [z / n for z, n in per_layer.values()]
+        assert max(realized) - min(realized) > 0.05  # non-uniform
+        assert report.sparsity == pytest.approx(sparsity, abs=0.01)
 
 
 def test_owl_uniform_default_is_unchanged(tiny_model):
@@ -344,8 +346,7 @@ def test_owl_uniform_default_is_unchanged(tiny_model):
     ra = prune(a, "wanda", sparsity=0.5, calibration=CALIB, batch_size=4, progress=False)
     prune(b, "wanda", sparsity=0.5, calibration=CALIB, batch_size=4, progress=False, sparsity_profile="uniform")
     assert ra.owl is None and ra.sparsity_profile == "uniform"
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    _assert_same_parameters(a, b)
     # λ = 0 reduces OWL to uniform
     c = tiny_model("llama")
     rc = prune(
@@ -359,8 +360,7 @@ def test_owl_uniform_default_is_unchanged(tiny_model):
         owl_lambda=0.0,
     )
     assert set(rc.owl["layer_sparsity"].values()) == {0.5}
-    for p, q in zip(a.parameters(), c.parameters()):
-        assert torch.equal(p, q)
+    _assert_same_parameters(a, c)
 
 
 def test_cli_sparsity_profile_owl(tiny_model, tokenizer, tmp_path, capsys):
