@@ -22,7 +22,7 @@ from prune_peft.tuners import _fsdp
 from prune_peft.tuners.loraprune.pruner import SUPPORTED_SHARDING, check_sharding
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "callbacks"))
-from ddp_testlib import run_two_ranks
+from ddp_testlib import one_rank_fixture, two_rank_results  # noqa: F401 (a fixture)
 
 WORKER = Path(__file__).with_name("fsdp_edges_worker.py")
 KINDS = ("loraprune", "sparse_lora")
@@ -30,9 +30,7 @@ KINDS = ("loraprune", "sparse_lora")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp_edges")
-    run_two_ranks(WORKER, out, timeout=600)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return two_rank_results(WORKER, tmp_path_factory.mktemp("fsdp_edges"), timeout=600, name="rank{rank}.pt")
 
 
 @pytest.mark.distributed
@@ -80,18 +78,6 @@ def test_a_saved_adapter_on_a_sharded_base_is_refused_whatever_is_trainable(rank
 
 
 # ----------------------------------------------------------------------------------------- in one process
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A 1-process gloo group: FSDP2 layouts can be built (and refused) without a launch."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_still_marks_the_modules_it_manages(one_rank):
