@@ -9,6 +9,14 @@ the longest common token prefix of all prompts is prefilled once into a transfor
 gets a deep copy expanded to its size (``Cache.batch_repeat_interleave``) and ``generate`` runs only the rest. A row
 is then ``[prefix][pad…][suffix]``: the attention mask hides the pads and ``generate`` derives position ids from
 the mask's cumulative sum, so every real token sees exactly the context and position it has in the per-sample loop.
+
+Finished rows leave the batch: a per-sample loop stops each prompt at its end-of-sequence token, while one
+``generate`` call keeps computing every row until the last one stops (on the benchmark's prompts about a quarter of
+the batch's decode rows were already finished). So a batch is decoded in calls of :data:`DECODE_CHUNK` new tokens,
+each continuing from the cache of the call before (``generate`` feeds only the tokens the cache lacks); between
+calls the rows that produced an end-of-sequence token are dropped from the ids, the mask and the cache
+(``Cache.batch_select_indices``). Greedy tokens are those of one call; only settings whose meaning survives the split
+(see :data:`CHUNK_SAFE_KWARGS`) are chunked, anything else runs as one call.
 """
 
 from __future__ import annotations
@@ -35,6 +43,25 @@ __all__ = [
 ]
 
 BACKENDS = ("transformers", "vllm")
+
+# New tokens per ``generate`` call of a chunked batch: smaller drops finished rows sooner, each call costs a setup.
+DECODE_CHUNK = 8
+# generation kwargs that mean the same whether a batch is generated in one call or continued chunk by chunk
+# (min_new_tokens is carried over as what is still owed); stop strings, custom stopping criteria, beams or several
+# sequences per prompt run as one call.
+CHUNK_SAFE_KWARGS = frozenset(
+    {
+        "max_new_tokens",
+        "min_new_tokens",
+        "eos_token_id",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+    }
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +111,34 @@ def _supports_prefix_cache(model) -> bool:
     return isinstance(base, GenerationMixin)
 
 
+def _eos_ids(model, generation_kwargs: dict) -> set[int] | None:
+    """End-of-sequence ids when a batch may be generated in chunks with finished rows dropped between them (the only
+    stop is an end-of-sequence token or ``max_new_tokens``); ``None`` when it must run as one ``generate`` call."""
+    if not _supports_prefix_cache(model) or not set(generation_kwargs) <= CHUNK_SAFE_KWARGS:
+        return None
+    if not isinstance(generation_kwargs.get("max_new_tokens"), int):
+        return None  # the length comes from the model's generation config: let generate read it in one call
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None or (cfg.num_beams or 1) != 1 or (cfg.num_return_sequences or 1) != 1 or cfg.stop_strings:
+        return None
+    if cfg.min_length or getattr(cfg, "max_time", None):
+        return None
+    eos = generation_kwargs.get("eos_token_id", cfg.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return set(eos) or None  # no end-of-sequence token: no row ever stops early, nothing to drop
+
+
+def _droppable(cache) -> bool:
+    """Rows of this cache can be selected in place: every layer holds plain key/value tensors."""
+    from transformers import DynamicCache, cache_utils
+
+    plain = tuple(
+        getattr(cache_utils, n) for n in ("DynamicLayer", "DynamicSlidingWindowLayer") if hasattr(cache_utils, n)
+    )
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, DynamicCache) and bool(layers) and all(type(layer) in plain for layer in layers)
+
+
 def _cache_kwarg(model) -> str:
     """Name of the KV-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
     import inspect
@@ -98,6 +153,8 @@ class TransformersBackend:
     ``prefix_ids``: token ids every prompt starts with (:func:`common_prefix`); they are prefilled once and their KV
     cache is reused by every batch. ``None`` or empty: no prefix caching (the plain batched ``generate``).
     ``timings`` accumulates wall seconds: ``prefix_prefill`` (the one shared prefill) and ``generate`` (the rest).
+    Batches of several prompts are generated :data:`DECODE_CHUNK` tokens per call with finished rows dropped between
+    calls when the generation settings allow it (module docstring).
     """
 
     name = "transformers"
@@ -117,7 +174,8 @@ class TransformersBackend:
             logger.info("prefix caching off: %s is not a transformers generation model", type(model).__name__)
             self.prefix = []
         self._prefix_cache = None  # DynamicCache of the prefix, batch 1 (filled on first use)
-        self.calls = 0  # number of generate() calls (tests count recomputation with it)
+        self._eos = _eos_ids(model, self.generation_kwargs)  # None: every batch in one generate call
+        self.calls = 0  # number of generate_ids() calls (tests count recomputation with it)
         self.timings = {"prefix_prefill": 0.0, "generate": 0.0}
 
     def _device(self) -> torch.device:
@@ -125,25 +183,19 @@ class TransformersBackend:
 
     @torch.no_grad()
     def _prefill_prefix(self):
-        from transformers import DynamicCache, cache_utils
-
         t0 = time.perf_counter()
         ids = torch.tensor([self.prefix], dtype=torch.long, device=self._device())
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        # only the cache is used: the logits of the last position are enough (the lm_head over 49k words per prefix
+        # token would be wasted), when the model's forward takes logits_to_keep
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        keep = {"logits_to_keep": 1} if getattr(base, "_supports_logits_to_keep", lambda: False)() else {}
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **keep)
         cache = out["cache"] if "cache" in out else out.get("past_key_values")
         self.timings["prefix_prefill"] += time.perf_counter() - t0
         # Layers that hold the whole prefix as plain key/value tensors can be copied and expanded per batch: full
         # attention, and sliding-window attention while the prefix fits the window; linear-attention, quantized and
         # other layers keep other state.
-        plain = tuple(
-            getattr(cache_utils, n) for n in ("DynamicLayer", "DynamicSlidingWindowLayer") if hasattr(cache_utils, n)
-        )
-        layers = getattr(cache, "layers", None)
-        if (
-            not isinstance(cache, DynamicCache)
-            or not layers
-            or any(type(layer) not in plain or layer.keys.shape[-2] != len(self.prefix) for layer in layers)
-        ):
+        if not _droppable(cache) or any(layer.keys.shape[-2] != len(self.prefix) for layer in cache.layers):
             logger.info("prefix caching off: the model's cache (%s) cannot be shared as is", type(cache).__name__)
             self.prefix = []
             return None
@@ -180,26 +232,71 @@ class TransformersBackend:
             for row, t in enumerate(tails):
                 ids[row, p + width - len(t) :] = torch.tensor(t, dtype=torch.long)
                 mask[row, p + width - len(t) :] = 1
-            extra = {}
+            cache = None
             if p:
                 cache = copy.deepcopy(self._prefix_cache)  # generate extends the cache in place
                 cache.batch_repeat_interleave(len(prompts))
-                extra[_cache_kwarg(self.model)] = cache
+            chunked = self._eos is not None and len(prompts) > 1
+            if chunked and cache is None:  # the cache generate would make itself, held here to continue from it
+                from transformers import DynamicCache
+
+                base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                cache = DynamicCache(config=base.config.get_text_config(decoder=True))
+                if not _droppable(cache):  # e.g. linear-attention layers: rows cannot be selected, one call
+                    chunked, cache = False, None
             device = self._device()
             torch.manual_seed(seed)
             self.calls += 1
             t0 = time.perf_counter()
-            out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                pad_token_id=self.pad_id,
-                **extra,
-                **self.generation_kwargs,
-            )
+            if not chunked:
+                extra = {_cache_kwarg(self.model): cache} if cache is not None else {}
+                out = self.model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    pad_token_id=self.pad_id,
+                    **extra,
+                    **self.generation_kwargs,
+                )
+                rows = out[:, p + width :].tolist()
+            else:
+                rows = self._generate_chunked(ids.to(device), mask.to(device), cache)
             self.timings["generate"] += time.perf_counter() - t0
         finally:
             self.model.train(was_training)
-        return out[:, p + width :].tolist()
+        return rows
+
+    def _generate_chunked(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> list[list[int]]:
+        """``generate`` in calls of :data:`DECODE_CHUNK` new tokens, each continuing from the last one's cache; rows
+        that produced an end-of-sequence token leave the batch (ids, mask and cache) before the next call."""
+        kwargs = dict(self.generation_kwargs)
+        total = kwargs.pop("max_new_tokens")
+        owed = kwargs.pop("min_new_tokens", None) or 0
+        live = list(range(ids.shape[0]))  # batch rows still generating, in the order of the current tensors
+        new: list[list[int]] = [[] for _ in live]
+        done = 0
+        while live and done < total:
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                pad_token_id=self.pad_id,
+                max_new_tokens=min(DECODE_CHUNK, total - done),
+                min_new_tokens=max(owed - done, 0),
+                **{_cache_kwarg(self.model): cache},
+                **kwargs,
+            )
+            step = out[:, ids.shape[1] :]
+            keep = []
+            for j, (row, tokens) in enumerate(zip(live, step.tolist())):
+                end = next((k for k, t in enumerate(tokens) if t in self._eos), None)
+                new[row] += tokens if end is None else tokens[: end + 1]
+                if end is None:
+                    keep.append(j)
+            done += step.shape[1]
+            if len(keep) < len(live) and keep and done < total:
+                cache.batch_select_indices(torch.tensor(keep, device=ids.device))
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], step.shape[1])], dim=1)[keep]
+            ids, live = out[keep], [live[j] for j in keep]
+        return [r + [self.pad_id] * (done - len(r)) for r in new]  # padded like one call's output
 
 
 # transformers generate kwargs → vLLM SamplingParams fields

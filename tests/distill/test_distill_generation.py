@@ -116,3 +116,48 @@ def test_vllm_backend_refuses_prefix_ids():
 
     with pytest.raises(ValueError, match="prefix_ids apply to backend='transformers' only"):
         make_backend("vllm", "some/model", byte_tokenizer(), {}, prefix_ids=[1, 2])
+
+
+def _eos_that_stops_rows_at_different_steps(model, tok, prompts, steps):
+    """A token the greedy loop emits in some rows (at different steps) and never in others: as end-of-sequence id
+    it makes rows finish at different times, the case where the batch drops finished rows."""
+    free = TransformersBackend(model, tok, {"max_new_tokens": steps, "min_new_tokens": steps, "do_sample": False})
+    rows = [free.generate_ids([p], 0)[0] for p in prompts]
+    for t in sorted({t for r in rows for t in r[1:-1]}):
+        firsts = {r.index(t) for r in rows if t in r}
+        if len(firsts) >= 2 and min(firsts) >= 1 and any(t not in r for r in rows):
+            return t
+    raise AssertionError("the seeded tiny model emitted no token that stops rows at different steps")
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_finished_rows_leave_the_batch_and_tokens_match_the_loop(monkeypatch, prefix_cache):
+    from prune_peft.distill import generation
+
+    monkeypatch.setattr(generation, "DECODE_CHUNK", 3)  # several chunks within a short generation
+    torch.manual_seed(0)
+    model, tok = tiny_causal_lm("llama", max_position_embeddings=1024), byte_tokenizer()
+    prompts = _prompts(tok, 6)
+    steps = 12
+    eos = _eos_that_stops_rows_at_different_steps(model, tok, prompts, steps)
+    kw = {"max_new_tokens": steps, "eos_token_id": eos, "do_sample": False}
+    loop = [TransformersBackend(model, tok, kw).generate_ids([p], 0)[0] for p in prompts]
+    ends = [r.index(eos) if eos in r else steps for r in loop]
+    assert len(set(ends)) >= 2 and max(ends) == steps  # rows stop at different steps, some run to the end
+
+    rows_per_step = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: rows_per_step.append(args[0].shape[0]) if args[0].shape[1] == 1 else None
+    )
+    try:
+        backend = TransformersBackend(model, tok, kw, prefix_ids=common_prefix(prompts) if prefix_cache else None)
+        batched = backend.generate_ids(prompts, 0)
+    finally:
+        hook.remove()
+    # same tokens up to each row's end; after it, the pad id (a one-call generate pads finished rows the same way)
+    assert [r[: e + 1] for r, e in zip(batched, ends)] == [r[: e + 1] for r, e in zip(loop, ends)]
+    assert all(set(r[e + 1 :]) <= {backend.pad_id} for r, e in zip(batched, ends))
+    assert len({len(r) for r in batched}) == 1
+    # decode steps ran on fewer rows once rows had finished: fewer row-steps than batch x steps
+    assert rows_per_step[0] == len(prompts) and min(rows_per_step) < len(prompts)
+    assert sum(rows_per_step) < len(prompts) * (steps - 1)
