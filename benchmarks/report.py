@@ -665,11 +665,13 @@ QUALITY_ARM_COLUMNS = {  # optional per-arm fields of quality.json → (column, 
 
 
 DENSE_LABELS = {"qtuning": "base model (no fine-tuning)"}  # the ``dense`` record where it is not an unpruned model
+NLL_SHOWN = {"qtuning"}  # comparisons whose arms show the NLL itself (the unit of their verdicts and attribution)
 
 
-def _quality_arm_cell(r: dict) -> str:
-    """Perplexity with its interval when the arm is an NLL (has ``ppl``), else the metric's mean and interval."""
-    if "ppl" in r:
+def _quality_arm_cell(r: dict, nll: bool = False) -> str:
+    """Perplexity with its interval when the arm is an NLL (has ``ppl``) and ``nll`` is false, else the metric's
+    mean and interval."""
+    if "ppl" in r and not nll:
         return _ci(r["ppl"], r["ppl_lo"], r["ppl_hi"])
     return _ci(r["mean"], r["lo"], r["hi"], 4)
 
@@ -711,11 +713,13 @@ def quality_comparison(q: dict, name: str) -> str:
     arms = c["arms"]
     extra = [k for k in QUALITY_ARM_COLUMNS if any(k in r for r in arms.values())]
     label = DENSE_LABELS.get(name, "dense (unpruned)")
-    rows = [[label, _ci(d["ppl"], d["ppl_lo"], d["ppl_hi"]), "–"] + ["–"] * len(extra)] if d else []
+    nll = name in NLL_SHOWN
+    rows = [[label, _quality_arm_cell(d, nll), "–"] + ["–"] * len(extra)] if d else []
     for arm, r in arms.items():
         cells = [QUALITY_ARM_COLUMNS[k][1](r[k]) if k in r else "–" for k in extra]
-        rows.append([arm, _quality_arm_cell(r), f"{r['seeds']} × {r['windows']}", *cells])
-    value = "perplexity [95 % CI]" if all("ppl" in r for r in arms.values()) else "value [95 % CI]"
+        rows.append([arm, _quality_arm_cell(r, nll), f"{r['seeds']} × {r['windows']}", *cells])
+    ppl = all("ppl" in r for r in arms.values())
+    value = "mean NLL [95 % CI]" if nll and ppl else "perplexity [95 % CI]" if ppl else "value [95 % CI]"
     header = ["arm", value, "seeds × windows"] + [QUALITY_ARM_COLUMNS[k][0] for k in extra]
     verdicts = [
         [key, _ci(v["mean"], v["lo"], v["hi"], 4, signed=True), v["verdict"]] for key, v in c["comparisons"].items()
@@ -736,13 +740,15 @@ def quality_comparison(q: dict, name: str) -> str:
 # Q-Tuning's ablations as a decomposition of its gap to random selection: the differences of arm means add up
 # exactly (Q-Tuning − random = (sample-only − random) + (Q-Tuning − sample-only)); the paired interval is shown
 # where quality.json holds one for that contrast.
-QTUNING_CONTRASTS = (  # (what it isolates, method arm, baseline arm)
-    ("whole method at the same steps", "Q-Tuning 25%×50% keep high", "random 25% same steps"),
-    ("… of which sample selection (EU-plane triage vs random, all tokens)", "sample-only 25%×100%",
+QTUNING_CONTRASTS = (  # (what it isolates, method arm, baseline arm); each "of which" pair adds up to the row above
+    ("Q-Tuning vs full data", "Q-Tuning 25%×50% keep high", "full data"),
+    ("… of which: a quarter of the samples per step, chosen at random", "random 25% same steps", "full data"),
+    ("… of which: Q-Tuning's choice instead of random", "Q-Tuning 25%×50% keep high", "random 25% same steps"),
+    ("… … of which: sample selection (EU-plane triage, all tokens kept)", "sample-only 25%×100%",
      "random 25% same steps"),
-    ("… of which token pruning inside the selected samples", "Q-Tuning 25%×50% keep high", "sample-only 25%×100%"),
-    ("token pruning alone, all samples", "token-only 100%×50%", "full data"),
-    ("token direction: keep high (paper's reading) − keep low (slime's)", "Q-Tuning 25%×50% keep high",
+    ("… … of which: token pruning inside the selected samples", "Q-Tuning 25%×50% keep high", "sample-only 25%×100%"),
+    ("token pruning alone (every sample kept)", "token-only 100%×50%", "full data"),
+    ("token direction: keep high (this library's default) vs keep low", "Q-Tuning 25%×50% keep high",
      "Q-Tuning 25%×50% keep low"),
 )  # fmt: skip
 
@@ -776,7 +782,8 @@ def qtuning_attribution(c: dict) -> str:
         return ""
     return (
         "Attribution (differences of the arm means above, held-out response NLL; negative = the first arm is "
-        'better; the two "of which" rows add up to the first):\n\n'
+        'better; each pair of "of which" rows adds up to the row above it; the paired interval and verdict where the '
+        "results file holds that pair):\n\n"
         + table(["effect", "arms (first − second)", "Δ mean NLL", "paired Δ [95 % CI]", "verdict"], rows)
     )
 

@@ -68,14 +68,22 @@ def test_claim_is_quoted_directly_above_the_verdicts_and_base_is_not_called_dens
 
 def test_qtuning_attribution_decomposes_the_gap_from_the_arm_means():
     text = report.qtuning_attribution(_qtuning())
-    # whole gap = selection + token pruning inside the selected samples: +0.05 = +0.04 + +0.01
-    assert "| whole method at the same steps | Q-Tuning 25%×50% keep high − random 25% same steps | +0.0500 | " in text
+    # Q-Tuning − full (+0.10) = (random − full: +0.05) + (Q-Tuning − random: +0.05); the latter = selection (+0.04)
+    # + token pruning inside the selected samples (+0.01)
+    assert "| Q-Tuning vs full data | Q-Tuning 25%×50% keep high − full data | +0.1000 | – (no paired" in text
+    assert "chosen at random | random 25% same steps − full data | +0.0500 | – (no paired interval recorded) |" in text
+    assert "keep high − random 25% same steps | +0.0500 | +0.0500 [+0.0400, +0.0600] | contradicts |" in text
     assert (
         "sample-only 25%×100% − random 25% same steps | +0.0400 | +0.0400 [+0.0300, +0.0500] | contradicts |" in text
     )
     assert "keep high − sample-only 25%×100% | +0.0100 | – (no paired interval recorded) | – |" in text
     assert "keep high − Q-Tuning 25%×50% keep low | +0.0300 |" in text
     assert "token-only 100%×50% − full data | +0.0300 | +0.0300 [+0.0200, +0.0400] | contradicts |" in text
+    arms = report.SECTIONS["quality-qtuning"]({"quality": {"comparisons": {"qtuning": _qtuning()}}})
+    # the arms are shown as NLL, the unit of the verdicts and the attribution
+    assert (
+        "| arm | mean NLL [95 % CI] | seeds × windows |" in arms and "| full data | 0.9000 [0.8900, 0.9100] |" in arms
+    )
     partial = _qtuning()
     del partial["arms"]["sample-only 25%×100%"]
     assert "sample-only" not in report.qtuning_attribution(partial)
