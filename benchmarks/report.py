@@ -834,13 +834,18 @@ QUALITY_EXTRAS: dict[str, Callable[[dict], str]] = {
 }
 
 
+# sections whose comparisons do not use quality.json's model (SmolLM2-135M): the model named in their task line
+QUALITY_SECTION_MODEL = {"quality-sste": "a tiny llama trained from scratch (task line below)"}
+
+
 def quality_section(section: str) -> Callable[[Results], str]:
     def render_section(res: Results) -> str:
         q = res.get("quality")
         names = QUALITY_SECTIONS[section]
         if not q:
             return "; ".join(f"*{n}*" for n in names) + ": not measured yet — run `make bench`."
-        parts = [f"Run: {run_note(q)}. {q.get('model', '')}."]
+        model = QUALITY_SECTION_MODEL.get(section, q.get("model", ""))
+        parts = [f"Run: {run_note(q)}. Model: {model}."]
         parts += [quality_comparison(q, n) for n in names]
         return "\n\n".join(parts)
 
