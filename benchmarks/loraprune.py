@@ -194,8 +194,125 @@ def run_timing(args) -> dict:
     }
 
 
+def _hwm_mb() -> float:
+    """VmHWM of this process (MiB): the peak RSS since the process started or since the last :func:`_reset_hwm`."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> None:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+class MemoryProbe:
+    """Where the peak RSS of a training run occurs, and the gradients the importance mode keeps alive when it scores.
+
+    A TrainerCallback (built by :func:`memory_probe`; placed *before* PruneCallback in the callback list, so its
+    ``on_pre_optimizer_step`` sees the gradients before the pruner scores and, with ``importance="grad"``, drops the
+    base gradients). Per optimizer step it records
+
+    - ``phase_peak_mb``: the peak RSS of each phase — ``forward`` (step begin → the model's forward returns, a
+      forward hook), ``backward`` (→ ``on_pre_optimizer_step``), ``update`` (importance scoring, optimizer step, mask
+      update → ``on_step_end``) and ``other`` (Trainer setup, between steps, teardown) — by resetting the kernel's
+      high-water mark at each boundary (Linux clear_refs);
+    - ``importance_grad_mb``: bytes of the live ``.grad`` tensors the importance formula reads at the scoring point
+      (``lora``: ∂L/∂A and ∂L/∂B of the adapted layers; ``grad``: ∂L/∂W of their base weights), read from the tensors
+      themselves, not computed from shapes;
+    - ``live_grad_mb``: bytes of every live ``.grad`` at that point (the LoRA gradients training needs anyway included).
+    """
+
+    PHASES = ("forward", "backward", "update", "other")
+
+    def __init__(self, model, importance: str | None) -> None:
+        self.model, self.importance = model, importance
+        self.steps: list[dict] = []
+        self.setup_peak_mb: float | None = None
+        try:
+            self.setup_peak_mb = _hwm_mb()  # loading, copying and paging in the model
+            _reset_hwm()
+            self.enabled = True
+        except OSError:  # no clear_refs (not Linux, or restricted): gradient bytes only
+            self.enabled = False
+        self._current: dict = {}
+        self._other_mb = 0.0
+        self._hook = model.register_forward_hook(self._forward_done)
+
+    def _mark(self, phase: str) -> None:
+        if self.enabled:
+            self._current.setdefault("phase_peak_mb", {})[phase] = _hwm_mb()
+            _reset_hwm()
+
+    def _forward_done(self, module, inputs, output) -> None:
+        self._mark("forward")
+
+    def _grad_mb(self, wanted) -> float:
+        seen, total = set(), 0
+        for name, p in self.model.named_parameters():
+            g = p.grad
+            if g is not None and wanted(name) and g.data_ptr() not in seen:
+                seen.add(g.data_ptr())
+                total += g.numel() * g.element_size()
+        return total / 2**20
+
+    def on_step_begin(self, *args, **kwargs) -> None:
+        if self.enabled:  # since the last mark: Trainer setup or the gap between steps
+            self._other_mb = max(self._other_mb, _hwm_mb())
+            _reset_hwm()
+        self._current = {}
+
+    def on_pre_optimizer_step(self, *args, **kwargs) -> None:
+        self._mark("backward")
+        if self.importance == "grad":
+            reads = lambda n: "base_layer.weight" in n  # noqa: E731
+        elif self.importance == "lora":
+            reads = lambda n: "lora_A" in n or "lora_B" in n  # noqa: E731
+        else:
+            reads = lambda n: False  # noqa: E731
+        self._current["importance_grad_mb"] = self._grad_mb(reads)
+        self._current["live_grad_mb"] = self._grad_mb(lambda n: True)
+
+    def on_step_end(self, *args, **kwargs) -> None:
+        self._mark("update")
+        self.steps.append(self._current)
+
+    def summary(self) -> dict:
+        """Maxima over the recorded steps; ``peak_rss_mb`` = the process's peak (setup and every phase), the value
+        VmHWM would give without the resets."""
+        self._hook.remove()
+        out: dict = {
+            "importance_grad_mb": max((s["importance_grad_mb"] for s in self.steps), default=0.0),
+            "live_grad_mb": max((s["live_grad_mb"] for s in self.steps), default=0.0),
+        }
+        if self.enabled:
+            self._other_mb = max(self._other_mb, _hwm_mb())  # teardown since the last step
+            peaks = {ph: max(s.get("phase_peak_mb", {}).get(ph, 0.0) for s in self.steps) for ph in self.PHASES[:3]}
+            peaks["other"] = self._other_mb
+            out["phase_peak_rss_mb"] = {"setup": self.setup_peak_mb, **peaks}
+            out["peak_phase"] = max(out["phase_peak_rss_mb"], key=out["phase_peak_rss_mb"].get)
+            out["peak_rss_mb"] = max(out["phase_peak_rss_mb"].values())
+            out["training_peak_rss_mb"] = max(peaks.values())
+        return out
+
+
+def memory_probe(model, importance: str | None):
+    """A :class:`MemoryProbe` that is a ``transformers.TrainerCallback`` (imported lazily, like the rest)."""
+    from transformers import TrainerCallback
+
+    class _Probe(MemoryProbe, TrainerCallback):
+        pass
+
+    return _Probe(model, importance)
+
+
 def memory_worker(config: str, args) -> dict:
-    """One configuration in a fresh process (``_bench.MEMORY_METHOD``): peak RSS of a 2-step training run."""
+    """One configuration in a fresh process (``_bench.MEMORY_METHOD``): peak RSS of a 2-step training run, where it
+    occurs (setup = loading and copying the model, or a training phase) and the importance gradients alive at the
+    scoring point (:class:`MemoryProbe`)."""
     import torch
 
     from prune_peft.models import load_model_and_tokenizer
@@ -210,14 +327,25 @@ def memory_worker(config: str, args) -> dict:
     optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=2e-4)
     data = _windows(tok, args.seqlen, args.batch * 2)
     baseline = rss_mb()
-    _train(model, cbs, data, args.batch, 2, optimizer)
+    probe = memory_probe(model, {"lora": None, "loraprune": "lora", "grad": "grad"}[config])
+    _train(model, [lambda: probe, *cbs], data, args.batch, 2, optimizer)  # the probe first: it sees the grads
     mem = memory_record(baseline)
+    probed = probe.summary()
+    peak = probed.get("peak_rss_mb", mem["peak_rss_mb"])  # VmHWM was reset by the probe: its maximum is the peak
     return {
         "config": config,
-        "peak_rss_mb": mem["peak_rss_mb"],
+        "peak_rss_mb": peak,
         "model_rss_mb": baseline,
-        "training_mb": mem["extra_mb"],
+        "training_mb": peak - baseline,
+        "importance_grad_mb": probed["importance_grad_mb"],
+        "live_grad_mb": probed["live_grad_mb"],
+        **{k: probed[k] for k in ("training_peak_rss_mb", "phase_peak_rss_mb", "peak_phase") if k in probed},
     }
+
+
+MEMORY_KEYS = ("peak_rss_mb", "model_rss_mb", "training_mb")
+# MemoryProbe's fields (absent where /proc/self/clear_refs is not writable: then only the gradient bytes)
+PROBE_KEYS = ("importance_grad_mb", "live_grad_mb", "training_peak_rss_mb", "phase_peak_rss_mb", "peak_phase")
 
 
 def run_cost(args) -> dict:
@@ -230,7 +358,7 @@ def run_cost(args) -> dict:
         for config in CONFIGS:
             cmd = [__file__, "--worker", config, "--batch", str(batch), "--seqlen", str(seqlen)]
             r = run_memory_worker(cmd, args.threads)
-            results["memory"][key][config] = {k: r[k] for k in ("peak_rss_mb", "model_rss_mb", "training_mb")}
+            results["memory"][key][config] = {k: r[k] for k in (*MEMORY_KEYS, *PROBE_KEYS) if k in r}
             print(f"[memory {key}] {config:10s} peak RSS {r['peak_rss_mb']:.0f} MB (training {r['training_mb']:.0f} MB)",
                   flush=True)  # fmt: skip
     ratios = {k: v["median"] for k, v in results["paired"].items()}
@@ -240,12 +368,16 @@ def run_cost(args) -> dict:
             ratios[f"loraprune_vs_{other}_training_memory@{key}"] = (
                 m["loraprune"]["training_mb"] / m[other]["training_mb"]
             )
+        if m["grad"].get("live_grad_mb"):  # the gradient state each importance mode holds when it scores
+            ratios[f"loraprune_vs_grad_live_grad@{key}"] = m["loraprune"]["live_grad_mb"] / m["grad"]["live_grad_mb"]
     results["ratios"] = ratios
     results["memory_method"] = MEMORY_METHOD
     results["ratio_definitions"] = {
         "*_time": "median over rounds of (numerator's median step time / denominator's, same round, same process)",
         "*_peak_rss@BxT": "numerator process peak RSS / denominator process peak RSS (both include the model)",
         "*_training_memory@BxT": "numerator extra_mb / denominator extra_mb (peak RSS − RSS with the model loaded)",
+        "*_live_grad@BxT": "numerator / denominator bytes of every live .grad at the scoring point "
+        "(on_pre_optimizer_step, before the pruner scores), read from the tensors",
     }
     return results
 
@@ -394,6 +526,147 @@ def run_profile(args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------------- agreement
+
+AGREEMENT_ARMS = {  # arm → (LoRA rank r, learning rate, LoRA steps); lora_alpha = 2r (scale 2, as r=8/alpha=16)
+    "r=8, lr 5e-4 (the quality run's)": (8, 5e-4, 24),
+    "r=1, lr 5e-4": (1, 5e-4, 24),
+    "r=32, lr 5e-4": (32, 5e-4, 24),
+    "r=8, lr 5e-3 (B grows 10x faster)": (8, 5e-3, 24),
+}
+
+
+def _spearman(x, y) -> float:
+    """Spearman rank correlation of two 1-D tensors (Pearson correlation of their ranks; no tie correction)."""
+
+    rx, ry = (t.argsort().argsort().double() for t in (x, y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx @ ry) / (rx.norm() * ry.norm()).clamp_min(1e-12))
+
+
+def _bottom_overlap(est, true, fraction: float) -> float:
+    """Fraction of the groups the true scores would prune (the lowest ``fraction``) that the estimate prunes too."""
+    k = max(1, round(fraction * true.numel()))
+    a, b = set(est.argsort()[:k].tolist()), set(true.argsort()[:k].tolist())
+    return len(a & b) / k
+
+
+def run_agreement(args) -> dict:
+    """Does LoRA-guided importance rank channels as the true first-order Taylor importance does? (tiny model)
+
+    A tiny Llama (prune_peft.testing; hidden 128, 6 blocks, intermediate 256, 8 heads / 4 KV heads) is first trained
+    in full for ``--agreement-pretrain`` steps on Shakespeare bytes (so its weights carry structure), then each arm of
+    :data:`AGREEMENT_ARMS` trains a LoRAPrune adapter (no pruning) with the *base weights also receiving gradients*,
+    so every step scores the same gradients three ways with the library's own ``channel_scores``: LoRA-guided
+    (Ĝ = G_B·A + B·G_A − G_B·G_A), true ∂L/∂W (``importance="grad"``) and magnitude |W + sBA|. Recorded per step:
+
+    - ``rows`` / ``cols``: Spearman correlation, LoRA-guided vs true, of the per-module score vectors, averaged over
+      the row-scored modules (q/k/v/gate/up: output channels) and the column-scored ones (o/down: input channels);
+    - ``cosine``: cos(Ĝ, ∂L/∂W) of the whole gradient matrices, averaged over modules (B = 0 at the start gives
+      Ĝ = s·∂L/∂W·AᵀA, a rank-r projection of the true gradient on A's row space);
+    - ``channels_ema``: Spearman of the MLP channel-group scores after the moving average (β 0.9, as the pruner),
+      LoRA-guided vs true and magnitude vs true, averaged over prunable blocks, and ``overlap_20/50``: the share of the
+      channels the true scores would prune at 20 % / 50 % that the LoRA-guided (or magnitude) scores prune too;
+    - ``B_over_A``: ‖B‖/‖A‖ averaged over modules (how far B has grown from its zero start).
+    """
+    import copy
+
+    import torch
+    from peft import get_peft_model
+
+    from prune_peft import LoRAPruneConfig
+    from prune_peft.sparsity.loraprune import channel_scores, estimate_weight_grad, moving_average, normalize_scores
+    from prune_peft.testing import byte_tokenizer, tiny_causal_lm
+
+    torch.manual_seed(0)
+    seqlen, batch = 64, 4
+    base = tiny_causal_lm("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=seqlen)  # fmt: skip
+    tok = byte_tokenizer()
+    most = max(s for _, _, s in AGREEMENT_ARMS.values())
+    rows = _windows(tok, seqlen, batch * (args.agreement_pretrain + most))
+    batches = [_collate(rows[i : i + batch]) for i in range(0, len(rows) - batch + 1, batch)]
+    pre, tune = batches[: args.agreement_pretrain], batches[args.agreement_pretrain :]
+    base.train()
+    opt = torch.optim.AdamW(base.parameters(), lr=3e-3)
+    losses = []
+    for b in pre:
+        loss = base(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    out: dict = {
+        "model": "tiny llama: hidden 128, 6 blocks, intermediate 256, 8 heads / 4 KV heads, vocab 260 (bytes)",
+        "pretrain": {"steps": len(pre), "batch": [batch, seqlen], "lr": 3e-3,
+                     "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None},
+        "arms": {},
+    }  # fmt: skip
+    row_roles, col_roles = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), ("o_proj", "down_proj")
+    mlp_roles = (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in"))
+    for arm, (r, lr, steps) in AGREEMENT_ARMS.items():
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(base), LoRAPruneConfig(r=r, lora_alpha=2 * r, target_sparsity=0.5))
+        blocks = [b for b in model.base_model.prune_blocks() if b.prunable]
+        for b in blocks:
+            for layer in b.layers.values():
+                layer.get_base_layer().weight.requires_grad_(True)  # true ∂L/∂W alongside the LoRA gradients
+        opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=lr)
+        ema: dict[str, dict[int, torch.Tensor]] = {"lora": {}, "grad": {}, "magnitude": {}}
+        trace = []
+        model.train()
+        for t, b in enumerate(tune[:steps], start=1):
+            model(**b).loss.backward()
+            rec = {"step": t, "rows": [], "cols": [], "cosine": [], "B_over_A": []}
+            with torch.no_grad():
+                for blk in blocks:
+                    per_mode: dict[str, list[torch.Tensor]] = {m: [] for m in ema}
+                    for role, layer in blk.layers.items():
+                        W = layer.get_base_layer().weight
+                        A, B, sc = (
+                            layer.lora_A["default"].weight,
+                            layer.lora_B["default"].weight,
+                            layer.scaling["default"],
+                        )
+                        axis = "in" if role in col_roles else "out"
+                        est = channel_scores(W, A, B, sc, grad_A=A.grad, grad_B=B.grad, axis=axis)
+                        true = channel_scores(W, A, B, sc, grad_W=W.grad, axis=axis)
+                        mag = channel_scores(W, A, B, sc, axis=axis)
+                        rec["rows" if role in row_roles else "cols"].append(_spearman(est, true))
+                        g_hat = estimate_weight_grad(A, B, A.grad, B.grad)
+                        rec["cosine"].append(float(torch.nn.functional.cosine_similarity(
+                            g_hat.reshape(1, -1), W.grad.float().reshape(1, -1)).squeeze()))  # fmt: skip
+                        rec["B_over_A"].append(float(B.norm() / A.norm()))
+                        if (role, axis) in mlp_roles:
+                            for m, v in (("lora", est), ("grad", true), ("magnitude", mag)):
+                                per_mode[m].append(normalize_scores(v))
+                    for m, vs in per_mode.items():
+                        ema[m][blk.index] = moving_average(ema[m].get(blk.index), torch.stack(vs).sum(0), 0.9)
+            for blk in blocks:
+                blk_grads = [layer.get_base_layer().weight for layer in blk.layers.values()]
+                for W in blk_grads:
+                    W.grad = None  # the base is never updated: only LoRA is in the optimizer
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+            def mean(v):
+                return sum(v) / len(v)
+
+            entry = {k: mean(rec[k]) for k in ("rows", "cols", "cosine", "B_over_A")}
+            g = ema["grad"]
+            for m in ("lora", "magnitude"):
+                entry[f"channels_ema_{m}"] = mean([_spearman(ema[m][i], g[i]) for i in g])
+                for frac in (0.2, 0.5):
+                    entry[f"overlap_{int(frac * 100)}_{m}"] = mean([_bottom_overlap(ema[m][i], g[i], frac) for i in g])
+            trace.append({"step": t, **entry})
+        out["arms"][arm] = {"r": r, "lr": lr, "steps": steps, "trace": trace, "final": trace[-1]}
+        f = trace[-1]
+        print(f"[agreement] {arm}: step {steps}: rows ρ {f['rows']:.2f}, cols ρ {f['cols']:.2f}, cos {f['cosine']:.2f}, "
+              f"channels(EMA) ρ lora {f['channels_ema_lora']:.2f} / magnitude {f['channels_ema_magnitude']:.2f}, "
+              f"‖B‖/‖A‖ {f['B_over_A']:.3f}", flush=True)  # fmt: skip
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------- quality
 
 
@@ -466,6 +739,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="per-phase breakdown (forward, backward, importance, mask update, callback) into 'breakdown'",
     )
+    ap.add_argument(
+        "--agreement",
+        action="store_true",
+        help="tiny-model diagnostic: LoRA-guided vs true-gradient importance rankings over steps, into 'agreement'",
+    )
+    ap.add_argument("--agreement-pretrain", type=int, default=60, help="full-training steps of the tiny model first")
     ap.add_argument("--out", default=None, help="results file (default: results/loraprune.json)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -489,6 +768,8 @@ def main(argv=None) -> int:
     if args.profile:
         report["breakdown"] = run_profile(args)
         print(json.dumps(report["breakdown"], indent=1), flush=True)
+    if args.agreement:
+        report["agreement"] = run_agreement(args)
     if not args.skip_cost:
         report["cost"] = run_cost(args)
         report["cost"]["settings"] = settings
