@@ -41,6 +41,7 @@ def test_grad_mode_probe_sees_the_base_gradients_before_the_pruner_drops_them():
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert summary["live_grad_mb"] == pytest.approx(_mb(scored) + _mb(lora))
     assert all(W.grad is None for W in scored)  # ... and dropped them after scoring: the probe ran first
+    assert summary["rss_at_scoring_mb"] > 0
 
 
 def test_lora_mode_probe_counts_only_the_lora_gradients_and_records_phase_peaks():
