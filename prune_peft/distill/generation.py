@@ -45,7 +45,7 @@ __all__ = [
 BACKENDS = ("transformers", "vllm")
 
 # New tokens per ``generate`` call of a chunked batch: smaller drops finished rows sooner, each call costs a setup.
-DECODE_CHUNK = 8
+DECODE_CHUNK = 4
 # generation kwargs that mean the same whether a batch is generated in one call or continued chunk by chunk
 # (min_new_tokens is carried over as what is still owed); stop strings, custom stopping criteria, beams or several
 # sequences per prompt run as one call.

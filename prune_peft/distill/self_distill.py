@@ -459,7 +459,8 @@ def self_distill(
             returning ``None``/``True`` (pass), ``False`` or a reason string (reject). ``example`` holds the
             row's columns plus ``instruction``, ``reference`` and ``gold_answer``. Rejected rows keep the original.
         chat_template: use the tokenizer's chat template (default: when it has one) or the plain-text prompt.
-        batch_size: prompts per ``generate`` call (sorted by length, left-padded); 1 = per-sample loop.
+        batch_size: prompts per batch (sorted by length, left-padded); 1 = per-sample loop. A batch is decoded a few
+            tokens per ``generate`` call with finished rows dropped between calls (``generation.DECODE_CHUNK``).
         seed: torch is seeded per batch, so sampled rewrites are reproducible and resume-stable.
         prefix_cache: (transformers backend) prefill the prompts' shared template prefix once and reuse its KV
             cache in every batch; the same tokens as without it, less prefill work.

@@ -125,20 +125,28 @@ class _Stop(Exception):
     pass
 
 
+def _count_batches(model) -> dict:
+    """Wrap ``model.generate`` to count the batches it starts: a batch is decoded a few tokens per call, and only
+    its first call has more than one token the cache lacks (later calls continue with the one newest token)."""
+    calls = {"n": 0}
+    generate = model.generate
+
+    def counting_generate(*a, **k):
+        cache = k.get("cache")
+        calls["n"] += k["input_ids"].shape[1] - (cache.get_seq_length() if cache is not None else 0) > 1
+        return generate(*a, **k)
+
+    model.generate = counting_generate
+    return calls
+
+
 def test_interrupted_run_resumes_without_recompute_or_duplicates(tiny_model, tokenizer, tmp_path):
     model = tiny_model("llama", seed=0)
     ds = arithmetic_problems(7, seed=0)
     kw = dict(template="math", filter="none", batch_size=2, progress=False, max_new_tokens=6, do_sample=True, seed=3)
     reference = self_distill(model, tokenizer, ds, **kw)  # uninterrupted, no cache
 
-    calls = {"n": 0}
-    original_generate = model.generate
-
-    def counting_generate(*a, **k):
-        calls["n"] += 1
-        return original_generate(*a, **k)
-
-    model.generate = counting_generate
+    calls = _count_batches(model)
 
     def stop_after_two(batch_index, rows_done):
         if rows_done >= 4:
@@ -190,9 +198,7 @@ def test_changed_configuration_invalidates_the_cache(tiny_model, tokenizer, tmp_
             tiny_model("llama", seed=0), tokenizer, ds.select([0, 1]), template="math", cache_dir=tmp_path, **kw
         )
     model = tiny_model("llama", seed=1)
-    calls = {"n": 0}
-    gen = model.generate
-    model.generate = lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), gen(*a, **k))[1]
+    calls = _count_batches(model)
     self_distill(model, tokenizer, ds, template="math", cache_dir=tmp_path, overwrite=True, **kw)
     assert calls["n"] == 1  # recomputed for the new teacher
     self_distill(model, tokenizer, ds, template="math", cache_dir=tmp_path, **kw)
