@@ -541,7 +541,7 @@ def _train_tiny(arm: str, seed: int, st: dict, train, heldout) -> tuple[list[flo
     weights = {n: m.weight for n, m in linears.items()}
     if arm == "sste":
         apply_sste(model, lambda n: n in linears)
-    elif arm == "hard":
+    elif arm in ("hard", "ste"):  # "hard" adds SR-STE's masked decay below; "ste" is plain hard STE
         for m in linears.values():
             parametrize.register_parametrization(m, "weight", HardSTE())
         weights = {n: m.parametrizations.weight.original for n, m in linears.items()}
@@ -571,8 +571,8 @@ def cmp_sste(ctx: Context) -> dict:
     st = ctx.settings
     train = _byte_stream("train", 400_000)
     heldout = _byte_stream("heldout", st["eval_windows"] * st["sste_seqlen"] + 1)
-    rows: dict[str, list] = {"dense": [], "sste": [], "hard": []}
-    flip: dict[str, list] = {"sste": [], "hard": []}
+    rows: dict[str, list] = {"dense": [], "sste": [], "hard": [], "ste": []}
+    flip: dict[str, list] = {"sste": [], "hard": [], "ste": []}
     for seed in range(st["seeds"]):
         for arm in rows:
             nll, flips = _train_tiny(arm, seed, st, train, heldout)
@@ -588,6 +588,9 @@ def cmp_sste(ctx: Context) -> dict:
         "S-STE vs dense (gap)": paired_diff_ci(rows["sste"], rows["dense"]),
         "hard STE vs dense (gap)": paired_diff_ci(rows["hard"], rows["dense"]),
         "S-STE vs hard STE (mask flip fraction per step)": compare(flip["sste"], flip["hard"], "lower"),
+        # SR-STE's decay is ~1e-3 of the gradient on this tiny task, so also compare with plain hard STE
+        "S-STE vs plain hard STE (held-out NLL)": compare(rows["sste"], rows["ste"], "lower"),
+        "S-STE vs plain hard STE (mask flip fraction per step)": compare(flip["sste"], flip["ste"], "lower"),
     }
     for k in ("S-STE vs dense (gap)", "hard STE vs dense (gap)"):
         verdicts[k]["verdict"] = "gap to dense (no paper direction; lower is closer)"
@@ -1090,7 +1093,10 @@ def main(argv: list[str] | None = None) -> None:
     results = dict(previous)
     for name in names:
         t0 = time.perf_counter()
-        results[name] = {**COMPARISONS[name](ctx), "settings": settings, "minutes": (time.perf_counter() - t0) / 60}
+        minutes = (time.perf_counter() - t0) / 60
+        # comparisons accumulate across runs (--only): each keeps the commit and load it was measured at
+        run = {k: stamp[k] for k in ("git_commit", "git_dirty", "load_1min_start")}
+        results[name] = {**COMPARISONS[name](ctx), "settings": settings, "minutes": minutes, "run": run}
         for key, c in results[name]["comparisons"].items():
             print(f"{name} | {key}: Δ {c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] → {c['verdict']}")
     payload = {
