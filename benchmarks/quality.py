@@ -790,12 +790,16 @@ def loraprune_memory(batch: int, seqlen: int, threads: int) -> dict:
     for config in ("loraprune", "grad"):
         argv = [loraprune.__file__, "--worker", config, "--batch", str(batch), "--seqlen", str(seqlen)]
         r = run_memory_worker(argv, threads)
-        out[config] = {k: r[k] for k in ("peak_rss_mb", "model_rss_mb", "training_mb")}
+        out[config] = {k: r[k] for k in (*loraprune.MEMORY_KEYS, *loraprune.PROBE_KEYS) if k in r}
         print(f"loraprune memory {config}: peak RSS {r['peak_rss_mb']:.0f} MB (training {r['training_mb']:.0f} MB)")
     out["ratios"] = {
         "peak_rss lora ÷ grad": out["loraprune"]["peak_rss_mb"] / out["grad"]["peak_rss_mb"],
         "training_mb lora ÷ grad": out["loraprune"]["training_mb"] / out["grad"]["training_mb"],
     }
+    if out["grad"].get("importance_grad_mb"):  # the gradient state each importance mode reads (the paper's claim)
+        out["ratios"]["importance_grad_mb lora ÷ grad"] = (
+            out["loraprune"]["importance_grad_mb"] / out["grad"]["importance_grad_mb"]
+        )
     return out
 
 
