@@ -838,6 +838,18 @@ QUALITY_EXTRAS: dict[str, Callable[[dict], str]] = {
 QUALITY_SECTION_MODEL = {"quality-sste": "a tiny llama trained from scratch (task line below)"}
 
 
+def quality_run_note(q: dict, names: tuple[str, ...]) -> str:
+    """The commit and start load of the comparisons shown: quality.json accumulates comparisons over ``--only``
+    runs, so its file stamp names only the last run; each comparison keeps its own ``run`` record."""
+    runs = [q.get("comparisons", {}).get(n, {}).get("run") for n in names if n in q.get("comparisons", {})]
+    if not runs or not all(runs):
+        return run_note(q)
+    commits = sorted({(r.get("git_commit") or "unknown")[:7] + ("+dirty" if r.get("git_dirty") else "") for r in runs})
+    loads = [r["load_1min_start"] for r in runs if r.get("load_1min_start") is not None]
+    load = f"load at start {max(loads):.1f}" if loads else "load not recorded for this comparison"
+    return f"commit {', '.join(commits)}, {q.get('stamp', {}).get('threads')} threads, {load} (quality, not timing)"
+
+
 def quality_section(section: str) -> Callable[[Results], str]:
     def render_section(res: Results) -> str:
         q = res.get("quality")
@@ -845,7 +857,7 @@ def quality_section(section: str) -> Callable[[Results], str]:
         if not q:
             return "; ".join(f"*{n}*" for n in names) + ": not measured yet — run `make bench`."
         model = QUALITY_SECTION_MODEL.get(section, q.get("model", ""))
-        parts = [f"Run: {run_note(q)}. Model: {model}."]
+        parts = [f"Run: {quality_run_note(q, names)}. Model: {model}."]
         parts += [quality_comparison(q, n) for n in names]
         return "\n\n".join(parts)
 
