@@ -34,10 +34,11 @@ Comparisons (``--only NAME`` runs one; default: all implemented ones):
 - ``distill`` (item 4): ``prune_peft.distill.drop_layers`` (4 of 30 blocks by angular distance), the unpruned
   teacher rewrites the training responses (``self_distill``, math template), LoRA for the same steps on the
   rewritten vs the original responses (``distill.recipe.finetune_lora``); KL(teacher ‖ student) per held-out
-  Shakespeare window (forgetting) and held-out task NLL per problem.
+  Shakespeare window (forgetting), held-out task NLL per problem (original-style references: favours SFT on the
+  original responses) and the format-free exact match of the final integer of greedy answers.
 
 Budget (2 CPU cores): the estimate is printed at the start (``estimate_seconds``): oneshot 29, owl 15, qtuning 12,
-sste 2 min (≈ 58 min), plus loraprune ≈ 26, recovery ≈ 18, distill ≈ 12 min (≈ 56 min) — ≈ 1 h 54 min for
+sste 2 min (≈ 58 min), plus loraprune ≈ 26, recovery ≈ 18, distill ≈ 27 min (≈ 71 min) — ≈ 2 h 9 min for
 everything (``--only`` runs a part). That budget forces small calibration: the
 oneshot grid is 8 × 512 and 32 × 512 (the library's default 128 × 512 and seqlen 2048 cost 4× / 4× per sample; add
 them with ``--oneshot-grid 8x512,32x512,8x2048`` (+22 min) when time allows), OWL and the recovery base calibrate on
@@ -98,6 +99,8 @@ FULL = {
     "distill_steps": 16,
     "distill_batch": 4,
     "distill_gen_tokens": 64,
+    "distill_acc_eval": 128,
+    "distill_acc_tokens": 48,
 }
 QUICK = {
     "seeds": 1,
@@ -125,6 +128,8 @@ QUICK = {
     "distill_steps": 2,
     "distill_batch": 4,
     "distill_gen_tokens": 16,
+    "distill_acc_eval": 8,
+    "distill_acc_tokens": 16,
 }
 
 CLAIMS = {
@@ -314,13 +319,16 @@ def estimate_seconds(settings: dict, per_token_s: dict[str, float]) -> dict[str,
     gen = settings["distill_train"] * settings["distill_gen_tokens"]
     dist = settings["distill_steps"] * settings["distill_batch"] * DISTILL_ROW_TOKENS
     task_eval = settings["distill_eval"] * DISTILL_ROW_TOKENS * per_token_s["wanda"] / 2
+    acc_gen = settings["distill_acc_eval"] * settings["distill_acc_tokens"] * GEN_S_PER_TOKEN
     return {
         # 2 sparsities × 3 arms (pruning adds ≈ 10 % to a LoRA step), 6 evaluations; 2 memory processes (≈ 1 min)
         "loraprune": s * 2 * 3 * (lp * train * 1.1 + eval_s) + MEMORY_S,
         # a 2:4 Wanda base per seed, 4 adapters, 6 evaluations (dense is shared)
         "recovery": s * (rec_cal * per_token_s["wanda"] + 4 * rec * train * 1.1 + 6 * eval_s),
-        # teacher generation, 2 fine-tunings, KL of 3 models (teacher + student forwards) and task loss of 3
-        "distill": s * (gen * GEN_S_PER_TOKEN + 2 * dist * train + 3 * 2 * eval_s + 3 * task_eval),
+        # teacher generation, 2 fine-tunings, KL of 3 models (teacher + student forwards) and task loss of 3, greedy
+        # exact-match answers of 3 models per seed and of the teacher once
+        "distill": s * (gen * GEN_S_PER_TOKEN + 2 * dist * train + 3 * 2 * eval_s + 3 * task_eval + 3 * acc_gen)
+        + acc_gen,
         "qtuning": s * 6 * qt * 5e-3,  # 6 arms of LoRA SFT on SmolLM2-135M (forward + backward + scoring)
         "sste": s * 3 * steps * 4e-5,  # 3 arms of a tiny model
         "oneshot": s * 2 * (grid * both + 2 * len(settings["oneshot_grid"]) * eval_s),  # 2 patterns
@@ -982,16 +990,29 @@ def cmp_distill(ctx: Context) -> dict:
     import tempfile
 
     from prune_peft.distill import distill_stats, drop_layers, self_distill
-    from prune_peft.distill.recipe import finetune_lora, sft_features
-    from prune_peft.sft_data import arithmetic_problems
+    from prune_peft.distill.generation import generate_texts
+    from prune_peft.distill.recipe import finetune_lora, render_prompt, sft_features
+    from prune_peft.sft_data import arithmetic_problems, extract_final_answer
 
     st = ctx.settings
     teacher, tok = ctx.model, ctx.tok
     task_eval = sft_features(arithmetic_problems(st["distill_eval"], seed=10_000), tok)
     teacher_task = labelled_nll(teacher, task_eval)
+    # format-free task measure: the final integer of a greedy answer (``#### n`` or the last number) vs the gold one,
+    # so neither the original template nor the teacher's style is favoured; a separate, larger problem set
+    acc_eval = arithmetic_problems(st["distill_acc_eval"], seed=20_000)
+    chat = bool(getattr(tok, "chat_template", None))
+    acc_ids = [tok(render_prompt(tok, p, chat), add_special_tokens=not chat)["input_ids"] for p in acc_eval["prompt"]]
+
+    def exact_match(m) -> list[float]:
+        texts = generate_texts(m, tok, acc_ids, batch_size=32, max_new_tokens=st["distill_acc_tokens"])
+        return [float(extract_final_answer(t) == g) for t, g in zip(texts, acc_eval["answer"])]
+
+    teacher_acc = exact_match(teacher)
     names = ("pruned, no fine-tuning", "SFT on original responses", "SFT on self-distilled responses")
     kl: dict[str, list] = {k: [] for k in names}
     task: dict[str, list] = {k: [] for k in names}
+    acc: dict[str, list] = {k: [] for k in names}
     dropped, stats = [], []
     for seed in range(st["seeds"]):
         train = arithmetic_problems(st["distill_train"], seed=seed)
@@ -1011,6 +1032,7 @@ def cmp_distill(ctx: Context) -> dict:
         for name, m in models.items():
             kl[name].append(window_kl(teacher, m, ctx.heldout, st["eval_seqlen"], st["eval_windows"]))
             task[name].append(labelled_nll(m, task_eval))
+            acc[name].append(exact_match(m))
             print(
                 f"distill {name} seed {seed}: KL {sum(kl[name][-1]) / len(kl[name][-1]):.4f}, task NLL "
                 f"{sum(task[name][-1]) / len(task[name][-1]):.4f}",
@@ -1021,9 +1043,14 @@ def cmp_distill(ctx: Context) -> dict:
     arms = {f"KL to teacher: {k}": bootstrap_ci(v) for k, v in kl.items()}
     arms["task NLL: unpruned teacher"] = bootstrap_ci([teacher_task])
     arms.update({f"task NLL: {k}": bootstrap_ci(v) for k, v in task.items()})
+    arms["exact match: unpruned teacher"] = bootstrap_ci([teacher_acc])
+    arms.update({f"exact match: {k}": bootstrap_ci(v) for k, v in acc.items()})
     verdicts = {
         "self-distilled vs original (KL to teacher, held-out text)": compare(kl[dist], kl[orig], "lower"),
-        "self-distilled vs original (task NLL)": compare(task[dist], task[orig], "lower"),
+        "self-distilled vs original (task NLL, original-style references: favours original)": compare(
+            task[dist], task[orig], "lower"
+        ),
+        "self-distilled vs original (exact match of the final integer)": compare(acc[dist], acc[orig], "higher"),
         "SFT on original vs no fine-tuning (KL to teacher)": paired_diff_ci(kl[orig], kl["pruned, no fine-tuning"]),
     }
     verdicts["SFT on original vs no fine-tuning (KL to teacher)"]["verdict"] = (
@@ -1033,7 +1060,8 @@ def cmp_distill(ctx: Context) -> dict:
         "claim": CLAIMS["distill"],
         "metric": "KL(teacher ‖ student) in nats per token, mean per held-out Shakespeare window (general text: "
         "forgetting; lower is closer to the unpruned model); task NLL = mean NLL of the original held-out answers' "
-        "tokens per problem (note: the held-out answers are in the original style, which favours SFT on original)",
+        "tokens per problem (note: the held-out answers are in the original style, which favours SFT on original); "
+        "exact match = 1 when the final integer of a greedy answer equals the gold one (format-free), per problem",
         "task": f"drop {st['distill_drop']} of {teacher.config.num_hidden_layers} blocks (angular distance, calibration: the seed's training "
         f"problems), teacher rewrites {st['distill_train']} arithmetic responses (math template, ≤ "
         f"{st['distill_gen_tokens']} new tokens, wrong answers keep the original), then LoRA r=8 for "
@@ -1043,7 +1071,7 @@ def cmp_distill(ctx: Context) -> dict:
         "layer_drop": dropped,
         "distill_stats": stats,
         "windows_are": f"KL: {st['eval_windows']} held-out windows of {st['eval_seqlen']} tokens; task: "
-        f"{st['distill_eval']} held-out problems",
+        f"{st['distill_eval']} held-out problems; exact match: {st['distill_acc_eval']} other held-out problems",
         "seed_meaning": "training problems (and so the calibration of the layer drop and the rewrites), LoRA "
         "initialisation and data order (shared by both fine-tunings of a seed)",
     }
