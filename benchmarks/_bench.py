@@ -170,6 +170,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> None:
+    """Reset :func:`peak_rss_mb` (VmHWM) to the current RSS, to measure the peak of one phase
+    (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
 def memory_record(baseline_mb: float) -> dict:
     """In a memory worker, after the measured work: peak, baseline and the extra memory the work added."""
     peak = peak_rss_mb()

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import MEMORY_ENV, results_path, rss_mb, start_stamp, write_results
+from _bench import MEMORY_ENV, peak_rss_mb, reset_peak_rss, results_path, rss_mb, start_stamp, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,19 +51,6 @@ MEMORY_NOTE = (
     "training_mb = peak_rss_mb - model_rss_mb; runtime_rss_mb = RSS after the imports (Python, torch, transformers: "
     "not shardable). Ratios: max over ranks of peak_rss_mb / the single process's peak_rss_mb."
 )
-
-
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:  # Linux ≥ 4.0: VmHWM := current RSS
-        fh.write("5")
 
 
 def _windows(tok, seqlen: int, n: int):
@@ -119,8 +106,8 @@ def worker(args) -> dict:
         for p in model.parameters():
             _dist.local(p).add_(0)
     model_rss = rss_mb()
-    load_peak = _vm_hwm_mb()
-    _reset_peak()
+    load_peak = peak_rss_mb()
+    reset_peak_rss()
     losses = []
     for step in range(args.steps):
         rows = data[step * args.batch + rank * per_rank : step * args.batch + (rank + 1) * per_rank]
@@ -131,7 +118,7 @@ def worker(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    peak = _vm_hwm_mb()
+    peak = peak_rss_mb()
     record = {
         "rank": rank,
         "world_size": world,

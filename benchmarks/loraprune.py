@@ -50,6 +50,8 @@ from _bench import (
     MEMORY_METHOD,
     memory_record,
     paired,
+    peak_rss_mb,
+    reset_peak_rss,
     results_path,
     rss_mb,
     run_memory_worker,
@@ -202,21 +204,6 @@ def run_timing(args) -> dict:
     }
 
 
-def _hwm_mb() -> float:
-    """VmHWM of this process (MiB): the peak RSS since the process started or since the last :func:`_reset_hwm`."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
 class MemoryProbe:
     """Where the peak RSS of a training run occurs, and the gradients the importance mode keeps alive when it scores.
 
@@ -243,8 +230,8 @@ class MemoryProbe:
         self.steps: list[dict] = []
         self.setup_peak_mb: float | None = None
         try:
-            self.setup_peak_mb = _hwm_mb()  # loading, copying and paging in the model
-            _reset_hwm()
+            self.setup_peak_mb = peak_rss_mb()  # loading, copying and paging in the model
+            reset_peak_rss()
             self.enabled = True
         except OSError:  # no clear_refs (not Linux, or restricted): gradient bytes only
             self.enabled = False
@@ -254,8 +241,8 @@ class MemoryProbe:
 
     def _mark(self, phase: str) -> None:
         if self.enabled:
-            self._current.setdefault("phase_peak_mb", {})[phase] = _hwm_mb()
-            _reset_hwm()
+            self._current.setdefault("phase_peak_mb", {})[phase] = peak_rss_mb()
+            reset_peak_rss()
 
     def _forward_done(self, module, inputs, output) -> None:
         self._mark("forward")
@@ -271,8 +258,8 @@ class MemoryProbe:
 
     def on_step_begin(self, *args, **kwargs) -> None:
         if self.enabled:  # since the last mark: Trainer setup or the gap between steps
-            self._other_mb = max(self._other_mb, _hwm_mb())
-            _reset_hwm()
+            self._other_mb = max(self._other_mb, peak_rss_mb())
+            reset_peak_rss()
         self._current = {}
 
     def on_pre_optimizer_step(self, *args, **kwargs) -> None:
@@ -301,7 +288,7 @@ class MemoryProbe:
             "rss_at_scoring_mb": max((s["rss_at_scoring_mb"] for s in self.steps), default=0.0),
         }
         if self.enabled:
-            self._other_mb = max(self._other_mb, _hwm_mb())  # teardown since the last step
+            self._other_mb = max(self._other_mb, peak_rss_mb())  # teardown since the last step
             peaks = {ph: max(s.get("phase_peak_mb", {}).get(ph, 0.0) for s in self.steps) for ph in self.PHASES[:3]}
             peaks["other"] = self._other_mb
             out["phase_peak_rss_mb"] = {"setup": self.setup_peak_mb, **peaks}
