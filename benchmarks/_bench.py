@@ -83,8 +83,13 @@ def is_loaded(load_start: float, load_end: float, threads: int, cpu_count: int) 
 def start_stamp(threads: int, quick: bool = False) -> dict:
     """Call at the start of a run, before any measured work: commit, versions, machine, load at start."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("PRUNE_PEFT_GIT_COMMIT"):
+        # a copy of the tree without .git (the GPU machine): benchmarks/gpu_check.sh passes the commit along
+        commit = os.environ["PRUNE_PEFT_GIT_COMMIT"]
+        status = os.environ.get("PRUNE_PEFT_GIT_DIRTY")
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": commit,
         "git_dirty": None if status is None else bool(status),
         "versions": _versions(),
         "threads": int(threads),

@@ -94,15 +94,21 @@ def test_fp32_on_gpu_falls_back_exactly():
 
 
 @needs_sm80
-def test_triton_cutlass_pack_equals_pytorch_cutlass_tensor():
-    if torch.cuda.get_device_capability()[0] != 8:
-        pytest.skip("CUTLASS 2:4 is sm8x-only")
-    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_cutlass_pack_equals_pytorch_cutlass_layout(dtype):
+    """The compiled Triton packer against PyTorch's own CUTLASS-layout converter (runs on any CUDA GPU, Hopper
+    included), and on sm8x, where PyTorch builds CUTLASS 2:4 tensors, against ``from_dense`` too."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
-    w = prune24(_w((256, 512), torch.float16))[0]
+    w = prune24(_w((256, 512), dtype))[0]
     ours = compress24(w, impl="triton")
-    ref = SparseSemiStructuredTensorCUTLASS.from_dense(w)
-    assert torch.equal(ours[0], ref.packed) and torch.equal(ours[1], ref.meta)
+    values, meta = sparse_semi_structured_from_dense_cutlass(w)
+    assert torch.equal(ours[0].view(torch.int16), values.view(torch.int16)) and torch.equal(ours[1], meta)
+    if torch.cuda.get_device_capability()[0] == 8:
+        from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+        ref = SparseSemiStructuredTensorCUTLASS.from_dense(w)
+        assert torch.equal(ours[0], ref.packed) and torch.equal(ours[1], ref.meta)
 
 
 @needs_sm80
