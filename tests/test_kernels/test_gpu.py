@@ -125,6 +125,7 @@ def test_sparse_lora_use_semi_structured_on_gpu(tiny_model):
     cfg = {"r": 8, "target_modules": "all-linear", "init_lora_weights": False}
     ref = get_peft_model(copy.deepcopy(base), SparseLoraConfig(**cfg))
     sp = get_peft_model(copy.deepcopy(base), SparseLoraConfig(**cfg, use_semi_structured=True))
+    sp.load_state_dict(ref.state_dict())  # the same factors: init_lora_weights=False draws them at random
     ids = torch.randint(0, 260, (2, 64), device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error", SemiStructuredFallbackWarning)
