@@ -195,6 +195,11 @@ def packed_linear(x2d: torch.Tensor, packed: _Packed, bias: torch.Tensor | None 
         y = F.linear(x2d, decompress24(*packed.handle), bias)
     else:
         y = F.linear(x2d.contiguous(), packed.handle, bias)  # bias fused into the sparse GEMM epilogue
+        # PyTorch computes W·xᵀ and returns its transpose, a column-major view: downstream kernels then leave their
+        # fast paths (on an H200, SDPA fell back to fp32 math attention on q/k/v views of it). One copy makes it
+        # row-major; cuSPARSELt's own transpose_result measured slower (bf16) or far slower (fp16) there.
+        y = y[:, : packed.rows] if packed.rows_padded != packed.rows else y
+        return y.contiguous()
     return y[:, : packed.rows] if packed.rows_padded != packed.rows else y
 
 

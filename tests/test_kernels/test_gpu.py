@@ -73,6 +73,7 @@ def test_sparse_linear_matches_dense(dtype, backend, out_f, in_f, tokens, transp
         warnings.simplefilter("error", SemiStructuredFallbackWarning)  # must not fall back here
         y = sparse(x)
     assert sparse.semi_structured_backend(x)[0] in ("cusparselt", "cutlass")
+    assert y.is_contiguous()  # a column-major view would push downstream kernels (SDPA) off their fast paths
     yr = dense(xr)
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 5e-3, "atol": 5e-3}
     torch.testing.assert_close(y, yr, **tol)
