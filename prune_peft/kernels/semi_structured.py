@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -151,6 +151,8 @@ class _Packed:
     cols: int
     rows_padded: int
     cols_padded: int
+    # cuSPARSELt algorithm per power-of-two token bucket, from cuSPARSELt's own search (bf16 row-major path)
+    alg_ids: dict = field(default_factory=dict)
 
 
 def _pad2d(w: torch.Tensor, rm: int, cm: int) -> torch.Tensor:
@@ -193,14 +195,38 @@ def packed_linear(x2d: torch.Tensor, packed: _Packed, bias: torch.Tensor | None 
         bias = F.pad(bias, (0, packed.rows_padded - packed.rows))
     if packed.backend == "emulate":
         y = F.linear(x2d, decompress24(*packed.handle), bias)
+    elif packed.backend == "cusparselt" and x2d.dtype == torch.bfloat16:
+        y = _cslt_row_major(x2d.contiguous(), packed)
+        if bias is not None:
+            y = y + bias
     else:
-        y = F.linear(x2d.contiguous(), packed.handle, bias)  # bias fused into the sparse GEMM epilogue
         # PyTorch computes W·xᵀ and returns its transpose, a column-major view: downstream kernels then leave their
-        # fast paths (on an H200, SDPA fell back to fp32 math attention on q/k/v views of it). One copy makes it
-        # row-major; cuSPARSELt's own transpose_result measured slower (bf16) or far slower (fp16) there.
-        y = y[:, : packed.rows] if packed.rows_padded != packed.rows else y
-        return y.contiguous()
-    return y[:, : packed.rows] if packed.rows_padded != packed.rows else y
+        # fast paths (on an H200, SDPA fell back to fp32 math attention on q/k/v views of it), so one copy makes it
+        # row-major. fp16: cuSPARSELt's transpose_result ran ~100× slower than this on an H200 (torch 2.11).
+        y = F.linear(x2d.contiguous(), packed.handle, bias)
+    y = y[:, : packed.rows] if packed.rows_padded != packed.rows else y
+    return y.contiguous()  # row-major (a no-op where it already is)
+
+
+def _cslt_row_major(x2d: torch.Tensor, packed: _Packed) -> torch.Tensor:
+    """``x Wᵀ`` (tokens × out) written row-major by cuSPARSELt itself (``transpose_result``), bf16.
+
+    The op under PyTorch's ``SparseSemiStructuredTensorCUSPARSELT`` (``torch._cslt_sparse_mm``), called directly for
+    two of its options: the fused transpose (no copy of the output) and the algorithm id, which cuSPARSELt's own
+    search (``torch._cslt_sparse_mm_search``) picks once per power-of-two token bucket; on an H200 the default
+    algorithm with the fused transpose ran at 0.87× dense bf16 and the searched one at 1.25–1.34×.
+    """
+    n = x2d.shape[0]
+    pad = (-n) % 8  # cuSPARSELt's dense operand: rows in multiples of 8 for 16-bit types
+    xp = F.pad(x2d, (0, 0, 0, pad)) if pad else x2d
+    compressed = packed.handle.packed
+    bucket = 1 << max(3, (xp.shape[0] - 1).bit_length())
+    alg = packed.alg_ids.get(bucket)
+    if alg is None:
+        found = torch._cslt_sparse_mm_search(compressed, xp.t(), transpose_result=True)
+        alg = packed.alg_ids[bucket] = int(found if isinstance(found, int) else found[0])
+    y = torch._cslt_sparse_mm(compressed, xp.t(), transpose_result=True, alg_id=alg)
+    return y[:n] if pad else y
 
 
 # ------------------------------------------------------------------------------------------------------ autograd
