@@ -1125,10 +1125,11 @@ def main(argv: list[str] | None = None) -> None:
     results = dict(previous)
     for name in names:
         t0 = time.perf_counter()
+        measured = COMPARISONS[name](ctx)
         minutes = (time.perf_counter() - t0) / 60
         # comparisons accumulate across runs (--only): each keeps the commit and load it was measured at
         run = {k: stamp[k] for k in ("git_commit", "git_dirty", "load_1min_start")}
-        results[name] = {**COMPARISONS[name](ctx), "settings": settings, "minutes": minutes, "run": run}
+        results[name] = {**measured, "settings": settings, "minutes": minutes, "run": run}
         for key, c in results[name]["comparisons"].items():
             print(f"{name} | {key}: Δ {c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] → {c['verdict']}")
     payload = {
