@@ -84,8 +84,9 @@ def start_stamp(threads: int, quick: bool = False) -> dict:
     """Call at the start of a run, before any measured work: commit, versions, machine, load at start."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     commit = _git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("PRUNE_PEFT_GIT_COMMIT"):
-        # a copy of the tree without .git (the GPU machine): benchmarks/gpu_check.sh passes the commit along
+    if os.environ.get("PRUNE_PEFT_GIT_COMMIT"):
+        # a copy of the tree run elsewhere (the GPU machine), whose .git may be missing or stale: the caller of
+        # benchmarks/gpu_check.sh names the commit it sent
         commit = os.environ["PRUNE_PEFT_GIT_COMMIT"]
         status = os.environ.get("PRUNE_PEFT_GIT_DIRTY")
     return {

@@ -11,6 +11,8 @@
 # benchmark's own `--dry-run` exercises its code paths on the CPU).
 #
 # Budget: pytest ≤ 4 min, benchmark ≤ 6 min (each under `timeout`), so one run fits a 10-minute device call.
+# Stamp: export PRUNE_PEFT_GIT_COMMIT=<the commit sent> (and PRUNE_PEFT_GIT_DIRTY=1 if the tree was dirty); a copied
+# tree's .git can be missing or stale, and the results stamp takes the variable first.
 set -u -o pipefail
 OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR [WHEELDIR]}
 WHEELS=${2:-.whl}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -151,8 +151,11 @@ class _Packed:
     cols: int
     rows_padded: int
     cols_padded: int
-    # cuSPARSELt algorithm per power-of-two token bucket, from cuSPARSELt's own search (bf16 row-major path)
-    alg_ids: dict = field(default_factory=dict)
+
+
+# cuSPARSELt algorithm per (device, rows, cols, power-of-two token bucket), from cuSPARSELt's own search (bf16
+# row-major path). Keyed by shape, not by matrix: SparseLoRA repacks [W | ΔW] after every optimizer step.
+_CSLT_ALG: dict[tuple, int] = {}
 
 
 def _pad2d(w: torch.Tensor, rm: int, cm: int) -> torch.Tensor:
@@ -213,18 +216,24 @@ def _cslt_row_major(x2d: torch.Tensor, packed: _Packed) -> torch.Tensor:
 
     The op under PyTorch's ``SparseSemiStructuredTensorCUSPARSELT`` (``torch._cslt_sparse_mm``), called directly for
     two of its options: the fused transpose (no copy of the output) and the algorithm id, which cuSPARSELt's own
-    search (``torch._cslt_sparse_mm_search``) picks once per power-of-two token bucket; on an H200 the default
+    search (``torch._cslt_sparse_mm_search``) picks once per shape and power-of-two token bucket; on an H200 the default
     algorithm with the fused transpose ran at 0.87× dense bf16 and the searched one at 1.25–1.34×.
     """
     n = x2d.shape[0]
     pad = (-n) % 8  # cuSPARSELt's dense operand: rows in multiples of 8 for 16-bit types
     xp = F.pad(x2d, (0, 0, 0, pad)) if pad else x2d
     compressed = packed.handle.packed
-    bucket = 1 << max(3, (xp.shape[0] - 1).bit_length())
-    alg = packed.alg_ids.get(bucket)
+    key = (str(x2d.device), packed.rows_padded, packed.cols_padded, 1 << max(3, (xp.shape[0] - 1).bit_length()))
+    alg = _CSLT_ALG.get(key)
     if alg is None:
-        found = torch._cslt_sparse_mm_search(compressed, xp.t(), transpose_result=True)
-        alg = packed.alg_ids[bucket] = int(found if isinstance(found, int) else found[0])
+        try:
+            with warnings.catch_warnings():  # torch 2.11 marks the search deprecated (a successor is not public yet)
+                warnings.simplefilter("ignore", UserWarning)
+                found = torch._cslt_sparse_mm_search(compressed, xp.t(), transpose_result=True)
+            alg = int(found if isinstance(found, int) else found[0])
+        except (AttributeError, RuntimeError):  # a PyTorch without the search: the default algorithm
+            alg = 0
+        _CSLT_ALG[key] = alg
     y = torch._cslt_sparse_mm(compressed, xp.t(), transpose_result=True, alg_id=alg)
     return y[:n] if pad else y
 
