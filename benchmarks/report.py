@@ -576,6 +576,44 @@ def qtuning_section(res: Results) -> str:
     )
 
 
+# raw outputs of GPU runs that wrote no JSON or are probes (benchmarks/results/gpu_runs/): read, never typed
+GPU_ROWMAJOR_LOG = "gpu_runs/2026-11-30_440e64b/bench.log"
+GPU_PROBES = "gpu_runs/2026-11-30_2b38296_probes/diag.json"
+_GPU_LOG_ROW = re.compile(
+    r"^\s*(?P<d_in>\d+)→(?P<d_out>\d+)\s+(?P<tokens>\d+)\s+(?P<dtype>bf16|fp16)\s+(?P<t>[T-])\s+(?P<backend>\S+)\s+"
+    r"(?P<fwd>[\d.]+)\s+(?P<fwd_bwd>[\d.]+)(?:\s+(?P<kernel>[\d.]+|nan))?\s*$"
+)
+
+
+def parse_gpu_log(text: str) -> list[dict]:
+    """The per-configuration lines ``sparse24_gpu.py`` prints (shape, tokens, dtype, mask, backend, ratios)."""
+    rows = []
+    for line in text.splitlines():
+        m = _GPU_LOG_ROW.match(line)
+        if m:
+            k = m["kernel"]
+            rows.append({"d_in": int(m["d_in"]), "d_out": int(m["d_out"]), "tokens": int(m["tokens"]),
+                         "dtype": m["dtype"], "transposable": m["t"] == "T", "backend": m["backend"],
+                         "fwd_speedup": float(m["fwd"]), "fwd_bwd_speedup": float(m["fwd_bwd"]),
+                         "kernel_only_fwd_speedup": None if k in (None, "nan") else float(k)})  # fmt: skip
+    return rows
+
+
+def _gpu_config_table(rows: list[dict], kernel: bool) -> str:
+    head = ["shape (in→out)", "tokens", "dtype", "mask", "forward", "forward + ∂x"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([f"{r['d_in']}→{r['d_out']}", str(r["tokens"]), r.get("dtype", "?"), "", "failed", r["error"]])
+            continue
+        line = [f"{r['d_in']}→{r['d_out']}", str(r["tokens"]), r.get("dtype", "bf16"),
+                "transposable" if r["transposable"] else "row-wise", x(r["fwd_speedup"]), x(r["fwd_bwd_speedup"])]  # fmt: skip
+        if kernel:
+            line.append(x(r.get("kernel_only_fwd_speedup")))
+        body.append(line)
+    return table([*head, "bare kernel, forward"] if kernel else head, body)
+
+
 def sparse24_gpu_section(res: Results) -> str:
     g = res.get("sparse24_gpu")
     if not g:
@@ -587,18 +625,70 @@ def sparse24_gpu_section(res: Results) -> str:
         ]  # fmt: skip
         return table(["measurement (bf16, dense ÷ sparse time)", "goal", "result"], rows)
     s = g["summary"]
+    env = g["env"]
     lin = g["linear"]
-    fb = [r["fwd_bwd_speedup"] for r in lin if r["tokens"] == 16384 and r["transposable"]]
+    fb = [r["fwd_bwd_speedup"] for r in lin if r.get("tokens") == 16384 and r.get("transposable") and "error" not in r
+          and r.get("dtype", "bf16") == "bf16"]  # fmt: skip
     fwd = ", ".join(f"{k}: {x(v)}" for k, v in s.get("goal_fwd_speedups", {}).items()) or "–"
+    sft = g.get("sft") or {}
+    log_rows = res.get("sparse24_gpu_rowmajor_log") or []
+    goal_log = [r for r in log_rows if r["tokens"] == 16384 and not r["transposable"] and r["dtype"] == "bf16"]
     rows = [
-        ["linear forward, 4096→11008 / 4096→14336, 16384 tokens", _gpu_goal(s.get("goal_fwd_1.6x_met"), 1.6), fwd],
-        ["linear forward + input gradient, same tokens, transposable mask (best / worst shape)", "–",
-         f"{x(max(fb))} / {x(min(fb))}" if fb else "–"],
-        ["one SFT step, SmolLM2-135M 2:4 + SparseLoRA, batch 8 × 512, sparse vs dense",
-         _gpu_goal(s.get("goal_sft_1.2x_met"), 1.2), x(s.get("sft_step_speedup"))],
+        ["linear forward, 4096→11008 / 4096→14336, 16384 tokens (run A: output copied to row-major)",
+         _gpu_goal(s.get("goal_fwd_1.6x_met"), 1.6), fwd],
     ]  # fmt: skip
-    head = f"Run: {run_note(g)}, {g['env']['gpu']} ({g['env']['capability']})."
-    return head + "\n\n" + table(["measurement (bf16, dense ÷ sparse time)", "goal", "result"], rows)
+    if goal_log:
+        worst = min(r["fwd_speedup"] for r in goal_log)
+        rows.append(["the same, run B (bf16 written row-major by cuSPARSELt, searched algorithm; the code at HEAD)",
+                     f"≥ 1.6× — {'met' if worst >= 1.6 else '**missed**'}",
+                     ", ".join(f"{r['d_in']}->{r['d_out']}: {x(r['fwd_speedup'])}" for r in goal_log)])  # fmt: skip
+    rows += [
+        ["linear forward + input gradient, 16384 tokens, transposable mask, bf16 (run A, best / worst shape)", "–",
+         f"{x(max(fb))} / {x(min(fb))}" if fb else "–"],
+        ["one SFT step, SmolLM2-135M architecture 2:4 + SparseLoRA, batch 8 × 512, sparse vs dense (run A)",
+         _gpu_goal(s.get("goal_sft_1.2x_met"), 1.2),
+         f"{x(s.get('sft_step_speedup'))} ({x((sft.get('step_speedup_min_max') or [None])[0])}–"
+         f"{x((sft.get('step_speedup_min_max') or [None, None])[1])} over {g['stamp']['argv'][-3]} pairs)"
+         if sft else "–"],
+    ]  # fmt: skip
+    head = (
+        f"Run A: `benchmarks/gpu_check.sh` at {run_note(g)}; {env['gpu']} ({env['capability']}), torch {env['torch']}, "
+        f"CUDA {env['cuda']}, cuSPARSELt {env['cusparselt_version']}."
+    )
+    parts = [head, table(["measurement (dense ÷ sparse time)", "goal", "result"], rows)]
+    if sft:
+        prof = sft.get("profile_top_kernels") or {}
+        dev = {k: v[0]["total_self_ms_per_step"] for k, v in prof.items() if v}
+        line = (
+            f"SFT step (run A): dense {sft['dense_step_ms']:.0f} ms, sparse {sft['sparse_step_ms']:.0f} ms per step "
+            f"({sft['weights']})"
+        )
+        if dev:
+            line += f"; GPU busy time per step (profiler): dense {dev.get('dense', 0):.0f} ms, sparse {dev.get('sparse', 0):.0f} ms"
+        parts.append(line + ".")
+    for c in g.get("cutlass_probe") or []:
+        outcome = "runs" if c["runs"] else f"fails: `{c['error']}`"
+        parts.append(f"PyTorch's CUTLASS 2:4 GEMM on this GPU, {c['dtype']}: {outcome}.")
+    parts.append("Every configuration of run A (layer ÷ dense `nn.Linear`, back-to-back calls):\n\n"
+                 + _gpu_config_table(lin, kernel=False))  # fmt: skip
+    if log_rows:
+        parts.append(f"Run B (`benchmarks/results/{GPU_ROWMAJOR_LOG}`, the code at HEAD for bf16; its SFT step hit "
+                     "the run's time limit before the JSON was written, so only this printed table exists):\n\n"
+                     + _gpu_config_table(log_rows, kernel=True))  # fmt: skip
+    probes = (res.get("sparse24_gpu_probes") or {}).get("probes") or []
+    if probes:
+        prow = []
+        for r in probes:
+            prow.append([f"{r['d_in']}→{r['d_out']}", str(r["tokens"]), "bf16" if "bfloat16" in r["dtype"] else "fp16",
+                         f"{r['dense_ms']:.3f}", x(r.get("ours_x")), x(r.get("ours_graph_x")), x(r.get("raw_alg0_x")),
+                         x(r.get("raw_best_x")), x(r.get("raw_best_T_x")), x(r.get("raw_alg0_T_x"))])  # fmt: skip
+        parts.append(
+            f"Kernel probes (`benchmarks/sparse24_gpu_probes.py`, `benchmarks/results/{GPU_PROBES}`; the layer then "
+            "returned PyTorch's column-major view, no copy), speed ÷ dense:\n\n"
+            + table(["shape", "tokens", "dtype", "dense ms", "layer", "layer, CUDA graph", "bare kernel",
+                     "searched algorithm", "searched + fused transpose", "fused transpose, default algorithm"], prow)
+        )  # fmt: skip
+    return "\n\n".join(parts)
 
 
 def distributed_section(res: Results) -> str:
@@ -900,6 +990,10 @@ def load_results(results_dir: Path) -> Results:
     for name in BENCHMARKS:
         path = results_dir / f"{name}.json"
         out[name] = json.loads(path.read_text()) if path.exists() else None
+    log = results_dir / GPU_ROWMAJOR_LOG
+    out["sparse24_gpu_rowmajor_log"] = parse_gpu_log(log.read_text()) if log.exists() else None  # type: ignore[assignment]
+    probes = results_dir / GPU_PROBES
+    out["sparse24_gpu_probes"] = json.loads(probes.read_text()) if probes.exists() else None
     return out
 
 
