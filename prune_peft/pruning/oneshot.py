@@ -34,7 +34,17 @@ from ..sparsity import (
     validate_sparsity,
     wanda_scores,
 )
-from ..sparsity.owl import OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_owl_args, layer_outlier_ratio, owl_layer_sparsities
+from ..sparsity.masks import keep_top, keep_top_per_row
+from ..sparsity.owl import (
+    OWL_DEFAULT_LAMBDA,
+    OWL_DEFAULT_M,
+    check_owl_args,
+    largest_remainder,
+    layer_outlier_ratio,
+    owl_layer_sparsities,
+    owl_prune_counts,
+    spread_over_rows,
+)
 
 __all__ = ["METHODS", "SPARSITY_PROFILES", "PruneReport", "check_prune_args", "prune", "target_linears"]
 
@@ -207,11 +217,23 @@ def _prune_weight(
     scope: str,
     blocksize: int,
     percdamp: float,
+    n_prune: int | None = None,
 ):
+    """Prune one weight; ``n_prune`` (OWL's integer count of this linear) replaces the per-group ``int(s · count)``."""
     if method == "sparsegpt":
-        return sparsegpt_prune(weight, stats.H, sparsity, pattern, blocksize=blocksize, percdamp=percdamp)
+        return sparsegpt_prune(
+            weight, stats.H, sparsity, pattern, blocksize=blocksize, percdamp=percdamp, n_prune=n_prune
+        )
     scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, stats.sq_mean)
-    keep = nm_mask(scores, pattern.n, pattern.m) if pattern else unstructured_mask(scores, sparsity, scope)
+    if pattern:
+        keep = nm_mask(scores, pattern.n, pattern.m)
+    elif n_prune is None:
+        keep = unstructured_mask(scores, sparsity, scope)
+    elif scope == "row":  # the layer's count spread over its rows, per-row counts within one of each other
+        rows, cols = scores.shape
+        keep = keep_top_per_row(scores, cols - spread_over_rows(n_prune, rows, cols).to(scores.device))
+    else:
+        keep = keep_top(scores.reshape(1, -1), scores.numel() - n_prune).reshape(scores.shape)
     return weight * keep.to(weight.dtype), keep
 
 
@@ -445,7 +467,8 @@ def _advance(block, hidden, captured) -> None:
 
 def _owl_sparsities(model, blocks, blocks_name, targets, tokens, batch_size, device, sparsity, owl) -> dict:
     """OWL's first pass over the dense model: each decoder layer's outlier ratio of its pooled Wanda scores, then
-    the per-layer sparsities (weighted by the layer's pruned parameters, so the model-wide fraction is exact)."""
+    the per-layer sparsities (weighted by the layer's pruned parameters) and their integer prune counts: per layer
+    (summing to ⌊s·N + ½⌋ exactly) and per linear (a layer's count split by size, largest remainder)."""
     owl_m, owl_lambda = owl
     hidden, captured = _capture_inputs(model, blocks, tokens, batch_size, device)
     ratios: dict[str, float] = {}
@@ -463,12 +486,19 @@ def _owl_sparsities(model, blocks, blocks_name, targets, tokens, batch_size, dev
             _advance(block, hidden, captured)
     del hidden, captured
     alloc = owl_layer_sparsities(list(ratios.values()), sparsity, owl_lambda, list(sizes.values()))
+    counts = dict(zip(ratios, owl_prune_counts(alloc, list(sizes.values()), sparsity)))
+    module_prune: dict[str, int] = {}
+    for layer, count in counts.items():
+        names = [n for n in targets if n.startswith(layer + ".")]
+        module_prune.update(zip(names, largest_remainder([targets[n].weight.numel() for n in names], count)))
     return {
         "m": owl_m,
         "lambda": owl_lambda,
         "outlier_ratio": ratios,
         "layer_sparsity": dict(zip(ratios, alloc)),
         "layer_params": sizes,
+        "layer_prune_count": counts,
+        "module_prune_count": module_prune,
     }
 
 
@@ -485,11 +515,13 @@ def _prune_calibrated(
     model.eval()
     try:
         layer_sparsity: dict[str, float] = {}
+        module_prune: dict[str, int] = {}  # OWL: each linear's integer prune count
         if owl is not None:
             report.owl = _owl_sparsities(
                 model, blocks, blocks_name, targets, tokens, batch_size, device, sparsity, owl
             )
             layer_sparsity = report.owl["layer_sparsity"]
+            module_prune = report.owl["module_prune_count"]
         # 1. inputs of block 0 for every calibration batch
         hidden, captured = _capture_inputs(model, blocks, tokens, batch_size, device)
         # 2. block by block
@@ -501,7 +533,9 @@ def _prune_calibrated(
                 block_sparsity = layer_sparsity.get(prefix[:-1], sparsity)
                 for name, mod in layer_targets.items():
                     st = stats.pop(name)  # each Hessian is freed as soon as its layer is pruned
-                    new_w, _ = _prune_weight(method, mod.weight, st, block_sparsity, nm, scope, blocksize, percdamp)
+                    new_w, _ = _prune_weight(
+                        method, mod.weight, st, block_sparsity, nm, scope, blocksize, percdamp, module_prune.get(name)
+                    )
                     mod.weight.copy_(new_w)
                     del st, new_w
                     report.modules[name] = _module_stats(mod.weight, nm)

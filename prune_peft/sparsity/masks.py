@@ -25,6 +25,7 @@ __all__ = [
     "group_mask",
     "is_nm_sparse",
     "keep_top",
+    "keep_top_per_row",
     "mask_mismatch",
     "nm_mask",
     "nm_violations",
@@ -95,6 +96,23 @@ def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     if n_keep > 0:
         mask.scatter_(-1, order[..., :n_keep], True)
     return mask
+
+
+def keep_top_per_row(scores: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+    """:func:`keep_top` with a count per row: ``M_ri = [rank_r(s_ri) < k_r]`` for the stable descending sort of row
+    r, ties keeping the lower index (so a constant ``n_keep`` gives ``keep_top``'s mask). ``n_keep`` has shape
+    ``scores.shape[:-1]``; used by OWL's integer per-row counts (Yin et al., arXiv 2310.05175) with Wanda's
+    per-output groups (arXiv 2306.11695)."""
+    n_keep = torch.as_tensor(n_keep, device=scores.device)
+    cols = scores.shape[-1]
+    if n_keep.shape != scores.shape[:-1] or n_keep.is_floating_point() or (n_keep < 0).any() or (n_keep > cols).any():
+        raise ValueError(
+            f"n_keep must be integers in [0, {cols}] of shape {tuple(scores.shape[:-1])} (one per row), got "
+            f"shape {tuple(n_keep.shape)}"
+        )
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    kept_rank = torch.arange(cols, device=scores.device) < n_keep.unsqueeze(-1)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, kept_rank)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:

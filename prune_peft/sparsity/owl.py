@@ -14,16 +14,32 @@ A decoder layer with many activation outliers is hurt more by pruning, so OWL gi
   layers differ. The band [s + n̄ − 2λ, s + n̄] has width 2λ and is [s − λ, s + λ] when n̄ = λ (ratios spread
   symmetrically); with skewed ratios one layer can move up to 2λ from s, so λ < min(s, 1 − s)/2 keeps every layer's
   sparsity inside (0, 1).
+
+Exact mean in integers: the fractional s_l become integer prune counts whose sum is the model's target
+T = ⌊s·N + ½⌋ (N the pruned parameters, halves rounded up) by largest-remainder rounding
+(:func:`owl_prune_counts`); a layer's count is split over its linears the same way and over each linear's rows by
+:func:`spread_over_rows` (per-row counts differ by at most one), so the realized sparsity is T / N exactly instead of
+falling short by the per-row floor ⌊s_l · d_in⌋ of every row.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 
 import torch
 
-__all__ = ["OWL_DEFAULT_LAMBDA", "OWL_DEFAULT_M", "check_owl_args", "layer_outlier_ratio", "owl_layer_sparsities"]
+__all__ = [
+    "OWL_DEFAULT_LAMBDA",
+    "OWL_DEFAULT_M",
+    "check_owl_args",
+    "largest_remainder",
+    "layer_outlier_ratio",
+    "owl_layer_sparsities",
+    "owl_prune_counts",
+    "spread_over_rows",
+]
 
 OWL_DEFAULT_M = 5.0  # the paper's / the OWL README's Hyper_m for LLaMA
 OWL_DEFAULT_LAMBDA = 0.08  # the paper's / the OWL README's Lamda
@@ -82,3 +98,65 @@ def owl_layer_sparsities(
     n = (ratios - ratios.min()) / spread * (2 * lam)
     s = sparsity - (n - (w * n).sum() / w.sum())
     return [float(v) for v in s]
+
+
+def largest_remainder(quotas: Sequence[float], total: int) -> list[int]:
+    """Integers k_i with Σ k_i = ``total`` exactly, each ⌊q'_i⌋ or ⌈q'_i⌉ of its rescaled quota q'_i = q_i·T / Σ q
+    (largest-remainder / Hamilton apportionment, Hamilton 1792; Balinski & Young, *Fair Representation*, 1982).
+
+    Every k_i starts at ⌊q'_i⌋; the T − Σ⌊q'_i⌋ units left go to the largest remainders q'_i − ⌊q'_i⌋, ties to the
+    lower index. Computed in exact rational arithmetic (the quotas' binary values), so no float rounding can move a
+    unit: the result is deterministic."""
+    quotas = list(quotas)
+    if not quotas or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in quotas):
+        raise ValueError(f"quotas must be a non-empty sequence of finite numbers >= 0, got {quotas!r}")
+    q = [Fraction(v) for v in quotas]
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"total must be an integer >= 0, got {total!r}")
+    if total == 0:
+        return [0] * len(q)
+    if sum(q) <= 0:
+        raise ValueError(f"quotas must not all be 0 when total={total} > 0, got {quotas!r}")
+    scaled = [v * total / sum(q) for v in q]
+    counts = [math.floor(v) for v in scaled]
+    order = sorted(range(len(q)), key=lambda i: (counts[i] - scaled[i], i))  # largest remainder first
+    for i in order[: total - sum(counts)]:  # 0 ≤ T − Σ⌊q'⌋ < n since Σ q' = T exactly
+        counts[i] += 1
+    return counts
+
+
+def owl_prune_counts(layer_sparsities: Sequence[float], sizes: Sequence[int], sparsity: float) -> list[int]:
+    """Integer prune counts k_l of OWL's layers, Σ_l k_l = T = ⌊s·N + ½⌋ with N = Σ_l w_l (the nearest integer to the
+    target, halves rounded up), each k_l the largest-remainder rounding of its quota s_l·w_l (Yin et al., 2023,
+    arXiv 2310.05175, made exact in integers; see :func:`largest_remainder`).
+
+    Since Σ_l s_l·w_l = s·N, every k_l is within one weight of s_l·w_l (rescaled by T / (s·N)); no layer gets more
+    than its ``w_l`` weights."""
+    sizes = list(sizes)
+    fractions = list(layer_sparsities)
+    if len(sizes) != len(fractions) or not sizes:
+        raise ValueError(f"sizes must hold one positive integer per layer ({len(fractions)}), got {sizes!r}")
+    if any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in sizes):
+        raise ValueError(f"sizes must be positive integers (parameters per layer), got {sizes!r}")
+    if any(not (isinstance(v, (int, float)) and 0 <= v < 1) for v in [sparsity, *fractions]):
+        raise ValueError(f"sparsity and layer_sparsities must be in [0, 1), got {sparsity!r} and {fractions!r}")
+    total = math.floor(sparsity * sum(sizes) + 0.5)
+    counts = largest_remainder([v * w for v, w in zip(fractions, sizes)], total)
+    over = [(i, k, w) for i, (k, w) in enumerate(zip(counts, sizes)) if k > w]
+    if over:  # pragma: no cover - needs s_l within 1/w_l of 1, which check_owl_args rules out
+        raise ValueError(f"layer_sparsities: layer {over[0][0]} would prune {over[0][1]} of its {over[0][2]} weights")
+    return counts
+
+
+def spread_over_rows(count: int, rows: int, cols: int) -> torch.Tensor:
+    """Per-row prune counts of a (rows × cols) weight that prunes ``count`` in all: k_r = ⌊k/R⌋ + [r < k mod R], so
+    they sum to k, differ by at most one, and the first rows take the extra weight (deterministic). Returns an int64
+    tensor of shape [rows]. Used for OWL's integer layer counts with Wanda's per-output comparison groups
+    (Sun et al., 2023, arXiv 2306.11695)."""
+    for arg, value in (("rows", rows), ("cols", cols)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= rows * cols:
+        raise ValueError(f"count must be an integer in [0, {rows * cols}] (rows × cols), got {count!r}")
+    base, extra = divmod(count, rows)
+    return torch.full((rows,), base, dtype=torch.int64) + (torch.arange(rows) < extra).long()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .masks import NMPattern, validate_sparsity
+from .owl import largest_remainder
 
 __all__ = ["sparsegpt_prune"]
 
@@ -29,20 +30,31 @@ def sparsegpt_prune(
     pattern: NMPattern | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    n_prune: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh, arXiv 2301.00774): prune ``weight`` column by column with the OBS update
     ``W[:, i:] −= (w_i − q_i)/[H⁻¹]_ii · [H⁻¹]_{i, i:}``, masks chosen by the saliency ``w²/[H⁻¹]_jj²``.
 
     Return ``(W_pruned, keep_mask)``; exactly ``int(sparsity·rows·cols_in_block)`` zeros per column block
     (unstructured) or N kept per M (pattern). Computed in float32 (float64 for float64 input); the result has
-    ``weight``'s dtype."""
-    if pattern is None:
+    ``weight``'s dtype.
+
+    ``n_prune`` (unstructured only; replaces ``sparsity``): prune exactly that many weights of the layer, split
+    over the column blocks in proportion to their size by largest-remainder rounding — OWL's integer layer counts
+    (:func:`prune_peft.sparsity.owl.owl_prune_counts`)."""
+    cols = weight.shape[1]
+    if n_prune is not None:
+        numel = weight.shape[0] * cols
+        if pattern is not None or isinstance(n_prune, bool) or not isinstance(n_prune, int):
+            raise ValueError(f"n_prune must be an integer (unstructured only, no pattern), got {n_prune!r}")
+        if not 0 <= n_prune <= numel:
+            raise ValueError(f"n_prune must be in [0, {numel}] (the weight's size), got {n_prune}")
+    elif pattern is None:
         sparsity = validate_sparsity(sparsity if sparsity is not None else -1.0)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be a positive integer, got {blocksize}")
     if not 0 <= percdamp:
         raise ValueError(f"percdamp must be >= 0, got {percdamp}")
-    cols = weight.shape[1]
     if H.shape != (cols, cols):
         raise ValueError(f"H must have shape ({cols}, {cols}), got {tuple(H.shape)}")
     if pattern is not None:
@@ -50,6 +62,9 @@ def sparsegpt_prune(
             raise ValueError(f"pattern '{pattern}' needs in_features divisible by {pattern.m}, got {cols}")
         # A block boundary must not split an M-group.
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+    block_prune = None  # unstructured with n_prune: each column block's count, Σ = n_prune
+    if n_prune is not None:
+        block_prune = largest_remainder([min(blocksize, cols - i) for i in range(0, cols, blocksize)], n_prune)
 
     dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 input
     W = weight.detach().clone().to(dtype)
@@ -76,9 +91,9 @@ def sparsegpt_prune(
         mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = pruned
         if pattern is None:
             saliency = (W1**2 / d.unsqueeze(0) ** 2).flatten()
-            n_prune = int(saliency.numel() * sparsity)
+            k = block_prune[i1 // blocksize] if block_prune is not None else int(saliency.numel() * sparsity)
             order = torch.sort(saliency, stable=True).indices
-            mask1.view(-1)[order[:n_prune]] = True
+            mask1.view(-1)[order[:k]] = True
         for i in range(count):
             if pattern is not None and i % pattern.m == 0:
                 sal = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2

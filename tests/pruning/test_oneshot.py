@@ -1,4 +1,5 @@
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from obs_oracle import obs_prune
 CALIB = torch.randint(3, 260, (6, 32), generator=torch.Generator().manual_seed(0))
 
 
-def _wanda_oracle(weight, X, sparsity=None, nm=None):
+def _wanda_oracle(weight, X, sparsity=None, nm=None, n_prune=None):
     """Wanda from its formula (arXiv 2306.11695): S_ij = |W_ij|·‖X_j‖₂; the lowest ⌊s·d_in⌋ of each row, or the
-    lowest M − N of every M consecutive inputs of each row."""
+    lowest M − N of every M consecutive inputs of each row; with ``n_prune`` (OWL's integer count of the linear)
+    row r prunes its lowest ⌊n/R⌋ + [r < n mod R]."""
     score = weight.detach().double().abs() * X.double().pow(2).sum(0).sqrt()
     keep = torch.ones_like(weight, dtype=torch.bool)
     if nm is not None:
@@ -26,6 +28,11 @@ def _wanda_oracle(weight, X, sparsity=None, nm=None):
         groups = score.reshape(-1, m)
         low = torch.sort(groups, dim=1, stable=True).indices[:, : m - n]
         keep.view(-1, m).scatter_(1, low, False)
+    elif n_prune is not None:
+        rows = weight.shape[0]
+        order = torch.sort(score, dim=1, stable=True).indices
+        for r in range(rows):
+            keep[r, order[r, : n_prune // rows + (r < n_prune % rows)]] = False
     else:
         low = torch.sort(score, dim=1, stable=True).indices[:, : int(weight.shape[1] * sparsity)]
         keep.scatter_(1, low, False)
@@ -64,11 +71,11 @@ def _assert_same_parameters(a, b) -> None:
         assert torch.equal(p, q), name
 
 
-def _reference_layerwise(model, method, sparsity=None, pattern=None, block_sparsity=None):
+def _reference_layerwise(model, method, sparsity=None, pattern=None, block_sparsity=None, counts=None):
     """Oracle: prune block by block, collecting each block's inputs with a *full-model* forward (earlier blocks
     already pruned) — what the block-by-block driver must reproduce. Statistics, Wanda and SparseGPT are written here
     from their formulas (SparseGPT: the exact OBS solution of tests/sparsity/obs_oracle.py), not taken from
-    prune_peft."""
+    prune_peft. ``counts``: an integer prune count per linear (full module name), instead of a sparsity."""
     nm = tuple(int(v) for v in pattern.split(":")) if pattern else None
     _, blocks = find_decoder_blocks(model)
     for b, block in enumerate(blocks):
@@ -79,11 +86,12 @@ def _reference_layerwise(model, method, sparsity=None, pattern=None, block_spars
         with torch.no_grad():
             for n, m in linears.items():
                 X = inputs[n].double()
+                k = None if counts is None else counts[f"model.layers.{b}.{n}"]
                 if method == "wanda":
-                    m.weight.copy_(_wanda_oracle(m.weight, X, sparsity, nm))
+                    m.weight.copy_(_wanda_oracle(m.weight, X, sparsity, nm, k))
                 else:
                     H = 2.0 / X.shape[0] * X.T @ X
-                    w, _ = obs_prune(m.weight, H, sparsity, nm)
+                    w, _ = obs_prune(m.weight, H, None if k is not None else sparsity, nm, n_prune=k)
                     m.weight.copy_(w.to(m.weight.dtype))
 
 
@@ -310,9 +318,11 @@ def test_owl_matches_oracle_per_layer(tiny_model, method, arch, sparsity, owl_m,
     )
     got = report.owl["layer_sparsity"]
     torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(want).float())
-    # each layer's masks are the method's at that layer's sparsity (oracle), row by row
-    _reference_layerwise(ref, method, block_sparsity=want)
+    # each linear prunes its integer share of the layer's count (oracle), as the method prunes a given count
+    counts = _owl_counts_oracle(model, got, sparsity)
+    _reference_layerwise(ref, method, counts=counts)
     _assert_matches_reference(model, ref, method, masks=True)
+    assert report.owl["module_prune_count"] == counts
     if method == "wanda":
         # the recorded profile (λ its default), the outlier ratios, and the exact parameter-weighted mean
         assert report.sparsity_profile == "owl" and report.owl["m"] == owl_m and report.owl["lambda"] == 0.08
@@ -323,13 +333,7 @@ def test_owl_matches_oracle_per_layer(tiny_model, method, arch, sparsity, owl_m,
         sizes = report.owl["layer_params"]
         assert sum(got[k] * sizes[k] for k in got) / sum(sizes.values()) == pytest.approx(sparsity, abs=1e-12)
         for name, mod in report.modules.items():
-            s_l = got[".".join(name.split(".")[:3])]  # model.layers.N
-            rows, cols = mod["shape"]
-            assert mod["zeros"] == rows * int(cols * s_l), name
-        # the realized fraction misses the target only by the per-row floor (< one weight per row)
-        rows_total = sum(mod["shape"][0] for mod in report.modules.values())
-        numel = sum(mod["numel"] for mod in report.modules.values())
-        assert 0 <= sparsity - report.sparsity < rows_total / numel
+            assert mod["zeros"] == counts[name], name
     else:
         per_layer = {}
         for name, mod in report.modules.items():
@@ -338,7 +342,84 @@ def test_owl_matches_oracle_per_layer(tiny_model, method, arch, sparsity, owl_m,
             per_layer[layer] = (z + mod["zeros"], n + mod["numel"])
         realized = [z / n for z, n in per_layer.values()]
         assert max(realized) - min(realized) > 0.05  # non-uniform
-        assert report.sparsity == pytest.approx(sparsity, abs=0.01)
+    # the realized fraction is the target rounded to whole weights, ⌊s·N + ½⌋ / N
+    numel = sum(mod["numel"] for mod in report.modules.values())
+    assert report.sparsity * numel == pytest.approx(math.floor(sparsity * numel + 0.5), abs=1e-6)
+
+
+def _hamilton(quotas, total):
+    """Largest-remainder rounding: floors, then +1 for the largest fractions (ties: earlier) until Σ = total."""
+    scaled = [q * total / sum(quotas) for q in quotas]
+    out = [math.floor(x) for x in scaled]
+    for i in sorted(range(len(scaled)), key=lambda i: (-(scaled[i] - math.floor(scaled[i])), i))[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _owl_counts_oracle(model, layer_sparsity, sparsity):
+    """OWL's integer prune count of every decoder linear: the layers' counts are the largest-remainder rounding of
+    s_l·N_l summing to ⌊s·N + ½⌋; a layer's count is split over its linears by size the same way."""
+    layers = {}
+    for n, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in n:
+            layers.setdefault(".".join(n.split(".")[:3]), {})[n] = mod.weight.numel()
+    sizes = [sum(v.values()) for v in layers.values()]
+    total = math.floor(sparsity * sum(sizes) + 0.5)
+    layer_counts = _hamilton([layer_sparsity[k] * w for k, w in zip(layers, sizes)], total)
+    counts = {}
+    for linears, k in zip(layers.values(), layer_counts):
+        counts.update(zip(linears, _hamilton(list(linears.values()), k)))
+    return counts
+
+
+def _decoder_zeros(model):
+    """(zeros, numel) over the decoder blocks' linears, counted with plain torch."""
+    zeros = numel = 0
+    for n, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in n:
+            zeros += int((mod.weight == 0).sum())
+            numel += mod.weight.numel()
+    return zeros, numel
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_owl_realized_mean_sparsity_is_exact(tiny_model, method, sparsity):
+    """With OWL the decoder linears hold exactly ⌊s·N + ½⌋ zeros (the per-row floor used to leave it short), Wanda's
+    per-row counts within a linear differ by at most one, and the layers really differ."""
+    model = tiny_model("llama")
+    prune(model, method, sparsity=sparsity, calibration=CALIB, batch_size=4, progress=False, sparsity_profile="owl")
+    zeros, numel = _decoder_zeros(model)
+    assert zeros == math.floor(sparsity * numel + 0.5), (zeros, numel)
+    per_layer = {}
+    for n, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in n:
+            row_zeros = (mod.weight == 0).sum(1)
+            if method == "wanda":
+                assert int(row_zeros.max() - row_zeros.min()) <= 1, n
+            layer = ".".join(n.split(".")[:3])
+            z, k = per_layer.get(layer, (0, 0))
+            per_layer[layer] = (z + int(row_zeros.sum()), k + mod.weight.numel())
+    realized = [z / k for z, k in per_layer.values()]
+    assert max(realized) - min(realized) > 0.05
+
+
+@pytest.mark.parametrize(
+    ("method", "sparsity"),
+    [("wanda", 0.5), ("wanda", 0.7), ("sparsegpt", 0.7)],
+)
+def test_uniform_profile_masks_match_per_row_oracle(tiny_model, method, sparsity):
+    """The uniform profile keeps its masks: Wanda prunes ⌊s·d_in⌋ of every row (0.7·64 = 44.8 → 44), SparseGPT
+    ⌊s·rows·cols⌋ per column block, bitwise as the plain-torch oracles."""
+    model = tiny_model("llama")
+    ref = copy.deepcopy(model)
+    prune(model, method, sparsity=sparsity, calibration=CALIB, batch_size=4, progress=False)
+    _reference_layerwise(ref, method, sparsity=sparsity)
+    _assert_matches_reference(model, ref, method, masks=True)
+    if method == "wanda":
+        for n, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and ".layers." in n:
+                assert ((mod.weight == 0).sum(1) == int(sparsity * mod.in_features)).all(), n
 
 
 def test_owl_uniform_default_is_unchanged(tiny_model):

@@ -27,8 +27,11 @@ def obs_prune(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    n_prune: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pruned weight in float64, keep mask) of the exact column-ordered OBS solution."""
+    """(pruned weight in float64, keep mask) of the exact column-ordered OBS solution. ``n_prune`` (unstructured,
+    instead of ``sparsity``): that many zeros in all, block b taking ⌊q_b⌋ or ⌈q_b⌉ of its share
+    q_b = n_prune · (block size) / (rows · cols), the extra ones to the largest fractions, ties to the earlier block."""
     W = weight.detach().double().clone()
     H = H.detach().double().clone()
     rows, cols = W.shape
@@ -47,17 +50,26 @@ def obs_prune(
         den[q] = G[q, q]
         G = G - torch.outer(G[:, q], G[q, :]) / G[q, q]
 
+    starts = list(range(0, cols, blocksize))
+    block_prune = [int(rows * min(blocksize, cols - q) * sparsity) if sparsity is not None else 0 for q in starts]
+    if n_prune is not None:
+        shares = [n_prune * min(blocksize, cols - q) / cols for q in starts]
+        block_prune = [int(x) for x in shares]  # floors, then one more for the largest fractions
+        for i in sorted(range(len(shares)), key=lambda i: (-(shares[i] - int(shares[i])), i))[
+            : n_prune - sum(block_prune)
+        ]:
+            block_prune[i] += 1
+
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
     # the unstructured block masks depend on all rows at the block's start, so the rows advance column by column
     # together; each row's update below still uses only that row's own weights
     G = G0.clone()
     for q in range(cols):
-        if sparsity is not None and nm is None and q % blocksize == 0:
+        if (sparsity is not None or n_prune is not None) and nm is None and q % blocksize == 0:
             block = slice(q, min(q + blocksize, cols))
             saliency = (W[:, block] ** 2 / den[block]).flatten()
-            n_prune = int(saliency.numel() * sparsity)
             chosen = torch.zeros(saliency.numel(), dtype=torch.bool)
-            chosen[torch.sort(saliency, stable=True).indices[:n_prune]] = True
+            chosen[torch.sort(saliency, stable=True).indices[: block_prune[q // blocksize]]] = True
             pruned[:, block] = chosen.reshape(rows, -1)
         if nm is not None and q % nm[1] == 0:
             n, m = nm
