@@ -341,7 +341,9 @@ def prune(
             first pass over the *dense* model measures each decoder layer's outlier ratio (the fraction of its Wanda
             scores above ``owl_m`` × their mean); layers with more outliers get lower sparsity, within a band of
             width 2·``owl_lambda`` around ``sparsity``, and the parameter-weighted mean of the layer sparsities is
-            ``sparsity`` exactly (see :mod:`prune_peft.sparsity.owl`). Costs one extra forward pass per block.
+            ``sparsity`` exactly; in whole weights ⌊s·N + ½⌋ of the N targets are pruned (largest-remainder
+            integer counts per layer and linear, spread over rows within one of each other; see
+            :mod:`prune_peft.sparsity.owl`). Costs one extra forward pass per block.
         owl_m, owl_lambda: OWL's M (default 5) and λ (default 0.08), the paper's values; λ must be below
             min(sparsity, 1 − sparsity)/2.
 
