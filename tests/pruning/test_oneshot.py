@@ -1,6 +1,7 @@
 import copy
 import math
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -348,7 +349,10 @@ def test_owl_matches_oracle_per_layer(tiny_model, method, arch, sparsity, owl_m,
 
 
 def _hamilton(quotas, total):
-    """Largest-remainder rounding: floors, then +1 for the largest fractions (ties: earlier) until Σ = total."""
+    """Largest-remainder rounding: floors, then +1 for the largest fractions (ties: earlier) until Σ = total. In exact
+    rationals: linears of different sizes can tie exactly (e.g. fractions 1/3 and 4/3 mod 1), which floats would
+    break by rounding noise."""
+    quotas = [Fraction(q) for q in quotas]
     scaled = [q * total / sum(quotas) for q in quotas]
     out = [math.floor(x) for x in scaled]
     for i in sorted(range(len(scaled)), key=lambda i: (-(scaled[i] - math.floor(scaled[i])), i))[: total - sum(out)]:

@@ -17,6 +17,8 @@ the group starts. Dead inputs (H_jj = 0) get H_jj = 1 and zero weights; damping 
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 
@@ -53,7 +55,7 @@ def obs_prune(
     starts = list(range(0, cols, blocksize))
     block_prune = [int(rows * min(blocksize, cols - q) * sparsity) if sparsity is not None else 0 for q in starts]
     if n_prune is not None:
-        shares = [n_prune * min(blocksize, cols - q) / cols for q in starts]
+        shares = [Fraction(n_prune * min(blocksize, cols - q), cols) for q in starts]  # exact: ties stay ties
         block_prune = [int(x) for x in shares]  # floors, then one more for the largest fractions
         for i in sorted(range(len(shares)), key=lambda i: (-(shares[i] - int(shares[i])), i))[
             : n_prune - sum(block_prune)
