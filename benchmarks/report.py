@@ -219,9 +219,13 @@ def readme_benchmarks(res: Results) -> str:
     g = res.get("sparse24_gpu")
     if g:
         s = g["summary"]
+        log_goal = [r["fwd_speedup"] for r in res.get("sparse24_gpu_rowmajor_log") or []
+                    if r["tokens"] == 16384 and not r["transposable"] and r["dtype"] == "bf16"]  # fmt: skip
+        later = f"; run B, the code at HEAD (log only): {x(min(log_goal))} / not measured" if log_goal else ""
         rows.append(["2:4 kernels (`benchmarks/sparse24_gpu.py`, " + g["env"]["gpu"] + ")",
                      "linear forward ÷ dense bf16 at the named shapes (worst of them) / SFT step",
-                     f"{x(s.get('goal_fwd_min_speedup'))} / {x(s.get('sft_step_speedup'))}",
+                     f"run A: {x(s.get('goal_fwd_min_speedup'))} / {x(s.get('sft_step_speedup'))}{later} "
+                     "([docs/kernels.md](docs/kernels.md#gpu-speed))",
                      f"{_gpu_goal(s.get('goal_fwd_1.6x_met'), 1.6)}; {_gpu_goal(s.get('goal_sft_1.2x_met'), 1.2)}",
                      run_note(g)])  # fmt: skip
     else:
