@@ -310,3 +310,46 @@ def test_loraprune_goal_marks_unpaired_runs():
     assert report._loraprune_goal(paired) == "≤ 1.10× — met"
     unpaired = {"ratios": {"loraprune_vs_lora_time": 1.05}}
     assert report._loraprune_goal(unpaired) == "≤ 1.10× — met (separate runs, not the goal's interleaved pairs)"
+
+
+def test_gpu_goal_is_against_dense_bf16_only():
+    sparse24 = _load("sparse24_gpu")
+    row = dict(transposable=False, tokens=16384, backend="cusparselt")
+    linear = [
+        {**row, "d_in": 4096, "d_out": 11008, "dtype": "bf16", "fwd_speedup": 1.2},
+        {**row, "d_in": 4096, "d_out": 14336, "dtype": "bf16", "fwd_speedup": 1.3},
+        {**row, "d_in": 4096, "d_out": 11008, "dtype": "fp16", "fwd_speedup": 1.9},  # fp16 never counts
+        {**row, "d_in": 4096, "d_out": 14336, "dtype": "fp16", "fwd_speedup": 1.9},
+    ]
+    s = sparse24.goal_summary(linear, None)
+    assert s["goal_fwd_min_speedup"] == 1.2 and s["goal_fwd_1.6x_met"] is False
+    assert s["max_fwd_speedup_any_config"] == 1.9  # reported, not counted
+
+
+def test_gpu_log_table_is_parsed_line_by_line():
+    # the format sparse24_gpu.py main() prints, a failed configuration and other lines
+    log = "\n".join(
+        [
+            "         shape tokens   dt  T    backend  fwd × fwd+bwd × kernel ×",
+            "  4096→11008    16384 bf16  - cusparselt   1.54      1.19     1.39",
+            "  4096→14336     2048 fp16  T cusparselt   0.49      0.31      nan",
+            "  4096→14336     2048 FAILED RuntimeError: boom",
+            "SFT step (smollm2-135m, 4096 tokens): sparse/dense speedup 0.43×",
+        ]
+    )
+    rows = report.parse_gpu_log(log)
+    assert [(r["d_out"], r["tokens"], r["dtype"], r["transposable"]) for r in rows] == [
+        (11008, 16384, "bf16", False),
+        (14336, 2048, "fp16", True),
+    ]
+    assert rows[0]["fwd_speedup"] == 1.54 and rows[0]["kernel_only_fwd_speedup"] == 1.39
+    assert rows[1]["kernel_only_fwd_speedup"] is None
+
+
+def test_stamp_takes_the_commit_its_caller_names(monkeypatch):
+    monkeypatch.setenv("PRUNE_PEFT_GIT_COMMIT", "f" * 40)
+    monkeypatch.setenv("PRUNE_PEFT_GIT_DIRTY", "")
+    stamp = bench.start_stamp(threads=1)
+    assert stamp["git_commit"] == "f" * 40 and stamp["git_dirty"] is False
+    monkeypatch.setenv("PRUNE_PEFT_GIT_DIRTY", "1")
+    assert bench.start_stamp(threads=1)["git_dirty"] is True
