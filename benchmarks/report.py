@@ -778,6 +778,10 @@ def quality_memory(m: dict) -> str:
         for k in ("loraprune", "grad")
         if k in m
     ]
+    if all(m.get(k, {}).get("importance_grad_mb") is not None for k in ("loraprune", "grad")):
+        header.append("gradient state the importance reads")  # the paper's memory claim, free of activations
+        for row, k in zip(rows, ("loraprune", "grad")):
+            row.append(f"{m[k]['importance_grad_mb']:.1f} MB")
     if "error" in m:
         return f"Peak memory: not measured (the memory process failed: {m['error'][-200:]})."
     ratios = "; ".join(f"{k}: {v:.2f}×" for k, v in m.get("ratios", {}).items())

@@ -113,3 +113,14 @@ def test_oneshot_note_names_the_grid_run_the_points_left_out_and_the_command():
     assert "Not run" not in full and "--oneshot-grid" not in full
     section = report.SECTIONS["quality-oneshot"]({"quality": {"comparisons": {"oneshot": _oneshot([[8, 512]])}}})
     assert "Calibration grid of this run (nsamples × seqlen, from its settings): 8 × 512," in section
+
+
+def test_loraprune_memory_table_adds_the_importance_gradient_column_only_when_measured():
+    arm = {"peak_rss_mb": 2070.0, "model_rss_mb": 1064.0, "training_mb": 1006.0}
+    m = {"shape": [2, 256], "loraprune": dict(arm), "grad": dict(arm), "ratios": {"peak_rss lora ÷ grad": 1.0}}
+    assert "gradient state" not in report.quality_memory(m)
+    m["loraprune"]["importance_grad_mb"], m["grad"]["importance_grad_mb"] = 4.5, 513.0
+    text = report.quality_memory(m)
+    assert "gradient state the importance reads" in text
+    assert "| loraprune | 2070 MB | 1064 MB | 1006 MB | 4.5 MB |" in text
+    assert "| grad | 2070 MB | 1064 MB | 1006 MB | 513.0 MB |" in text
