@@ -618,6 +618,14 @@ def _gpu_config_table(rows: list[dict], kernel: bool) -> str:
     return table([*head, "bare kernel, forward"] if kernel else head, body)
 
 
+def _sft_pairs(g: dict) -> str:
+    """Interleaved SFT pairs of a sparse24_gpu run: recorded in the result, or (older files) its --sft-steps."""
+    if (g.get("sft") or {}).get("pairs"):
+        return str(g["sft"]["pairs"])
+    argv = g.get("stamp", {}).get("argv") or []
+    return argv[argv.index("--sft-steps") + 1] if "--sft-steps" in argv[:-1] else "?"
+
+
 def sparse24_gpu_section(res: Results) -> str:
     g = res.get("sparse24_gpu")
     if not g:
@@ -652,7 +660,7 @@ def sparse24_gpu_section(res: Results) -> str:
         ["one SFT step, SmolLM2-135M architecture 2:4 + SparseLoRA, batch 8 × 512, sparse vs dense (run A)",
          _gpu_goal(s.get("goal_sft_1.2x_met"), 1.2),
          f"{x(s.get('sft_step_speedup'))} ({x((sft.get('step_speedup_min_max') or [None])[0])}–"
-         f"{x((sft.get('step_speedup_min_max') or [None, None])[1])} over {g['stamp']['argv'][-3]} pairs)"
+         f"{x((sft.get('step_speedup_min_max') or [None, None])[1])} over {_sft_pairs(g)} pairs)"
          if sft else "–"],
     ]  # fmt: skip
     head = (

@@ -85,23 +85,22 @@ def _time(fn, warmup: int = 5, iters: int = 20, reps: int = 1) -> float:
         fn()
     if cuda:
         torch.cuda.synchronize()
+    calls, times = (1, iters) if reps == 1 else (iters, reps)
     per_call = []
-    batches = [(1, iters)] if reps == 1 else [(iters, reps)]
-    for calls, times in batches:
-        for _ in range(times):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(calls):
-                    fn()
-                end.record()
-                torch.cuda.synchronize()
-                per_call.append(start.elapsed_time(end) / calls)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                per_call.append((time.perf_counter() - t0) * 1e3 / calls)
+    for _ in range(times):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            per_call.append(start.elapsed_time(end) / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            per_call.append((time.perf_counter() - t0) * 1e3 / calls)
     return statistics.median(per_call)
 
 
@@ -259,6 +258,7 @@ def bench_sft(model_name: str, batch: int, seqlen: int, steps: int, config: str 
     result["sparse_step_ms"] = statistics.median(sparse_ms)
     result["step_speedup"] = statistics.median(ratios)
     result["step_speedup_min_max"] = [min(ratios), max(ratios)]
+    result["pairs"] = len(ratios)
     if dev.type == "cuda":
         try:
             result["profile_top_kernels"] = {label: _profile(fn) for label, fn in steps_of.items()}

@@ -223,7 +223,7 @@ def _cslt_row_major(x2d: torch.Tensor, packed: _Packed) -> torch.Tensor:
     pad = (-n) % 8  # cuSPARSELt's dense operand: rows in multiples of 8 for 16-bit types
     xp = F.pad(x2d, (0, 0, 0, pad)) if pad else x2d
     compressed = packed.handle.packed
-    key = (str(x2d.device), packed.rows_padded, packed.cols_padded, 1 << max(3, (xp.shape[0] - 1).bit_length()))
+    key = (x2d.device, packed.rows_padded, packed.cols_padded, 1 << max(3, (xp.shape[0] - 1).bit_length()))
     alg = _CSLT_ALG.get(key)
     if alg is None:
         try:

@@ -353,3 +353,11 @@ def test_stamp_takes_the_commit_its_caller_names(monkeypatch):
     assert stamp["git_commit"] == "f" * 40 and stamp["git_dirty"] is False
     monkeypatch.setenv("PRUNE_PEFT_GIT_DIRTY", "1")
     assert bench.start_stamp(threads=1)["git_dirty"] is True
+
+
+def test_gpu_sft_pair_count_comes_from_the_result_or_its_command_line():
+    assert report._sft_pairs({"sft": {"pairs": 7}, "stamp": {"argv": ["--sft-steps", "10"]}}) == "7"
+    assert (
+        report._sft_pairs({"sft": {}, "stamp": {"argv": ["--batch", "8", "--sft-steps", "10", "--out", "x"]}}) == "10"
+    )
+    assert report._sft_pairs({"sft": {}, "stamp": {"argv": ["--sft-steps"]}}) == "?"
